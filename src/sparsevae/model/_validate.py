@@ -1,0 +1,112 @@
+"""Checks of user input that raise clear errors before anything is written to the AnnData."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+from anndata import AnnData
+
+MIN_CELLS = 10
+
+
+@dataclass(frozen=True)
+class MatrixStats:
+    """Summary of a data matrix used to choose and check the likelihood."""
+
+    is_integer: bool
+    has_negative: bool
+    n_empty_cells: int
+    col_sums: np.ndarray
+    col_means: np.ndarray
+    total: float
+
+
+def get_matrix(adata: AnnData, layer: str | None):
+    """Return ``adata.X`` or ``adata.layers[layer]``, with a clear error if it is missing."""
+    if layer is None:
+        if adata.X is None:
+            raise ValueError(
+                "adata.X is empty. Pass `layer=` naming the layer that holds the data."
+            )
+        return adata.X
+    if layer not in adata.layers:
+        raise KeyError(
+            f"Layer {layer!r} not found in adata.layers (available: {list(adata.layers)}). "
+            "Pass `layer=None` to use adata.X."
+        )
+    return adata.layers[layer]
+
+
+def _values(X) -> np.ndarray:
+    if sp.issparse(X):
+        return np.asarray(X.data)
+    return np.asarray(X)
+
+
+def check_finite(X, where: str) -> None:
+    """Raise if ``X`` contains NaN or infinite values."""
+    v = _values(X)
+    if not np.issubdtype(v.dtype, np.number):
+        raise TypeError(f"{where} must be numeric, got dtype {v.dtype}.")
+    bad = ~np.isfinite(v)
+    if bad.any():
+        n_nan = int(np.isnan(v).sum())
+        n_inf = int(bad.sum()) - n_nan
+        raise ValueError(
+            f"{where} contains {n_nan} NaN and {n_inf} infinite values. Remove or impute them "
+            "(e.g. `adata = adata[:, np.isfinite(adata.X).all(0)]` to drop affected genes) before "
+            "calling setup_anndata."
+        )
+
+
+def check_n_cells(adata: AnnData) -> None:
+    """Raise if there are too few cells to train on."""
+    if adata.n_obs < MIN_CELLS:
+        raise ValueError(
+            f"adata has {adata.n_obs} cells; SparseVAE needs at least {MIN_CELLS} to train "
+            "(its encoder uses batch statistics). Use more cells."
+        )
+    if adata.n_vars < 1:
+        raise ValueError("adata has no genes.")
+
+
+def matrix_stats(X) -> MatrixStats:
+    """Compute the statistics needed to choose and check a likelihood."""
+    v = _values(X)
+    is_integer = bool(np.all(np.mod(v, 1) == 0)) if v.size else True
+    has_negative = bool((v < 0).any()) if v.size else False
+    row_sums = np.asarray(X.sum(axis=1)).ravel()
+    col_sums = np.asarray(X.sum(axis=0), dtype=np.float64).ravel()
+    n_obs = X.shape[0]
+    return MatrixStats(
+        is_integer=is_integer,
+        has_negative=has_negative,
+        n_empty_cells=int((row_sums <= 0).sum()),
+        col_sums=col_sums,
+        col_means=col_sums / max(n_obs, 1),
+        total=float(row_sums.sum()),
+    )
+
+
+def check_counts(stats: MatrixStats, likelihood: str, where: str) -> None:
+    """Raise if the data cannot be modelled with a count likelihood."""
+    if stats.has_negative:
+        raise ValueError(
+            f"{where} contains negative values, which a count likelihood ({likelihood!r}) cannot "
+            "model. Register the raw counts (`SparseVAE.setup_anndata(adata, layer='counts')`) or "
+            "use `likelihood='gaussian'` for normalised or scaled data."
+        )
+    if not stats.is_integer:
+        raise ValueError(
+            f"{where} contains non-integer values, but likelihood {likelihood!r} models counts. "
+            "Register the raw counts (`SparseVAE.setup_anndata(adata, layer='counts')`) or use "
+            "`likelihood='gaussian'` for log-normalised data."
+        )
+    if stats.n_empty_cells:
+        raise ValueError(
+            f"{where} has {stats.n_empty_cells} cells with zero total counts, which carry no "
+            "information for a count likelihood. Remove them first, e.g. "
+            "`sc.pp.filter_cells(adata, min_counts=1)`."
+        )

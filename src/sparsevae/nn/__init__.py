@@ -1,0 +1,5 @@
+"""Neural network building blocks."""
+
+from ._decoder import MaskedDecoder
+
+__all__ = ["MaskedDecoder"]

@@ -1,0 +1,116 @@
+"""Spike-and-Slab Lasso prior on the decoder mask (Rockova and George 2018), fitted by EM."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+__all__ = ["SpikeSlabLasso"]
+
+_ETA_EPS = 1e-6
+
+
+class SpikeSlabLasso(nn.Module):
+    r"""Spike-and-Slab Lasso prior on a ``(n_genes, n_factors)`` mask ``W``.
+
+    ``eta_k ~ Beta(a, b)``, ``gamma_jk ~ Bernoulli(eta_k)`` and
+    ``w_jk | gamma_jk ~ gamma_jk Laplace(lambda1) + (1 - gamma_jk) Laplace(lambda0)``.
+    The inclusion probabilities ``p*`` (E-step) and the factor weights ``eta`` (M-step) are kept
+    as buffers and updated with :meth:`em_step`; :meth:`penalty` is the expected negative log
+    prior of ``W`` given them.
+
+    Parameters
+    ----------
+    n_genes
+        Number of rows of ``W``.
+    n_factors
+        Number of columns of ``W``.
+    lambda0
+        Rate of the spike Laplace (large: shrinks entries to zero).
+    lambda1
+        Rate of the slab Laplace (small: lets entries be large).
+    a
+        First parameter of the Beta prior on ``eta``.
+    b
+        Second parameter of the Beta prior on ``eta``; defaults to ``n_genes``.
+    """
+
+    def __init__(
+        self,
+        n_genes: int,
+        n_factors: int,
+        lambda0: float = 10.0,
+        lambda1: float = 1.0,
+        a: float = 1.0,
+        b: float | None = None,
+    ) -> None:
+        super().__init__()
+        if not (lambda0 > 0 and lambda1 > 0):
+            raise ValueError(f"lambda0 and lambda1 must be > 0, got {lambda0} and {lambda1}.")
+        if lambda0 <= lambda1:
+            raise ValueError(
+                f"lambda0 (spike, {lambda0}) must be larger than lambda1 (slab, {lambda1})."
+            )
+        b = float(n_genes) if b is None else float(b)
+        if a <= 0 or b <= 0:
+            raise ValueError(f"a and b must be > 0, got a={a}, b={b}.")
+        self.n_genes = n_genes
+        self.lambda0 = float(lambda0)
+        self.lambda1 = float(lambda1)
+        self.a = float(a)
+        self.b = b
+        self.register_buffer("p_star", torch.full((n_genes, n_factors), 0.5))
+        self.register_buffer("eta", torch.full((n_factors,), 0.5))
+
+    def penalty(self, W: torch.Tensor) -> torch.Tensor:
+        """Negative expected log prior of ``W``: ``sum_jk (l1 p* + l0 (1 - p*)) |w_jk|``.
+
+        Parameters
+        ----------
+        W
+            The mask, shape ``(n_genes, n_factors)``.
+
+        Returns
+        -------
+        Scalar tensor.
+        """
+        p = self.p_star
+        rate = self.lambda1 * p + self.lambda0 * (1.0 - p)
+        return (rate * W.abs()).sum()
+
+    @torch.no_grad()
+    def inclusion_logits(self, W: torch.Tensor, eta: torch.Tensor) -> torch.Tensor:
+        """Log-odds of ``gamma_jk = 1`` given ``W`` and ``eta``, computed in log space.
+
+        Parameters
+        ----------
+        W
+            The mask, shape ``(n_genes, n_factors)``.
+        eta
+            Factor weights, shape ``(n_factors,)``.
+
+        Returns
+        -------
+        Tensor of shape ``(n_genes, n_factors)``.
+        """
+        absw = W.abs()
+        log_slab = torch.log(eta) + math.log(self.lambda1 / 2.0) - self.lambda1 * absw
+        log_spike = torch.log1p(-eta) + math.log(self.lambda0 / 2.0) - self.lambda0 * absw
+        return log_slab - log_spike
+
+    @torch.no_grad()
+    def em_step(self, W: torch.Tensor) -> None:
+        """One EM update: ``p*`` from ``W`` and the current ``eta``, then ``eta`` from ``p*``.
+
+        Parameters
+        ----------
+        W
+            The mask, shape ``(n_genes, n_factors)``.
+        """
+        W = W.detach().to(self.p_star.dtype)
+        p = torch.sigmoid(self.inclusion_logits(W, self.eta))
+        eta = (p.sum(0) + self.a - 1.0) / (self.a + self.b + self.n_genes - 2.0)
+        self.p_star.copy_(p)
+        self.eta.copy_(eta.clamp(_ETA_EPS, 1.0 - _ETA_EPS))

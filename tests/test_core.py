@@ -1,0 +1,379 @@
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+from anndata import AnnData
+
+import sparsevae
+from sparsevae import SparseVAE
+from sparsevae.nn import MaskedDecoder
+from sparsevae.priors import SpikeSlabLasso
+from sparsevae.train import DivergenceError
+
+from .conftest import QUIET
+
+
+def small_counts(n_cells=120, n_genes=40, n_factors=2, seed=0):
+    return sparsevae.datasets.simulate_programs(
+        n_cells=n_cells,
+        n_genes=n_genes,
+        n_factors=n_factors,
+        genes_per_program=15,
+        n_shared_genes=2,
+        seed=seed,
+    )
+
+
+# ----------------------------------------------------------------------------- decoder
+@pytest.mark.parametrize("n_layers,n_output", [(1, 1), (2, 1), (3, 2)])
+def test_batched_decoder_matches_gene_loop(n_layers, n_output):
+    torch.manual_seed(0)
+    dec = MaskedDecoder(23, 4, n_hidden=16, n_layers=n_layers, n_output=n_output)
+    with torch.no_grad():
+        dec.W.copy_(torch.randn_like(dec.W))
+        dec.head_bias.normal_()
+    z = torch.randn(9, 4)
+    expected = dec.forward_loop(z)
+    assert expected.shape == (9, 23, n_output)
+    for max_chunk in (2**20, 16 * 9 * 5, 1):  # one chunk, several chunks, one gene per chunk
+        dec.max_chunk_elements = max_chunk
+        torch.testing.assert_close(dec(z), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_decoder_checkpointing_gives_same_gradients():
+    torch.manual_seed(0)
+    dec = MaskedDecoder(30, 3, n_hidden=8, n_layers=2, max_chunk_elements=8 * 5 * 7)
+    z = torch.randn(5, 3, requires_grad=True)
+    dec(z).square().sum().backward()
+    g_plain = [p.grad.clone() for p in dec.parameters()] + [z.grad.clone()]
+    dec.zero_grad()
+    z.grad = None
+    dec.max_saved_elements = 1  # force recomputation
+    dec(z).square().sum().backward()
+    g_ckpt = [p.grad for p in dec.parameters()] + [z.grad]
+    for a, b in zip(g_plain, g_ckpt, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_decoder_gene_only_sees_its_mask_row():
+    torch.manual_seed(0)
+    dec = MaskedDecoder(5, 3, n_hidden=8)
+    with torch.no_grad():
+        dec.W.zero_()
+        dec.W[0, 1] = 1.0
+    z = torch.randn(6, 3)
+    z2 = z.clone()
+    z2[:, [0, 2]] = torch.randn(6, 2)  # change the factors gene 0 does not see
+    torch.testing.assert_close(dec(z)[:, 0], dec(z2)[:, 0])
+
+
+# ----------------------------------------------------------------------------- prior
+def test_em_step_matches_hand_computation():
+    W = torch.tensor([[0.0, 0.5], [2.0, -0.05], [-1.0, 30.0]])
+    prior = SpikeSlabLasso(3, 2, lambda0=10.0, lambda1=1.0, a=2.0, b=5.0)
+    eta0 = torch.tensor([0.3, 0.6])
+    prior.eta.copy_(eta0)
+    prior.em_step(W)
+    p = np.zeros((3, 2))
+    for j in range(3):
+        for k in range(2):
+            w = abs(float(W[j, k]))
+            slab = float(eta0[k]) * 0.5 * 1.0 * math.exp(-1.0 * w)
+            spike = (1 - float(eta0[k])) * 0.5 * 10.0 * math.exp(-10.0 * w)
+            p[j, k] = slab / (slab + spike)
+    np.testing.assert_allclose(prior.p_star.numpy(), p, rtol=1e-5, atol=1e-6)
+    eta = (p.sum(0) + 2.0 - 1.0) / (2.0 + 5.0 + 3 - 2)
+    np.testing.assert_allclose(prior.eta.numpy(), eta, rtol=1e-5)
+    # penalty uses the new p*
+    pen = ((1.0 * p + 10.0 * (1 - p)) * np.abs(W.numpy())).sum()
+    assert float(prior.penalty(W)) == pytest.approx(pen, rel=1e-5)
+
+
+def test_em_step_is_stable_for_huge_weights():
+    prior = SpikeSlabLasso(2, 2)
+    prior.em_step(torch.tensor([[1e4, 0.0], [-1e6, 1e-9]]))
+    assert torch.isfinite(prior.p_star).all() and torch.isfinite(prior.eta).all()
+    assert prior.p_star[0, 0] == pytest.approx(1.0)
+    assert 0 < float(prior.eta.min()) and float(prior.eta.max()) < 1
+
+
+def test_prior_rejects_bad_hyperparameters():
+    with pytest.raises(ValueError, match="lambda0"):
+        SpikeSlabLasso(3, 2, lambda0=1.0, lambda1=2.0)
+
+
+# ----------------------------------------------------------------------------- training
+@pytest.mark.parametrize("likelihood", ["nb", "zinb", "poisson", "gaussian"])
+def test_each_likelihood_trains_and_loss_decreases(likelihood):
+    adata = small_counts(n_cells=200, n_genes=45, n_factors=3)
+    if likelihood == "gaussian":
+        import scanpy as sc
+
+        sc.pp.normalize_total(adata, target_sum=1e4)
+        sc.pp.log1p(adata)
+    SparseVAE.setup_anndata(adata)
+    model = SparseVAE(adata, n_factors=3, n_hidden=16, likelihood=likelihood)
+    assert model.likelihood == likelihood
+    model.train(max_epochs=12, batch_size=64, **QUIET)
+    loss = model.history["train_loss"].to_numpy(dtype=float).ravel()
+    assert np.all(np.isfinite(loss))
+    assert loss[-1] < loss[0]
+    z = model.get_latent_representation()
+    assert z.shape == (200, 3) and np.isfinite(z).all()
+    if model.module.prior is not None:
+        p = model.get_inclusion_probabilities().to_numpy()
+        assert ((p >= 0) & (p <= 1)).all()
+
+
+def test_auto_likelihood():
+    adata = small_counts()
+    SparseVAE.setup_anndata(adata)
+    assert SparseVAE(adata, n_factors=2).likelihood == "nb"
+    sim = sparsevae.datasets.simulate_moran2022(n_cells=50)
+    SparseVAE.setup_anndata(sim)
+    assert SparseVAE(sim, n_factors=2).likelihood == "gaussian"
+
+
+def test_vae_and_beta_vae_baselines_share_the_code_path():
+    adata = small_counts()
+    SparseVAE.setup_anndata(adata)
+    vae = SparseVAE(adata, n_factors=2, mask=None, kl_weight=2.0, n_hidden=8)
+    assert vae.module.prior is None
+    assert not any(p is vae.module.decoder.W for p in vae.module.parameters())
+    vae.train(max_epochs=2, **QUIET)
+    np.testing.assert_array_equal(vae.get_mask().to_numpy(), 1.0)
+    with pytest.raises(ValueError, match="mask=None"):
+        vae.get_inclusion_probabilities()
+    vae.write_results(adata)
+    assert "sparsevae_pstar" not in adata.varm
+
+
+def test_defaults_are_chosen_on_purpose():
+    from sparsevae.model import default_max_epochs
+    from sparsevae.train import SparseVAETrainingPlan
+
+    adata = small_counts()
+    SparseVAE.setup_anndata(adata)
+    model = SparseVAE(adata, n_factors=2, n_hidden=8)
+    plan = SparseVAETrainingPlan(model.module)
+    # full KL weight from the first step (no 400-epoch warm-up), no weight decay, paper's lr
+    assert plan.n_epochs_kl_warmup is None and plan.n_steps_kl_warmup is None
+    assert plan.weight_decay == 0.0 and plan.lr == pytest.approx(1e-2)
+    assert default_max_epochs(3005) == 100
+    assert 20 <= default_max_epochs(10**6) <= default_max_epochs(100) <= 400
+
+
+# ----------------------------------------------------------------------------- results
+def test_write_results_keys_shapes_and_overwrite():
+    adata = small_counts(n_cells=100, n_genes=40, n_factors=2)
+    SparseVAE.setup_anndata(adata)
+    model = SparseVAE(adata, n_factors=3, n_hidden=8)
+    model.train(max_epochs=2, **QUIET)
+    model.write_results(adata)
+    assert adata.obsm["X_sparsevae"].shape == (100, 3)
+    assert adata.varm["sparsevae_W"].shape == (40, 3)
+    assert adata.varm["sparsevae_pstar"].shape == (40, 3)
+    uns = adata.uns["sparsevae"]
+    assert list(uns["factor_names"]) == ["factor_0", "factor_1", "factor_2"]
+    assert uns["eta"].shape == (3,)
+    assert uns["params"]["n_factors"] == 3 and uns["likelihood"] == "nb"
+    before = adata.obsm["X_sparsevae"].copy()
+    adata.obsm["X_sparsevae"][:] = 0
+    with pytest.raises(KeyError, match="overwrite=True"):
+        model.write_results(adata)
+    assert (adata.obsm["X_sparsevae"] == 0).all()  # untouched
+    model.write_results(adata, overwrite=True)
+    np.testing.assert_allclose(adata.obsm["X_sparsevae"], before, atol=1e-6)
+    model.write_results(adata, key_added="run2")
+    assert "X_run2" in adata.obsm and "run2_W" in adata.varm
+    W = model.get_mask()
+    assert isinstance(W, pd.DataFrame) and list(W.index) == list(adata.var_names)
+
+
+def test_downstream_scanpy_uses_factors():
+    import scanpy as sc
+
+    adata = small_counts(n_cells=100, n_genes=40, n_factors=2)
+    SparseVAE.setup_anndata(adata)
+    model = SparseVAE(adata, n_factors=2, n_hidden=8)
+    model.train(max_epochs=2, **QUIET)
+    model.write_results(adata)
+    sc.pp.neighbors(adata, use_rep="X_sparsevae", n_neighbors=10)
+    assert adata.obsp["connectivities"].shape == (100, 100)
+
+
+def test_save_load_round_trip(tmp_path):
+    adata = small_counts()
+    SparseVAE.setup_anndata(adata)
+    model = SparseVAE(adata, n_factors=2, n_hidden=8)
+    model.train(max_epochs=3, **QUIET)
+    model.save(tmp_path / "m", overwrite=True)
+    loaded = SparseVAE.load(tmp_path / "m", adata=adata)
+    np.testing.assert_array_equal(
+        loaded.get_latent_representation(), model.get_latent_representation()
+    )
+    pd.testing.assert_frame_equal(loaded.get_mask(), model.get_mask())
+    pd.testing.assert_frame_equal(
+        loaded.get_inclusion_probabilities(), model.get_inclusion_probabilities()
+    )
+    pd.testing.assert_series_equal(loaded.get_eta(), model.get_eta())
+    assert loaded.likelihood == "nb"
+
+
+# ----------------------------------------------------------------------------- bad input
+def snapshot(adata):
+    X = adata.X.toarray() if sp.issparse(adata.X) else np.array(adata.X, copy=True)
+    return X, adata.obs.copy(), adata.var.copy(), set(adata.uns), set(adata.obsm), set(adata.varm)
+
+
+def assert_unchanged(adata, snap, uns_may_have_scvi=False):
+    X, obs, var, uns, obsm, varm = snap
+    Xn = adata.X.toarray() if sp.issparse(adata.X) else np.asarray(adata.X)
+    np.testing.assert_array_equal(Xn, X)
+    pd.testing.assert_frame_equal(adata.obs, obs)
+    pd.testing.assert_frame_equal(adata.var, var)
+    assert set(adata.obsm) == obsm and set(adata.varm) == varm
+    new_uns = set(adata.uns) - uns
+    if uns_may_have_scvi:
+        new_uns = {k for k in new_uns if not k.startswith("_scvi")}
+    assert not new_uns
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nan_and_inf_are_refused_before_registration(bad):
+    adata = small_counts()
+    adata.X = adata.X.toarray()
+    adata.X[3, 4] = bad
+    snap = snapshot(adata)
+    with pytest.raises(ValueError, match=r"NaN|infinite"):
+        SparseVAE.setup_anndata(adata)
+    # NaN != NaN, compare the masks
+    assert not any(k.startswith("_scvi") for k in adata.uns)
+    assert set(adata.obsm) == snap[4]
+
+
+def test_missing_layer_and_too_few_cells():
+    adata = small_counts()
+    with pytest.raises(KeyError, match="Layer 'nope'"):
+        SparseVAE.setup_anndata(adata, layer="nope")
+    tiny = small_counts()[:5].copy()
+    with pytest.raises(ValueError, match="at least"):
+        SparseVAE.setup_anndata(tiny)
+
+
+@pytest.mark.parametrize(
+    "mutate,likelihood,match",
+    [
+        (lambda X: X * -1.0, "nb", "negative"),
+        (lambda X: X + 0.5, "poisson", "non-integer"),
+        (lambda X: X * 0.999, "zinb", "non-integer"),
+    ],
+)
+def test_count_likelihood_refuses_non_counts(mutate, likelihood, match):
+    adata = small_counts()
+    adata.X = mutate(adata.X.toarray())
+    SparseVAE.setup_anndata(adata)
+    snap = snapshot(adata)
+    with pytest.raises(ValueError, match=match):
+        SparseVAE(adata, likelihood=likelihood, n_factors=2)
+    assert_unchanged(adata, snap)
+
+
+def test_empty_cells_refused_for_counts():
+    adata = small_counts()
+    X = adata.X.toarray()
+    X[7] = 0
+    adata.X = X
+    SparseVAE.setup_anndata(adata)
+    with pytest.raises(ValueError, match="zero total counts"):
+        SparseVAE(adata, n_factors=2)
+
+
+@pytest.mark.parametrize("k", [0, 41, 2.5])
+def test_bad_n_factors(k):
+    adata = small_counts()
+    SparseVAE.setup_anndata(adata)
+    with pytest.raises(ValueError, match="n_factors"):
+        SparseVAE(adata, n_factors=k)
+
+
+def test_genes_that_do_not_match_a_trained_model(tmp_path):
+    adata = small_counts()
+    SparseVAE.setup_anndata(adata)
+    model = SparseVAE(adata, n_factors=2, n_hidden=8)
+    model.train(max_epochs=1, **QUIET)
+    model.save(tmp_path / "m")
+    other = adata[:, ::-1].copy()
+    snap = snapshot(other)
+    with pytest.raises(ValueError, match="different order"):
+        SparseVAE.load(tmp_path / "m", adata=other)
+    assert_unchanged(other, snap, uns_may_have_scvi=True)
+    fewer = adata[:, :30].copy()
+    with pytest.raises(ValueError, match="missing"):
+        SparseVAE.load(tmp_path / "m", adata=fewer)
+    with pytest.raises(ValueError, match="do not match"):
+        model.get_latent_representation(fewer)
+    with pytest.raises(ValueError, match="do not match"):
+        model.write_results(other)
+
+
+def test_divergence_stops_with_clear_message():
+    adata = small_counts()
+    SparseVAE.setup_anndata(adata)
+    model = SparseVAE(adata, n_factors=2, n_hidden=8)
+    with torch.no_grad():
+        model.module.decoder.head_bias.fill_(float("nan"))
+    with pytest.raises(DivergenceError, match="Lower the learning rate"):
+        model.train(max_epochs=2, **QUIET)
+
+
+def test_moran_simulator_design():
+    ad = sparsevae.datasets.simulate_moran2022(n_cells=500, rho=0.6, noise=0.0, seed=1)
+    z = ad.obsm["true_factors"]
+    assert ad.shape == (500, 7)
+    np.testing.assert_allclose(ad.X[:, 1], 2 * z[:, 0], rtol=1e-5)
+    np.testing.assert_allclose(ad.X[:, 6], 7 * z[:, 0] * z[:, 1], rtol=1e-4, atol=1e-5)
+    assert abs(np.corrcoef(z.T)[0, 1] - 0.6) < 0.1
+    assert ad.varm["true_mask"].tolist() == [[1, 0]] * 3 + [[0, 1]] * 3 + [[1, 1]]
+
+
+def test_program_simulator():
+    ad = sparsevae.datasets.simulate_programs(
+        n_cells=300, n_genes=100, n_factors=3, genes_per_program=20, n_shared_genes=4
+    )
+    m = ad.varm["true_mask"]
+    assert m.shape == (100, 3) and (m.sum(0) == 24).all()
+    assert ad.var["is_anchor"].sum() == 3 * 16
+    X = ad.X.toarray()
+    assert (X == np.round(X)).all() and (X >= 0).all() and (X.sum(1) > 0).all()
+    assert isinstance(ad, AnnData)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "Known gap (issue 2, see its note): with the MAP prior scaled by 1/N_train, as DESIGN.md "
+        "asks, the mask stays dense and one factor stays entangled on simulate_moran2022; seeds "
+        "0-2 and 300-600 epochs all failed. Strict: this test starts failing (XPASS) once fixed."
+    ),
+)
+def test_recovers_moran2022_factors_and_mask():
+    import scvi
+    from scipy.stats import spearmanr
+
+    scvi.settings.seed = 0
+    ad = sparsevae.datasets.simulate_moran2022(n_cells=1000, rho=0.0, seed=0)
+    SparseVAE.setup_anndata(ad)
+    model = SparseVAE(ad, n_factors=2)
+    model.train(max_epochs=200, **QUIET)
+    z = model.get_latent_representation()
+    zt = ad.obsm["true_factors"]
+    C = np.abs([[spearmanr(z[:, a], zt[:, b])[0] for b in range(2)] for a in range(2)])
+    match = (0, 1) if C[0, 0] + C[1, 1] >= C[0, 1] + C[1, 0] else (1, 0)
+    assert C[match[0], 0] >= 0.9 and C[match[1], 1] >= 0.9
+    P = model.get_inclusion_probabilities().to_numpy() > 0.5
+    assert P[:3, match[0]].all() and not P[:3, match[1]].any()
+    assert P[3:6, match[1]].all() and not P[3:6, match[0]].any()
