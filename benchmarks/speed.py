@@ -1,0 +1,852 @@
+"""Speed and memory benchmark of the Sparse VAE at the paper's Zeisel shape.
+
+The shape is 3005 cells x 558 genes, 15 factors, hidden width 100, 2 decoder hidden layers and
+minibatches of 512 cells, on simulated negative binomial counts
+(:func:`sparsevae.datasets.simulate_programs`). Every configuration runs in its own subprocess
+(this script re-invoked with ``--only NAME``), so that its peak resident memory
+(``ru_maxrss``) is its own. The configurations are:
+
+``matmul_peak``
+    GFLOP/s of a 2048 x 2048 fp32 matmul: the machine's practical arithmetic peak.
+``sparsevae``
+    :meth:`sparsevae.SparseVAE.train` (Lightning, full training step with the EM update).
+``torch_loop``
+    The reference algorithm: a hand-written torch training loop (encoder, decoder, NB loss,
+    backward, Adam, EM step) whose decoder is evaluated with a Python loop over genes
+    (:meth:`sparsevae.nn.MaskedDecoder.forward_loop`). It is slow, so only a few minibatches
+    are timed and the epoch time is extrapolated from the time per cell.
+``torch_batched``
+    The same hand-written loop with the batched decoder
+    (:meth:`sparsevae.nn.MaskedDecoder.forward`): the ratio to ``torch_loop`` isolates the
+    decoder algorithm. Also times the decoder's forward and backward pass alone.
+``scvi``
+    :class:`scvi.model.SCVI` at the same shape (``n_latent=15``, ``n_hidden=100``, NB
+    likelihood, scvi-tools' default single hidden layer).
+
+Each result is printed to stdout as one JSON object per line; ratios between configurations
+measured in the same run and an estimate of the arithmetic floor of the decoder follow. Logs go
+to stderr. ``s_per_epoch`` is the median epoch time without the first epoch for the Lightning
+runs (timed by a callback), the median over full epochs for ``torch_batched`` and the time per
+cell times the number of cells for ``torch_loop`` (``"extrapolated": true``). Memory is the
+child's peak RSS (``ru_maxrss``), the peak just before the measured work and, on GPU,
+``torch.cuda.max_memory_allocated``. Every line carries the machine description, including the
+1-minute load average: timings taken on a busy machine are not comparable.
+
+Decoder FLOPs per epoch (forward and backward, backward counted as twice the forward) are
+``3 * 2 * n_cells * n_genes * (K * H + (n_layers - 1) * H * H + H)``.
+
+Examples
+--------
+Quick check (under two minutes)::
+
+    PYTHONPATH=src python benchmarks/speed.py --quick
+
+Full run on two CPU threads::
+
+    PYTHONPATH=src python benchmarks/speed.py --threads 2
+
+One configuration only::
+
+    PYTHONPATH=src python benchmarks/speed.py --only sparsevae --epochs 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from importlib import metadata
+from pathlib import Path
+from typing import Any, TextIO
+
+N_CELLS = 3005
+N_GENES = 558
+N_FACTORS = 15
+N_HIDDEN = 100
+N_LAYERS = 2
+BATCH_SIZE = 512
+GENES_PER_PROGRAM = 30
+LR = 1e-2
+MATMUL_N = 2048
+
+CONFIGS = ("matmul_peak", "sparsevae", "torch_loop", "torch_batched", "scvi")
+TRAINER_KWARGS: dict[str, Any] = {
+    "enable_progress_bar": False,
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_model_summary": False,
+}
+
+
+# --------------------------------------------------------------------------- helpers
+def decoder_flops_per_epoch(
+    n_cells: int = N_CELLS,
+    n_genes: int = N_GENES,
+    n_factors: int = N_FACTORS,
+    n_hidden: int = N_HIDDEN,
+    n_layers: int = N_LAYERS,
+) -> float:
+    """FLOPs of the decoder's forward and backward pass over one epoch.
+
+    Parameters
+    ----------
+    n_cells, n_genes, n_factors, n_hidden, n_layers
+        The problem shape.
+
+    Returns
+    -------
+    Number of floating point operations (multiply and add counted separately).
+    """
+    per_gene_cell = n_factors * n_hidden + (n_layers - 1) * n_hidden * n_hidden + n_hidden
+    return 3.0 * 2.0 * n_cells * n_genes * per_gene_cell
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine_info(threads: int, device: str) -> dict[str, Any]:
+    """Describe the machine and software the benchmark runs on.
+
+    Parameters
+    ----------
+    threads
+        Torch intra-op threads.
+    device
+        Resolved device (``"cpu"`` or ``"cuda"``) or the requested one.
+
+    Returns
+    -------
+    JSON-serialisable dict.
+    """
+    info: dict[str, Any] = {
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cpu_model": _cpu_model(),
+        "threads": threads,
+        "device": device,
+        "python": platform.python_version(),
+        "torch": _package_version("torch"),
+        "scvi_tools": _package_version("scvi-tools"),
+        "lightning": _package_version("lightning"),
+        "loadavg_1m": round(os.getloadavg()[0], 2),
+    }
+    if "torch" in sys.modules and device == "cuda":
+        import torch
+
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _round(value: Any) -> Any:
+    if isinstance(value, float):
+        return float(f"{value:.5g}")
+    if isinstance(value, dict):
+        return {k: _round(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_round(v) for v in value]
+    return value
+
+
+def emit(record: dict[str, Any], stream: TextIO) -> None:
+    """Write one result as a JSON line and flush.
+
+    Parameters
+    ----------
+    record
+        The result.
+    stream
+        Where to write (the real stdout).
+    """
+    stream.write(json.dumps(_round(record)) + "\n")
+    stream.flush()
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[TextIO]:
+    """Send everything written to stdout (Python or C level) to stderr.
+
+    Yields
+    ------
+    A text stream on the original stdout, for the JSON results.
+    """
+    sys.stdout.flush()
+    saved_fd = os.dup(1)
+    real_stdout = os.fdopen(saved_fd, "w", buffering=1)
+    saved_sys_stdout = sys.stdout
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    try:
+        yield real_stdout
+    finally:
+        sys.stdout.flush()
+        sys.stdout = saved_sys_stdout
+        os.dup2(saved_fd, 1)
+        real_stdout.close()
+
+
+def quiet_logs() -> None:
+    """Lower the verbosity of Lightning, scvi-tools and Python warnings."""
+    warnings.filterwarnings("ignore")
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "scvi", "sparsevae"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process in MiB (Linux reports ``ru_maxrss`` in KiB)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1024.0 if sys.platform != "darwin" else rss / 2**20
+
+
+# --------------------------------------------------------------------------- child side
+class Bench:
+    """State shared by the measurements of one configuration (run in a child process).
+
+    Parameters
+    ----------
+    args
+        Parsed command line arguments.
+    """
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        torch.manual_seed(0)
+        if args.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        else:
+            self.device = args.device
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("--device cuda requested but CUDA is not available.")
+        self.args = args
+        self.torch = torch
+
+    def sync(self) -> None:
+        """Wait for queued GPU work (no-op on CPU)."""
+        if self.device == "cuda":
+            self.torch.cuda.synchronize()
+
+    def reset_peak(self) -> None:
+        """Reset the GPU peak-memory counter (no-op on CPU)."""
+        if self.device == "cuda":
+            self.torch.cuda.reset_peak_memory_stats()
+
+    def memory(self, rss_before: float) -> dict[str, Any]:
+        """Peak memory of this process.
+
+        Parameters
+        ----------
+        rss_before
+            ``ru_maxrss`` (MiB) just before the measured work (after imports and data set-up).
+
+        Returns
+        -------
+        dict with the peak RSS, the peak before the measurement and, on GPU, the peak allocated
+        CUDA memory.
+        """
+        peak = peak_rss_mib()
+        out: dict[str, Any] = {
+            "peak_rss_mib": peak,
+            "rss_before_mib": rss_before,
+            "peak_rss_increase_mib": peak - rss_before,
+        }
+        if self.device == "cuda":
+            out["cuda_max_allocated_mib"] = self.torch.cuda.max_memory_allocated() / 2**20
+        return out
+
+    def accelerator(self) -> str:
+        """Lightning accelerator name for the resolved device."""
+        return "gpu" if self.device == "cuda" else "cpu"
+
+
+def _import_sparsevae() -> Any:
+    try:
+        import sparsevae
+    except ImportError:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+        import sparsevae
+    return sparsevae
+
+
+def _simulate() -> Any:
+    sparsevae = _import_sparsevae()
+    return sparsevae.datasets.simulate_programs(
+        n_cells=N_CELLS, n_genes=N_GENES, n_factors=N_FACTORS, genes_per_program=GENES_PER_PROGRAM
+    )
+
+
+def _epoch_timer(bench: Bench) -> Any:
+    """A Lightning callback that records the wall time of every training epoch."""
+    from lightning.pytorch.callbacks import Callback
+
+    class EpochTimer(Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self._start = 0.0
+
+        def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+            bench.sync()
+            self._start = time.perf_counter()
+
+        def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+            bench.sync()
+            self.times.append(time.perf_counter() - self._start)
+
+    return EpochTimer()
+
+
+def _epoch_summary(times: list[float], wall: float, epochs: int) -> dict[str, Any]:
+    steady = times[1:] if len(times) > 1 else times
+    return {
+        "s_per_epoch": statistics.median(steady),
+        "min_s_per_epoch": min(steady),
+        "first_epoch_s": times[0] if times else None,
+        "epoch_times_s": times,
+        "train_wall_s": wall,
+        "train_wall_per_epoch_s": wall / epochs,
+        "epochs": epochs,
+        "extrapolated": False,
+    }
+
+
+def _with_flops(result: dict[str, Any]) -> dict[str, Any]:
+    flops = decoder_flops_per_epoch()
+    result["decoder_gflop_per_epoch"] = flops / 1e9
+    result["decoder_gflops_achieved"] = flops / 1e9 / result["s_per_epoch"]
+    return result
+
+
+def run_matmul_peak(bench: Bench) -> dict[str, Any]:
+    """Measure the GFLOP/s of a 2048 x 2048 fp32 matmul (best of several repeats)."""
+    torch = bench.torch
+    a = torch.randn(MATMUL_N, MATMUL_N, device=bench.device)
+    b = torch.randn(MATMUL_N, MATMUL_N, device=bench.device)
+    rss_before = peak_rss_mib()
+    bench.reset_peak()
+    reps = 3 if bench.args.quick else 10
+    if bench.device == "cuda":
+        reps *= 20
+    torch.mm(a, b)
+    bench.sync()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        bench.sync()
+        times.append(time.perf_counter() - t0)
+    flops = 2.0 * MATMUL_N**3
+    return {
+        "gflops_best": flops / min(times) / 1e9,
+        "gflops_median": flops / statistics.median(times) / 1e9,
+        "n": MATMUL_N,
+        "repeats": reps,
+        **bench.memory(rss_before),
+    }
+
+
+def run_sparsevae(bench: Bench) -> dict[str, Any]:
+    """Time :meth:`sparsevae.SparseVAE.train` per epoch."""
+    sparsevae = _import_sparsevae()
+    adata = _simulate()
+    sparsevae.SparseVAE.setup_anndata(adata)
+    model = sparsevae.SparseVAE(
+        adata, n_factors=N_FACTORS, n_hidden=N_HIDDEN, n_layers=N_LAYERS, likelihood="nb"
+    )
+    timer = _epoch_timer(bench)
+    epochs = bench.args.epochs
+    rss_before = peak_rss_mib()
+    bench.reset_peak()
+    t0 = time.perf_counter()
+    model.train(
+        max_epochs=epochs,
+        batch_size=BATCH_SIZE,
+        accelerator=bench.accelerator(),
+        devices=1,
+        callbacks=[timer],
+        **TRAINER_KWARGS,
+    )
+    bench.sync()
+    wall = time.perf_counter() - t0
+    result = _epoch_summary(timer.times, wall, epochs)
+    result.update(likelihood=model.likelihood, **bench.memory(rss_before))
+    return _with_flops(result)
+
+
+def run_scvi(bench: Bench) -> dict[str, Any]:
+    """Time :meth:`scvi.model.SCVI.train` per epoch at the same shape."""
+    import scvi
+
+    adata = _simulate()
+    scvi.model.SCVI.setup_anndata(adata)
+    model = scvi.model.SCVI(adata, n_latent=N_FACTORS, n_hidden=N_HIDDEN, gene_likelihood="nb")
+    timer = _epoch_timer(bench)
+    epochs = bench.args.epochs
+    rss_before = peak_rss_mib()
+    bench.reset_peak()
+    t0 = time.perf_counter()
+    model.train(
+        max_epochs=epochs,
+        batch_size=BATCH_SIZE,
+        train_size=1.0,
+        accelerator=bench.accelerator(),
+        devices=1,
+        callbacks=[timer],
+        **TRAINER_KWARGS,
+    )
+    bench.sync()
+    wall = time.perf_counter() - t0
+    result = _epoch_summary(timer.times, wall, epochs)
+    result.update(
+        n_latent=N_FACTORS,
+        n_hidden=N_HIDDEN,
+        n_layers=model.module.n_layers if hasattr(model.module, "n_layers") else 1,
+        gene_likelihood="nb",
+        **bench.memory(rss_before),
+    )
+    return result
+
+
+class TorchTrainer:
+    """A hand-written training loop of the SparseVAE module with a choice of decoder algorithm.
+
+    Each step encodes a minibatch, decodes it, evaluates the negative ELBO with the NB likelihood
+    plus the mask prior, back-propagates, takes an Adam step and runs the prior's EM update, as
+    :meth:`sparsevae.SparseVAE.train` does.
+
+    Parameters
+    ----------
+    bench
+        Benchmark state (device, torch).
+    """
+
+    def __init__(self, bench: Bench) -> None:
+        sparsevae = _import_sparsevae()
+        torch = bench.torch
+        adata = _simulate()
+        sparsevae.SparseVAE.setup_anndata(adata)
+        model = sparsevae.SparseVAE(
+            adata, n_factors=N_FACTORS, n_hidden=N_HIDDEN, n_layers=N_LAYERS, likelihood="nb"
+        )
+        self.bench = bench
+        self.module = model.module.to(bench.device).train()
+        x = adata.X.toarray() if hasattr(adata.X, "toarray") else adata.X
+        self.x = torch.as_tensor(x, dtype=torch.float32, device=bench.device)
+        self.optimizer = torch.optim.Adam(self.module.parameters(), lr=LR)
+        generator = torch.Generator().manual_seed(0)
+        self.order = torch.randperm(N_CELLS, generator=generator).to(bench.device)
+
+    def batches(self) -> list[Any]:
+        """Cell indices of the minibatches of one epoch."""
+        return list(self.order.split(BATCH_SIZE))
+
+    def loss(self, x: Any, decode: Callable[[Any], Any]) -> Any:
+        """Negative ELBO per cell plus the prior penalty divided by the number of cells."""
+        torch = self.bench.torch
+        from scvi.distributions import NegativeBinomial
+        from torch.distributions import Normal, kl_divergence
+
+        module = self.module
+        total = x.sum(-1, keepdim=True)
+        x_enc = torch.log1p(x * (1e4 / total.clamp_min(1.0)))
+        qz, z = module.encoder(x_enc)
+        out = decode(z)
+        mu = torch.exp(out[..., 0] + torch.log(total.clamp_min(1e-8)))
+        px = NegativeBinomial(mu=mu, theta=torch.exp(module.log_theta))
+        nll = -px.log_prob(x).sum(-1)
+        kl = kl_divergence(qz, Normal(torch.zeros_like(z), torch.ones_like(z))).sum(-1)
+        return torch.mean(nll + kl) + module.prior_penalty() / N_CELLS
+
+    def step(self, idx: Any, decode: Callable[[Any], Any]) -> float:
+        """One training step on the cells ``idx``; returns its wall time in seconds."""
+        self.bench.sync()
+        t0 = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss(self.x[idx], decode)
+        loss.backward()
+        self.optimizer.step()
+        self.module.em_step()
+        self.bench.sync()
+        return time.perf_counter() - t0
+
+
+def run_torch_loop(bench: Bench) -> dict[str, Any]:
+    """Time a few training steps with the per-gene Python loop and extrapolate to an epoch."""
+    trainer = TorchTrainer(bench)
+    decoder = trainer.module.decoder
+    batches = trainer.batches()
+    n_timed = min(bench.args.loop_batches, len(batches))
+    rss_before = peak_rss_mib()
+    bench.reset_peak()
+    trainer.step(batches[0][:32], decoder.forward_loop)  # warm-up on a few cells
+    times = [trainer.step(idx, decoder.forward_loop) for idx in batches[:n_timed]]
+    cells = sum(len(idx) for idx in batches[:n_timed])
+    s_per_epoch = sum(times) / cells * N_CELLS
+    result = {
+        "s_per_epoch": s_per_epoch,
+        "extrapolated": True,
+        "n_batches_timed": n_timed,
+        "n_cells_timed": cells,
+        "batch_times_s": times,
+        "decoder": "MaskedDecoder.forward_loop",
+        **bench.memory(rss_before),
+    }
+    return _with_flops(result)
+
+
+def run_torch_batched(bench: Bench) -> dict[str, Any]:
+    """Time full epochs of the hand-written loop with the batched decoder, and the decoder alone."""
+    torch = bench.torch
+    trainer = TorchTrainer(bench)
+    decoder = trainer.module.decoder
+    batches = trainer.batches()
+    epochs = 1 if bench.args.quick else 2
+    rss_before = peak_rss_mib()
+    bench.reset_peak()
+    trainer.step(batches[0], decoder.forward)  # warm-up
+    epoch_times = [
+        sum(trainer.step(idx, decoder.forward) for idx in batches) for _ in range(epochs)
+    ]
+    memory = bench.memory(rss_before)
+
+    # Decoder alone: forward and backward over one epoch of random factors.
+    z_all = torch.randn(N_CELLS, N_FACTORS, device=bench.device)
+    dec_times = []
+    for _ in range(epochs):
+        bench.sync()
+        t0 = time.perf_counter()
+        for idx in batches:
+            z = z_all[idx].requires_grad_(True)
+            decoder(z).sum().backward()
+        bench.sync()
+        dec_times.append(time.perf_counter() - t0)
+    decoder.zero_grad(set_to_none=True)
+    dec_s = statistics.median(dec_times)
+    flops = decoder_flops_per_epoch()
+    result = {
+        "s_per_epoch": statistics.median(epoch_times),
+        "min_s_per_epoch": min(epoch_times),
+        "epoch_times_s": epoch_times,
+        "epochs": epochs,
+        "extrapolated": False,
+        "decoder": "MaskedDecoder.forward",
+        "decoder_only_s_per_epoch": dec_s,
+        "decoder_only_gflops_achieved": flops / 1e9 / dec_s,
+        **memory,
+    }
+    return _with_flops(result)
+
+
+RUNNERS: dict[str, Callable[[Bench], dict[str, Any]]] = {
+    "matmul_peak": run_matmul_peak,
+    "sparsevae": run_sparsevae,
+    "torch_loop": run_torch_loop,
+    "torch_batched": run_torch_batched,
+    "scvi": run_scvi,
+}
+
+
+def run_child(args: argparse.Namespace) -> int:
+    """Run one configuration in this process and print its JSON line.
+
+    Parameters
+    ----------
+    args
+        Parsed arguments; ``args.only`` names the configuration.
+
+    Returns
+    -------
+    Exit status.
+    """
+    name = args.only
+    with stdout_to_stderr() as out:
+        quiet_logs()
+        record: dict[str, Any] = {"name": name}
+        bench: Bench | None = None
+        try:
+            bench = Bench(args)
+            quiet_logs()
+            t0 = time.perf_counter()
+            record.update(RUNNERS[name](bench))
+            record["config_wall_s"] = time.perf_counter() - t0
+            status = 0
+        except Exception as err:
+            record["error"] = f"{type(err).__name__}: {err}"
+            status = 1
+        device = bench.device if bench is not None else args.device
+        record["shape"] = _shape()
+        record["machine"] = machine_info(args.threads, device)
+        emit(record, out)
+    return status
+
+
+def _shape() -> dict[str, int]:
+    return {
+        "n_cells": N_CELLS,
+        "n_genes": N_GENES,
+        "n_factors": N_FACTORS,
+        "n_hidden": N_HIDDEN,
+        "n_layers": N_LAYERS,
+        "batch_size": BATCH_SIZE,
+    }
+
+
+# --------------------------------------------------------------------------- parent side
+def spawn(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Run one configuration in a fresh subprocess and return its result.
+
+    Parameters
+    ----------
+    name
+        Configuration name.
+    args
+        Parsed arguments of this process (passed on).
+
+    Returns
+    -------
+    The child's JSON record, or a record with an ``error`` field.
+    """
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--only",
+        name,
+        "--threads",
+        str(args.threads),
+        "--device",
+        args.device,
+        "--epochs",
+        str(args.epochs),
+        "--loop-batches",
+        str(args.loop_batches),
+    ]
+    if args.quick:
+        cmd.append("--quick")
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[var] = str(args.threads)
+    try:
+        proc = subprocess.run(
+            cmd, stdout=subprocess.PIPE, text=True, env=env, timeout=args.timeout, check=False
+        )
+    except subprocess.TimeoutExpired:
+        return {"name": name, "error": f"timed out after {args.timeout} s"}
+    for line in reversed(proc.stdout.splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            with contextlib.suppress(json.JSONDecodeError):
+                return json.loads(line)
+    return {"name": name, "error": f"no result (exit status {proc.returncode})"}
+
+
+def _ratio(
+    name: str,
+    numerator: str,
+    denominator: str,
+    meaning: str,
+    results: dict[str, dict[str, Any]],
+) -> dict[str, Any] | None:
+    num = results.get(numerator, {}).get("s_per_epoch")
+    den = results.get(denominator, {}).get("s_per_epoch")
+    if num is None or den is None:
+        return None
+    return {
+        "name": name,
+        "ratio": num / den,
+        "numerator": f"{numerator}.s_per_epoch",
+        "denominator": f"{denominator}.s_per_epoch",
+        "meaning": meaning,
+        "extrapolated": bool(
+            results[numerator].get("extrapolated") or results[denominator].get("extrapolated")
+        ),
+    }
+
+
+def summaries(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Ratios between configurations and the distance to the arithmetic floor.
+
+    Parameters
+    ----------
+    results
+        Records of the configurations, by name.
+
+    Returns
+    -------
+    Records to print.
+    """
+    specs = [
+        (
+            "sparsevae_vs_loop",
+            "torch_loop",
+            "sparsevae",
+            "speed-up of SparseVAE.train over the reference per-gene-loop training epoch",
+        ),
+        (
+            "batched_vs_loop",
+            "torch_loop",
+            "torch_batched",
+            "speed-up of the batched decoder over "
+            "the per-gene loop, same hand-written training loop",
+        ),
+        (
+            "sparsevae_vs_scvi",
+            "sparsevae",
+            "scvi",
+            "SparseVAE.train epoch time as a multiple of scvi SCVI.train",
+        ),
+        (
+            "sparsevae_vs_torch_batched",
+            "sparsevae",
+            "torch_batched",
+            "SparseVAE.train (Lightning, "
+            "scvi data loader) over the hand-written batched loop: framework overhead",
+        ),
+    ]
+    out = [r for spec in specs if (r := _ratio(*spec, results)) is not None]
+    peak = results.get("matmul_peak", {}).get("gflops_best")
+    if peak:
+        gflop = decoder_flops_per_epoch() / 1e9
+        floor_s = gflop / peak
+        record: dict[str, Any] = {
+            "name": "flop_floor",
+            "decoder_gflop_per_epoch": gflop,
+            "matmul_peak_gflops": peak,
+            "floor_s_per_epoch": floor_s,
+        }
+        for key in ("sparsevae", "torch_batched", "torch_loop"):
+            s = results.get(key, {}).get("s_per_epoch")
+            if s is not None:
+                record[f"{key}_s_per_epoch"] = s
+                record[f"{key}_x_floor"] = s / floor_s
+                record[f"{key}_fraction_of_peak"] = floor_s / s
+        dec = results.get("torch_batched", {}).get("decoder_only_s_per_epoch")
+        if dec is not None:
+            record["decoder_only_s_per_epoch"] = dec
+            record["decoder_only_x_floor"] = dec / floor_s
+            record["decoder_only_fraction_of_peak"] = floor_s / dec
+        out.append(record)
+    return out
+
+
+def run_parent(args: argparse.Namespace, names: list[str]) -> int:
+    """Run the configurations one after another in subprocesses and print all results.
+
+    Parameters
+    ----------
+    args
+        Parsed arguments.
+    names
+        Configurations to run.
+
+    Returns
+    -------
+    Exit status (1 if any configuration failed).
+    """
+    results: dict[str, dict[str, Any]] = {}
+    status = 0
+    machine: dict[str, Any] = {}
+    for name in names:
+        print(f"[speed] running {name} ...", file=sys.stderr, flush=True)
+        record = spawn(name, args)
+        results[name] = record
+        if "error" in record:
+            status = 1
+        machine = record.get("machine", machine)
+        emit(record, sys.stdout)
+    for record in summaries(results):
+        record["mode"] = "quick" if args.quick else "full"
+        record["machine"] = machine or machine_info(args.threads, args.device)
+        emit(record, sys.stdout)
+    return status
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line.
+
+    Parameters
+    ----------
+    argv
+        Arguments (default ``sys.argv[1:]``).
+
+    Returns
+    -------
+    The parsed arguments, with mode-dependent defaults filled in.
+    """
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short run (under two minutes)")
+    parser.add_argument(
+        "--epochs", type=int, default=None, help="epochs of sparsevae and scvi (default 5; quick 2)"
+    )
+    parser.add_argument(
+        "--loop-batches",
+        type=int,
+        default=None,
+        help="minibatches timed with the per-gene loop (default 2; quick 1)",
+    )
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
+    parser.add_argument(
+        "--only",
+        default=None,
+        help=f"comma-separated configurations to run, from {', '.join(CONFIGS)}; a single one "
+        "runs in this process",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=1800.0, help="seconds allowed per configuration"
+    )
+    args = parser.parse_args(argv)
+    if args.epochs is None:
+        args.epochs = 2 if args.quick else 5
+    if args.loop_batches is None:
+        args.loop_batches = 1 if args.quick else 2
+    if args.epochs < 1 or args.loop_batches < 1 or args.threads < 1:
+        parser.error("--epochs, --loop-batches and --threads must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point.
+
+    Parameters
+    ----------
+    argv
+        Command line arguments.
+
+    Returns
+    -------
+    Exit status.
+    """
+    args = parse_args(argv)
+    names = list(CONFIGS) if args.only is None else args.only.split(",")
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        print(f"unknown configuration(s) {unknown}; choose from {CONFIGS}", file=sys.stderr)
+        return 2
+    if len(names) == 1 and args.only is not None:
+        return run_child(args)
+    return run_parent(args, names)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
