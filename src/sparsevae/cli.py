@@ -1,0 +1,326 @@
+"""Command line interface: ``sparsevae demo`` and ``sparsevae fit``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from anndata import AnnData
+
+    from .model import SparseVAE
+
+__all__ = ["main"]
+
+_SELECT_THRESHOLD = 0.5
+
+
+class _CLIError(Exception):
+    """An error reported to the user as one line, without a traceback."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Argument parser whose errors are one line on stderr, with exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="sparsevae",
+        description="Sparse VAE: interpretable nonlinear factor models for single-cell data.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    demo = sub.add_parser(
+        "demo",
+        help="fit a SparseVAE to bundled PBMC counts and write results and plots",
+        description=(
+            "Fit a SparseVAE to approximate counts of scanpy's bundled pbmc68k_reduced "
+            "(700 cells, 765 genes; no download) and write adata.h5ad, top_genes.csv, "
+            "mask_heatmap.png and umap_factors.png into the output folder."
+        ),
+    )
+    demo.add_argument("--out", default="sparsevae_demo", help="output folder (created)")
+    demo.add_argument(
+        "--max-epochs", type=_positive_int, default=100, help="epochs (default: 100, ~1-2 min)"
+    )
+    demo.add_argument("--n-factors", type=_positive_int, default=10, help="number of factors")
+    demo.add_argument("--seed", type=int, default=0, help="random seed")
+
+    fit = sub.add_parser(
+        "fit",
+        help="fit a SparseVAE to an .h5ad file and write the results",
+        description=(
+            "Read IN.h5ad, fit a SparseVAE and write OUT.h5ad with the factors "
+            "(obsm['X_<key>']), mask (varm['<key>_W']), inclusion probabilities "
+            "(varm['<key>_pstar']) and settings (uns['<key>'])."
+        ),
+    )
+    fit.add_argument("input", metavar="IN.h5ad", help="input AnnData")
+    fit.add_argument("output", metavar="OUT.h5ad", help="output AnnData")
+    fit.add_argument("--n-factors", type=_positive_int, required=True, help="number of factors")
+    fit.add_argument("--layer", default=None, help="layer with the data (default: X)")
+    fit.add_argument(
+        "--likelihood",
+        default="auto",
+        choices=["auto", "nb", "zinb", "poisson", "gaussian"],
+        help="observation model (auto: nb for integer counts, else gaussian)",
+    )
+    fit.add_argument(
+        "--max-epochs", type=_positive_int, default=None, help="epochs (default: model default)"
+    )
+    fit.add_argument("--batch-size", type=_positive_int, default=128, help="minibatch size")
+    fit.add_argument("--key-added", default="sparsevae", help="base name of the result keys")
+    fit.add_argument("--save-model", metavar="DIR", default=None, help="also save the model here")
+    fit.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing OUT, model folder and result keys",
+    )
+    return parser
+
+
+# ---------------------------------------------------------------------------- helpers
+def _use_agg() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+
+
+def _selected(model: SparseVAE) -> pd.DataFrame:
+    """Boolean genes x factors table of the mask entries selected by the model."""
+    if model.module.prior is not None:
+        return model.get_inclusion_probabilities() > _SELECT_THRESHOLD
+    return model.get_mask().abs() > _SELECT_THRESHOLD
+
+
+def _top_genes(model: SparseVAE, n_top: int = 20) -> pd.DataFrame:
+    """Top selected genes of each factor by ``|W|``."""
+    import pandas as pd
+
+    W = model.get_mask()
+    pstar = model.get_inclusion_probabilities() if model.module.prior is not None else None
+    selected = _selected(model)
+    rows: list[dict[str, Any]] = []
+    for factor in W.columns:
+        genes = W.index[selected[factor].to_numpy()]
+        order = W.loc[genes, factor].abs().sort_values(ascending=False).head(n_top).index
+        for rank, gene in enumerate(order, start=1):
+            rows.append(
+                {
+                    "factor": factor,
+                    "rank": rank,
+                    "gene": gene,
+                    "weight": float(W.loc[gene, factor]),
+                    "pstar": float(pstar.loc[gene, factor]) if pstar is not None else float("nan"),
+                }
+            )
+    return pd.DataFrame(rows, columns=["factor", "rank", "gene", "weight", "pstar"])
+
+
+def _train(model: SparseVAE, max_epochs: int | None, batch_size: int = 128) -> tuple[int, float]:
+    """Train with the progress bar; return the number of epochs and the seconds taken."""
+    from .model import default_max_epochs
+
+    epochs = max_epochs if max_epochs is not None else default_max_epochs(model.adata.n_obs)
+    start = time.perf_counter()
+    model.train(max_epochs=epochs, batch_size=batch_size)
+    return epochs, time.perf_counter() - start
+
+
+def _set_seed(seed: int) -> None:
+    import scvi
+
+    scvi.settings.seed = seed
+
+
+# ---------------------------------------------------------------------------- demo
+def _run_demo(args: argparse.Namespace) -> None:
+    _use_agg()
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import scanpy as sc
+
+    from . import pl, tl
+    from .datasets import pbmc68k_reduced_counts
+    from .model import SparseVAE
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise _CLIError(f"--out {str(out)!r} exists and is not a folder.")
+    out.mkdir(parents=True, exist_ok=True)
+
+    _set_seed(args.seed)
+    adata = pbmc68k_reduced_counts()
+    SparseVAE.setup_anndata(adata, layer="counts")
+    model = SparseVAE(adata, n_factors=args.n_factors)
+    epochs, seconds = _train(model, args.max_epochs)
+
+    model.write_results(adata, key_added="sparsevae", overwrite=True)
+    _top_genes(model, n_top=20).to_csv(out / "top_genes.csv", index=False)
+
+    ax = pl.mask_heatmap(model, n_top=10, show=False, save=out / "mask_heatmap.png")
+    plt.close(ax.figure)
+
+    sc.pp.neighbors(adata, use_rep="X_sparsevae", random_state=args.seed)
+    sc.tl.umap(adata, random_state=args.seed)
+    fig = sc.pl.umap(
+        adata, color="bulk_labels", show=False, return_fig=True, title="UMAP of SparseVAE factors"
+    )
+    fig.savefig(out / "umap_factors.png", dpi=150, bbox_inches="tight")
+    plt.close(fig)
+
+    adata.write_h5ad(out / "adata.h5ad")
+
+    labels = adata.obs["bulk_labels"]
+    n_splits = int(min(5, labels.value_counts().min()))
+    acc = tl.celltype_accuracy(adata.obsm["X_sparsevae"], labels, n_splits=n_splits)
+    n_selected = _selected(model).sum(axis=0)
+    n_any = int(_selected(model).any(axis=1).sum())
+
+    lines = [
+        "SparseVAE demo: pbmc68k_reduced (approximate counts)",
+        f"  cells: {adata.n_obs}  genes: {adata.n_vars}  factors: {model.module.n_factors}",
+        f"  likelihood: {model.likelihood}  epochs: {epochs}  training time: {seconds:.1f} s",
+        f"  selected genes per factor (p* > {_SELECT_THRESHOLD}), {n_any} genes in total:",
+    ]
+    width = max(len(str(f)) for f in n_selected.index)
+    lines += [f"    {f!s:<{width}}  {int(n):4d}" for f, n in n_selected.items()]
+    if n_any == 0:
+        lines.append(
+            "  note: no mask entry has p* > 0.5, so top_genes.csv is empty; mask_heatmap.png "
+            "shows the largest |W| instead."
+        )
+    lines += [
+        f"  cell-type prediction from the factors (bulk_labels, {acc['n_splits']}-fold logistic "
+        f"regression): accuracy {acc['mean']:.3f} +/- {acc['std']:.3f}",
+        f"  chance (majority class): {np.max(labels.value_counts(normalize=True)):.3f}",
+        f"  wrote {out / 'adata.h5ad'}, {out / 'top_genes.csv'}, {out / 'mask_heatmap.png'}, "
+        f"{out / 'umap_factors.png'}",
+    ]
+    print("\n".join(lines), flush=True)
+
+
+# ---------------------------------------------------------------------------- fit
+def _check_fit_paths(args: argparse.Namespace) -> None:
+    src = Path(args.input)
+    if not src.exists():
+        raise _CLIError(f"input file {args.input!r} does not exist.")
+    if not src.is_file():
+        raise _CLIError(f"input {args.input!r} is not a file.")
+    dst = Path(args.output)
+    if dst.resolve() == src.resolve():
+        raise _CLIError("OUT.h5ad must differ from IN.h5ad.")
+    if dst.exists() and not args.overwrite:
+        raise _CLIError(f"output {args.output!r} exists; pass --overwrite to replace it.")
+    if not dst.parent.resolve().is_dir():
+        raise _CLIError(f"the folder of output {args.output!r} does not exist.")
+    if args.save_model is not None:
+        model_dir = Path(args.save_model)
+        if model_dir.exists() and any(model_dir.iterdir()) and not args.overwrite:
+            raise _CLIError(
+                f"model folder {args.save_model!r} exists and is not empty; pass --overwrite."
+            )
+
+
+def _read(path: str) -> AnnData:
+    import anndata as ad
+
+    try:
+        return ad.read_h5ad(path)
+    except Exception as e:
+        raise _CLIError(f"could not read {path!r} as an .h5ad file: {_one_line(e)}") from e
+
+
+def _run_fit(args: argparse.Namespace) -> None:
+    _check_fit_paths(args)
+    adata = _read(args.input)
+    if args.layer is not None and args.layer not in adata.layers:
+        available = ", ".join(map(repr, adata.layers.keys())) or "none"
+        raise _CLIError(f"layer {args.layer!r} not in {args.input!r} (layers: {available}).")
+
+    from .model import SparseVAE
+
+    SparseVAE.setup_anndata(adata, layer=args.layer)
+    model = SparseVAE(adata, n_factors=args.n_factors, likelihood=args.likelihood)
+    epochs, seconds = _train(model, args.max_epochs, batch_size=args.batch_size)
+    model.write_results(adata, key_added=args.key_added, overwrite=args.overwrite)
+    adata.write_h5ad(args.output)
+    if args.save_model is not None:
+        model.save(args.save_model, overwrite=True)
+    n_selected = _selected(model).sum(axis=0)
+    print(
+        f"SparseVAE: {adata.n_obs} cells x {adata.n_vars} genes, {model.module.n_factors} "
+        f"factors, likelihood {model.likelihood}, {epochs} epochs in {seconds:.1f} s; "
+        f"selected genes per factor: {', '.join(str(int(n)) for n in n_selected)}",
+        flush=True,
+    )
+    print(
+        f"wrote {args.output} (obsm['X_{args.key_added}'], varm['{args.key_added}_W'], "
+        f"uns['{args.key_added}'])" + (f" and model {args.save_model}" if args.save_model else ""),
+        flush=True,
+    )
+
+
+# ---------------------------------------------------------------------------- entry point
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, KeyError) and exc.args:
+        text = str(exc.args[0])
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``sparsevae`` command line interface.
+
+    ``sparsevae demo`` fits a model to bundled PBMC counts and writes results and plots;
+    ``sparsevae fit IN.h5ad OUT.h5ad --n-factors K`` fits a model to a file. Errors are printed
+    as one ``error: ...`` line on stderr with exit code 2 (set ``SPARSEVAE_DEBUG=1`` for the
+    traceback).
+
+    Parameters
+    ----------
+    argv
+        Arguments without the program name; default ``sys.argv[1:]``.
+
+    Returns
+    -------
+    Exit code 0 on success (errors raise :class:`SystemExit` with code 2).
+    """
+    args = _build_parser().parse_args(argv)
+    runner = {"demo": _run_demo, "fit": _run_fit}[args.command]
+    try:
+        runner(args)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as e:
+        if os.environ.get("SPARSEVAE_DEBUG"):
+            raise
+        print(f"error: {_one_line(e)}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
