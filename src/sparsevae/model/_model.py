@@ -18,6 +18,7 @@ from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin, VAEMixin
 
 from ..module import LIKELIHOODS, SparseVAEModule
 from ..train import SparseVAETrainingPlan
+from ._interpret import InterpretabilityMixin
 from ._validate import (
     check_counts,
     check_finite,
@@ -46,7 +47,7 @@ def default_max_epochs(n_obs: int) -> int:
     return int(np.clip(round(300_000 / max(n_obs, 1)), 20, 400))
 
 
-class SparseVAE(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
+class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
     """Sparse VAE: a VAE whose decoder lets gene ``j`` see only the factors in mask row ``w_j``.
 
     Moran, Sridhar, Wang and Blei, "Identifiable deep generative models via sparse decoding",
@@ -77,6 +78,10 @@ class SparseVAE(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
     a, b
         Beta prior on each factor's inclusion weight ``eta_k``; ``b`` defaults to the number of
         genes, which favours sparse factors.
+    weight_prior_precision
+        Precision of the Gaussian prior on the decoder network's weights; it fixes the scale of
+        the mask so that inclusion probabilities mean something (see
+        :class:`~sparsevae.module.SparseVAEModule`). ``0`` turns it off.
     kl_weight
         Weight of the KL term; values above 1 give the beta-VAE baseline.
     **module_kwargs
@@ -107,6 +112,7 @@ class SparseVAE(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         lambda1: float = 1.0,
         a: float = 1.0,
         b: float | None = None,
+        weight_prior_precision: float = 1.0,
         kl_weight: float = 1.0,
         **module_kwargs: Any,
     ) -> None:
@@ -128,11 +134,16 @@ class SparseVAE(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         if likelihood == "auto":
             likelihood = "nb" if stats.is_integer and not stats.has_negative else "gaussian"
         where = self._data_description()
+        data_kwargs: dict[str, torch.Tensor] = {}
         if likelihood != "gaussian":
             check_counts(stats, likelihood, where)
-            gene_offset = np.log((stats.col_sums + 0.1) / max(stats.total, 1.0))
+            offset = np.log((stats.col_sums + 0.1) / max(stats.total, 1.0))
+            data_kwargs["gene_offset"] = torch.as_tensor(offset, dtype=torch.float32)
         else:
-            gene_offset = stats.col_means
+            # Constant genes get scale 1 (their standardised value is 0 anyway).
+            scale = np.where(stats.col_stds > 1e-8, stats.col_stds, 1.0)
+            data_kwargs["gene_loc"] = torch.as_tensor(stats.col_means, dtype=torch.float32)
+            data_kwargs["gene_scale"] = torch.as_tensor(scale, dtype=torch.float32)
         self.module = self._module_cls(
             n_input=n_genes,
             n_factors=int(n_factors),
@@ -144,8 +155,9 @@ class SparseVAE(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
             lambda1=lambda1,
             a=a,
             b=b,
+            weight_prior_precision=weight_prior_precision,
             kl_weight=kl_weight,
-            gene_offset=torch.as_tensor(gene_offset, dtype=torch.float32),
+            **data_kwargs,
             **module_kwargs,
         )
         self.likelihood = likelihood
@@ -268,6 +280,8 @@ class SparseVAE(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         if train_size is None:
             train_size = 0.9 if early_stopping else 1.0
         plan_kwargs = {"lr": lr, "n_epochs_kl_warmup": n_epochs_kl_warmup, **(plan_kwargs or {})}
+        # Log the epoch metrics even when an epoch has fewer than Lightning's default 50 steps.
+        trainer_kwargs.setdefault("log_every_n_steps", 1)
         return super().train(
             max_epochs=max_epochs,
             accelerator=accelerator,
@@ -374,12 +388,14 @@ class SparseVAE(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         adata: AnnData | None = None,
         key_added: str = "sparsevae",
         overwrite: bool = False,
+        effects: bool = True,
     ) -> AnnData:
         """Write factors, mask, inclusion probabilities and settings into an AnnData.
 
         Writes ``obsm[f"X_{key_added}"]`` (factors), ``varm[f"{key_added}_W"]`` (mask),
-        ``varm[f"{key_added}_pstar"]`` (inclusion probabilities; not for ``mask=None``) and
-        ``uns[key_added]`` (``eta``, factor names and settings).
+        ``varm[f"{key_added}_pstar"]`` (inclusion probabilities; not for ``mask=None``),
+        ``varm[f"{key_added}_effect"]`` (signed gene effects, see :meth:`get_gene_effects`; with
+        ``effects=True``) and ``uns[key_added]`` (``eta``, factor names and settings).
 
         Parameters
         ----------
@@ -390,6 +406,9 @@ class SparseVAE(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         overwrite
             Replace existing keys; by default an existing key raises an error and nothing is
             written.
+        effects
+            Also compute and write the signed gene effects (one decoder pass per factor over
+            the cells; set ``False`` to skip it on large data).
 
         Returns
         -------
@@ -399,7 +418,9 @@ class SparseVAE(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         self._check_var_names(adata.var_names)
         keys = {
             "obsm": [f"X_{key_added}"],
-            "varm": [f"{key_added}_W"] + ([f"{key_added}_pstar"] if self.module.prior else []),
+            "varm": [f"{key_added}_W"]
+            + ([f"{key_added}_pstar"] if self.module.prior else [])
+            + ([f"{key_added}_effect"] if effects else []),
             "uns": [key_added],
         }
         if not overwrite:
@@ -416,7 +437,10 @@ class SparseVAE(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
                 )
         z = self.get_latent_representation(adata)
         adata.obsm[f"X_{key_added}"] = z
+        effect = self.get_gene_effects(adata).to_numpy() if effects else None
         adata.varm[f"{key_added}_W"] = self.get_mask().to_numpy()
+        if effect is not None:
+            adata.varm[f"{key_added}_effect"] = effect
         uns: dict[str, Any] = {
             "factor_names": self.factor_names,
             "params": {

@@ -20,6 +20,7 @@ class MatrixStats:
     n_empty_cells: int
     col_sums: np.ndarray
     col_means: np.ndarray
+    col_stds: np.ndarray
     total: float
 
 
@@ -80,12 +81,17 @@ def matrix_stats(X) -> MatrixStats:
     row_sums = np.asarray(X.sum(axis=1)).ravel()
     col_sums = np.asarray(X.sum(axis=0), dtype=np.float64).ravel()
     n_obs = X.shape[0]
+    col_means = col_sums / max(n_obs, 1)
+    sq = X.multiply(X) if hasattr(X, "multiply") else np.square(X)
+    col_sq = np.asarray(sq.sum(axis=0), dtype=np.float64).ravel() / max(n_obs, 1)
+    col_stds = np.sqrt(np.clip(col_sq - col_means**2, 0.0, None))
     return MatrixStats(
         is_integer=is_integer,
         has_negative=has_negative,
         n_empty_cells=int((row_sums <= 0).sum()),
         col_sums=col_sums,
-        col_means=col_sums / max(n_obs, 1),
+        col_means=col_means,
+        col_stds=col_stds,
         total=float(row_sums.sum()),
     )
 

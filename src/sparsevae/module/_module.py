@@ -46,6 +46,14 @@ class SparseVAEModule(BaseModuleClass):
         ``W`` to ones (the plain VAE).
     lambda0, lambda1, a, b
         Spike-and-Slab Lasso hyperparameters, see :class:`~sparsevae.priors.SpikeSlabLasso`.
+    weight_prior_precision
+        Precision of a zero-mean Gaussian prior on the weights of the decoder's network (its
+        shared layers and per-gene heads; not the mask, not the biases). It pins the scale of the
+        mask: without it, column ``k`` of ``W`` can shrink while the first layer's column ``k``
+        grows, leaving the decoder unchanged but lowering the mask penalty, so ``W`` drifts to
+        zero and every inclusion probability collapses. With a unit-precision prior the scale
+        settles where the two penalties balance (measured on the paper's simulation: clean
+        inclusion probabilities, near 0.9 on true and 0.1 on false entries). ``0`` turns it off.
     kl_weight
         Weight of the KL term (``beta`` of a beta-VAE); multiplied by the training plan's warm-up
         factor.
@@ -55,8 +63,15 @@ class SparseVAEModule(BaseModuleClass):
         Gaussian likelihood only: scaled-inverse-chi-squared prior on the per-gene variances,
         ``sigma_j^2 ~ Inv-Gamma(df / 2, df * scale / 2)``.
     gene_offset
-        Initial value of the per-gene output bias (log mean frequency for counts, mean for
-        Gaussian data). Speeds up the start of training.
+        Count likelihoods: initial value of the per-gene output bias (log mean frequency).
+        Speeds up the start of training.
+    gene_loc, gene_scale
+        Gaussian likelihood: per-gene mean and standard deviation of the training data. The
+        network works on standardised values, ``x_j = loc_j + scale_j (f_j(w_j * z) + e_j)``:
+        the same model family, but every gene weighs the same in the gradients at the start of
+        training and the variance prior is scale-free. Without standardisation, genes with large
+        variance dominate early training and the factors of small-variance genes get entangled
+        (measured on the paper's simulation). Defaults: 0 and 1.
     max_chunk_elements
         Passed to :class:`~sparsevae.nn.MaskedDecoder`.
     """
@@ -74,11 +89,14 @@ class SparseVAEModule(BaseModuleClass):
         lambda1: float = 1.0,
         a: float = 1.0,
         b: float | None = None,
+        weight_prior_precision: float = 1.0,
         kl_weight: float = 1.0,
         dropout_rate: float = 0.1,
         sigma_prior_df: float = 3.0,
         sigma_prior_scale: float = 1.0,
         gene_offset: torch.Tensor | None = None,
+        gene_loc: torch.Tensor | None = None,
+        gene_scale: torch.Tensor | None = None,
         max_chunk_elements: int = 2**20,
     ) -> None:
         super().__init__()
@@ -91,6 +109,9 @@ class SparseVAEModule(BaseModuleClass):
         self.likelihood = likelihood
         self.mask = mask
         self.kl_weight = float(kl_weight)
+        if weight_prior_precision < 0:
+            raise ValueError(f"weight_prior_precision must be >= 0, got {weight_prior_precision}.")
+        self.weight_prior_precision = float(weight_prior_precision)
         self.sigma_prior_df = float(sigma_prior_df)
         self.sigma_prior_scale = float(sigma_prior_scale)
 
@@ -123,6 +144,12 @@ class SparseVAEModule(BaseModuleClass):
             self.log_theta = nn.Parameter(torch.zeros(n_input))  # NB inverse dispersion
         if likelihood == "gaussian":
             self.log_sigma2 = nn.Parameter(torch.zeros(n_input))
+            loc = torch.zeros(n_input) if gene_loc is None else torch.as_tensor(gene_loc)
+            scale = torch.ones(n_input) if gene_scale is None else torch.as_tensor(gene_scale)
+            if not bool((scale > 0).all()):
+                raise ValueError("gene_scale must be positive.")
+            self.register_buffer("gene_loc", loc.to(torch.float32).clone())
+            self.register_buffer("gene_scale", scale.to(torch.float32).clone())
 
     @property
     def is_count(self) -> bool:
@@ -168,7 +195,7 @@ class SparseVAEModule(BaseModuleClass):
             x_enc = torch.log1p(x * (_ENCODER_SCALE / total.clamp_min(1.0)))
         else:
             log_library = torch.zeros(x.shape[0], 1, device=x.device, dtype=x.dtype)
-            x_enc = x
+            x_enc = (x - self.gene_loc) / self.gene_scale
         qz, z = self.encoder(x_enc)
         if n_samples > 1:
             z = qz.sample((n_samples,))
@@ -194,7 +221,8 @@ class SparseVAEModule(BaseModuleClass):
         out = self.decoder(z)  # (B, G, O)
         eta = out[..., 0]
         if self.likelihood == "gaussian":
-            px = Normal(eta, torch.exp(0.5 * self.log_sigma2))
+            scale = self.gene_scale
+            px = Normal(self.gene_loc + scale * eta, scale * torch.exp(0.5 * self.log_sigma2))
         else:
             log_mu = eta + library
             mu = torch.exp(log_mu)
@@ -211,7 +239,10 @@ class SparseVAEModule(BaseModuleClass):
 
     # ---------------------------------------------------------------- loss and prior
     def prior_penalty(self) -> torch.Tensor:
-        """Negative log prior of the global parameters (mask and, if Gaussian, variances).
+        """Negative log prior of the global parameters.
+
+        The mask's Spike-and-Slab Lasso penalty, the Gaussian prior on the decoder's weights
+        (with a mask only) and, for the Gaussian likelihood, the prior on the variances.
 
         Returns
         -------
@@ -220,6 +251,8 @@ class SparseVAEModule(BaseModuleClass):
         total = torch.zeros((), device=self.decoder.W.device)
         if self.prior is not None:
             total = total + self.prior.penalty(self.decoder.W)
+            if self.weight_prior_precision > 0:
+                total = total + 0.5 * self.weight_prior_precision * self.decoder.weight_sq_norm()
         if self.likelihood == "gaussian":
             alpha = self.sigma_prior_df / 2.0
             beta = self.sigma_prior_df * self.sigma_prior_scale / 2.0

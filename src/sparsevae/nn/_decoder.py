@@ -86,6 +86,18 @@ class MaskedDecoder(nn.Module):
         )
         self.head_bias = nn.Parameter(torch.zeros(n_genes, n_output))
 
+    def weight_sq_norm(self) -> torch.Tensor:
+        """Sum of squares of the network's weights (shared layers and heads; no biases, no mask).
+
+        Returns
+        -------
+        Scalar tensor.
+        """
+        total = self.first.weight.pow(2).sum() + self.head_weight.pow(2).sum()
+        for layer in self.hidden:
+            total = total + layer.weight.pow(2).sum()
+        return total
+
     def chunk_size(self, n_cells: int) -> int:
         """Number of genes evaluated at once for a minibatch of ``n_cells`` cells."""
         per_gene = max(1, n_cells * self.n_hidden)

@@ -1,0 +1,492 @@
+"""Anchor genes, top genes and identifiability checks of a trained SparseVAE."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+__all__ = [
+    "IdentifiabilityReport",
+    "anchor_genes",
+    "covariance_violations",
+    "identifiability_report",
+    "top_genes",
+]
+
+
+# ---------------------------------------------------------------------------- helpers
+def _check_min_pstar(min_pstar: float) -> float:
+    if not isinstance(min_pstar, int | float | np.floating) or not 0.0 < min_pstar <= 1.0:
+        raise ValueError(f"min_pstar must be a number in (0, 1], got {min_pstar!r}.")
+    return float(min_pstar)
+
+
+def _require_prior(model: Any, what: str) -> None:
+    if not hasattr(model, "get_mask") or not hasattr(model, "module"):
+        raise TypeError(f"{what} expects a trained SparseVAE model, got {type(model).__name__}.")
+    if getattr(model.module, "prior", None) is None:
+        raise ValueError(
+            f"{what} needs the mask's inclusion probabilities p*, but this model has no mask prior "
+            "(mask=None, the plain VAE). Train with mask='ssl', or rank genes by "
+            "model.get_gene_effects()."
+        )
+
+
+def _resolve_factors(model: Any, factors: Sequence[str | int] | str | int | None) -> list[str]:
+    """Factor names from names or integer positions; default all factors."""
+    names = list(model.factor_names)
+    if factors is None:
+        return names
+    if isinstance(factors, str | int | np.integer):
+        factors = [factors]
+    out: list[str] = []
+    for f in factors:
+        if isinstance(f, int | np.integer) and not isinstance(f, bool):
+            if not 0 <= f < len(names):
+                raise ValueError(f"Factor index {f} is out of range for {len(names)} factors.")
+            out.append(names[int(f)])
+        elif f in names:
+            out.append(str(f))
+        else:
+            raise ValueError(f"Unknown factor {f!r}; the model's factors are {names}.")
+    return out
+
+
+def _selection(model: Any, min_pstar: float) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Mask ``W``, inclusion probabilities ``p*`` and the selection ``p* >= min_pstar``."""
+    W = model.get_mask()
+    pstar = model.get_inclusion_probabilities()
+    return W, pstar, pstar >= min_pstar
+
+
+# ---------------------------------------------------------------------------- anchors
+def anchor_genes(
+    model: Any,
+    min_pstar: float = 0.5,
+    factors: Sequence[str | int] | str | int | None = None,
+    anchors_only: bool = False,
+    n_top: int | None = None,
+) -> pd.DataFrame:
+    """Genes selected by each factor's mask, ranked, with their anchor status.
+
+    Gene ``j`` is selected by factor ``k`` when its inclusion probability ``p*_jk >= min_pstar``.
+    It is an **anchor** of factor ``k`` when it is selected by ``k`` and by no other factor: the
+    identifiability theorem of the Sparse VAE asks for at least two anchors per factor.
+
+    Parameters
+    ----------
+    model
+        A trained :class:`~sparsevae.SparseVAE` with a mask prior (``mask="ssl"``).
+    min_pstar
+        Selection threshold on ``p*``, in ``(0, 1]``.
+    factors
+        Factors to list (names or integer positions); default all.
+    anchors_only
+        Keep only the anchor genes.
+    n_top
+        Keep at most this many genes per factor (after ``anchors_only``).
+
+    Returns
+    -------
+    Long DataFrame with one row per selected (factor, gene) pair and the columns ``factor``,
+    ``gene``, ``weight`` (the signed mask entry ``w_jk``), ``pstar``, ``is_anchor`` and ``rank``
+    (1 = largest ``|weight|`` within the factor, counted before ``anchors_only``), ordered by
+    factor then rank.
+
+    Examples
+    --------
+    >>> anchors = sparsevae.tl.anchor_genes(model)
+    >>> anchors[anchors.is_anchor].groupby("factor").head(5)
+    """
+    _require_prior(model, "anchor_genes")
+    min_pstar = _check_min_pstar(min_pstar)
+    if n_top is not None and (not isinstance(n_top, int | np.integer) or n_top < 1):
+        raise ValueError(f"n_top must be a positive integer or None, got {n_top!r}.")
+    W, pstar, selected = _selection(model, min_pstar)
+    n_selecting = selected.sum(axis=1)
+    frames = []
+    for factor in _resolve_factors(model, factors):
+        genes = selected.index[selected[factor].to_numpy()]
+        df = pd.DataFrame(
+            {
+                "factor": factor,
+                "gene": genes.astype(str),
+                "weight": W.loc[genes, factor].to_numpy(dtype=float),
+                "pstar": pstar.loc[genes, factor].to_numpy(dtype=float),
+                "is_anchor": (n_selecting.loc[genes] == 1).to_numpy(),
+            }
+        )
+        order = np.argsort(-np.abs(df["weight"].to_numpy()), kind="stable")
+        df = df.iloc[order].reset_index(drop=True)
+        df["rank"] = np.arange(1, len(df) + 1)
+        if anchors_only:
+            df = df[df["is_anchor"]]
+        if n_top is not None:
+            df = df.head(int(n_top))
+        frames.append(df)
+    columns = ["factor", "gene", "weight", "pstar", "is_anchor", "rank"]
+    out = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+    out = out[columns].astype(
+        {"factor": str, "gene": str, "weight": float, "pstar": float, "is_anchor": bool}
+    )
+    out["rank"] = out["rank"].astype(int)
+    return out.reset_index(drop=True)
+
+
+def top_genes(
+    model: Any, n: int = 20, factors: Sequence[str | int] | str | int | None = None
+) -> pd.DataFrame:
+    """The ``n`` top genes of each factor, ranked by ``p*`` then by ``|W|``.
+
+    Parameters
+    ----------
+    model
+        A trained :class:`~sparsevae.SparseVAE` with a mask prior (``mask="ssl"``).
+    n
+        Number of genes per factor (at most the number of genes).
+    factors
+        Factors to show (names or integer positions); default all.
+
+    Returns
+    -------
+    DataFrame with one column per factor and one row per rank (index ``rank``, starting at 1)
+    holding gene names. Genes are listed whether or not the mask selects them; use
+    :func:`anchor_genes` for the selected genes only.
+
+    Examples
+    --------
+    >>> sparsevae.tl.top_genes(model, n=10)
+    """
+    _require_prior(model, "top_genes")
+    if not isinstance(n, int | np.integer) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}.")
+    W = model.get_mask()
+    pstar = model.get_inclusion_probabilities()
+    n = min(int(n), W.shape[0])
+    genes = np.asarray(W.index).astype(str)
+    table = {}
+    for factor in _resolve_factors(model, factors):
+        # lexsort: last key is the primary one.
+        order = np.lexsort((-np.abs(W[factor].to_numpy()), -pstar[factor].to_numpy()))
+        table[factor] = genes[order[:n]]
+    return pd.DataFrame(table, index=pd.RangeIndex(1, n + 1, name="rank"))
+
+
+# ---------------------------------------------------------------------------- identifiability
+def covariance_violations(z: np.ndarray, factor_names: Sequence[str] | None = None) -> pd.DataFrame:
+    """Factor pairs that break ``min(Var z_k, Var z_k') > |Cov(z_k, z_k')|``.
+
+    This is the second condition of the Sparse VAE's identifiability theorem (besides two anchor
+    genes per factor).
+
+    Parameters
+    ----------
+    z
+        Factors, shape ``(n_cells, n_factors)``, e.g. the posterior means.
+    factor_names
+        Names of the factors; default ``factor_0``, ``factor_1``, ...
+
+    Returns
+    -------
+    DataFrame with one row per violating pair ``k < k'`` and the columns ``factor_1``,
+    ``factor_2``, ``var_1``, ``var_2``, ``covariance`` and ``correlation``; empty when the
+    condition holds.
+    """
+    z = np.asarray(z, dtype=np.float64)
+    if z.ndim != 2:
+        raise ValueError(f"z must be 2-D (cells x factors), got shape {z.shape}.")
+    n_cells, n_factors = z.shape
+    names = [f"factor_{k}" for k in range(n_factors)] if factor_names is None else factor_names
+    names = [str(f) for f in names]
+    if len(names) != n_factors:
+        raise ValueError(f"Got {len(names)} factor names for {n_factors} factors.")
+    if n_cells < 2:
+        raise ValueError("At least two cells are needed to estimate covariances.")
+    if not np.all(np.isfinite(z)):
+        raise ValueError("z contains NaN or infinite values.")
+    cov = np.atleast_2d(np.cov(z, rowvar=False))
+    var = np.diag(cov)
+    rows = []
+    for k in range(n_factors):
+        for k2 in range(k + 1, n_factors):
+            c = cov[k, k2]
+            if min(var[k], var[k2]) <= abs(c):
+                denom = np.sqrt(var[k] * var[k2])
+                rows.append(
+                    {
+                        "factor_1": names[k],
+                        "factor_2": names[k2],
+                        "var_1": float(var[k]),
+                        "var_2": float(var[k2]),
+                        "covariance": float(c),
+                        "correlation": float(c / denom) if denom > 0 else float("nan"),
+                    }
+                )
+    columns = ["factor_1", "factor_2", "var_1", "var_2", "covariance", "correlation"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
+    """JSON-friendly records (Python scalars, NaN as None)."""
+    out = []
+    for rec in df.to_dict(orient="records"):
+        clean: dict[str, Any] = {}
+        for key, value in rec.items():
+            if isinstance(value, np.generic):
+                value = value.item()
+            if isinstance(value, float) and not np.isfinite(value):
+                value = None
+            clean[str(key)] = value
+        out.append(clean)
+    return out
+
+
+@dataclass(repr=False)
+class IdentifiabilityReport:
+    """Result of :func:`identifiability_report`.
+
+    Attributes
+    ----------
+    factors
+        One row per factor: ``factor``, ``n_selected`` (genes with ``p* >= min_pstar``),
+        ``n_anchors`` (selected genes selected by no other factor), ``eta``, ``switched_off``
+        (``eta < eta_min`` or no selected gene) and ``identifiable`` (at least ``min_anchors``
+        anchors and not switched off).
+    covariance_violations
+        Factor pairs breaking ``min(Var z_k, Var z_k') > |Cov(z_k, z_k')|`` on the posterior
+        means (see :func:`covariance_violations`), with a column ``involves_switched_off``.
+    covariance
+        Covariance matrix of the posterior means (factors x factors).
+    min_pstar
+        Selection threshold used.
+    eta_min
+        Threshold below which a factor's ``eta`` counts as switched off.
+    min_anchors
+        Anchors needed per factor.
+    """
+
+    factors: pd.DataFrame
+    covariance_violations: pd.DataFrame
+    covariance: pd.DataFrame = field(default_factory=pd.DataFrame)
+    min_pstar: float = 0.5
+    eta_min: float = 0.0
+    min_anchors: int = 2
+
+    @property
+    def active_factors(self) -> list[str]:
+        """Factors that are not switched off."""
+        return self.factors.loc[~self.factors["switched_off"], "factor"].tolist()
+
+    @property
+    def identifiable_factors(self) -> list[str]:
+        """Factors with enough anchors that are not switched off."""
+        return self.factors.loc[self.factors["identifiable"], "factor"].tolist()
+
+    @property
+    def active_violations(self) -> pd.DataFrame:
+        """Covariance violations between two active (not switched off) factors."""
+        v = self.covariance_violations
+        return v[~v["involves_switched_off"]] if len(v) else v
+
+    @property
+    def is_identifiable(self) -> bool:
+        """Whether all active factors pass both checks (and at least one factor is active)."""
+        active = ~self.factors["switched_off"]
+        return bool(
+            active.any()
+            and self.factors.loc[active, "identifiable"].all()
+            and len(self.active_violations) == 0
+        )
+
+    def summary(self) -> str:
+        """Readable multi-line summary.
+
+        Returns
+        -------
+        The summary text.
+        """
+        f = self.factors
+        n_off = int(f["switched_off"].sum())
+        n_ident = int(f["identifiable"].sum())
+        n_few = len(f) - n_off - n_ident
+        lines = [
+            f"SparseVAE identifiability report (selected: p* >= {self.min_pstar:g}; "
+            f"switched off: eta < {self.eta_min:.3g} or no selected gene)",
+            f"  {len(f)} factors: {n_ident} identifiable (>= {self.min_anchors} anchor genes), "
+            f"{n_few} with too few anchors, {n_off} switched off",
+        ]
+        width = max([len("factor"), *(len(str(x)) for x in f["factor"])])
+        lines.append(f"  {'factor':<{width}}  {'selected':>8}  {'anchors':>7}  {'eta':>9}  status")
+        for row in f.itertuples(index=False):
+            if row.switched_off:
+                status = "switched off"
+            elif row.identifiable:
+                status = "identifiable"
+            else:
+                status = f"too few anchors (< {self.min_anchors})"
+            lines.append(
+                f"  {row.factor!s:<{width}}  {row.n_selected:>8d}  {row.n_anchors:>7d}  "
+                f"{row.eta:>9.3g}  {status}"
+            )
+        v = self.covariance_violations
+        cond = "min(Var z_k, Var z_k') > |Cov(z_k, z_k')|"
+        active = self.active_violations
+        n_off_pairs = len(v) - len(active)
+        if len(active) == 0:
+            lines.append(f"  Covariance condition {cond}: holds for all pairs of active factors.")
+        else:
+            lines.append(
+                f"  Covariance condition {cond}: violated by {len(active)} pair(s) of active "
+                "factors:"
+            )
+            for row in active.itertuples(index=False):
+                lines.append(
+                    f"    {row.factor_1} - {row.factor_2}: Var {row.var_1:.3g}, {row.var_2:.3g}; "
+                    f"Cov {row.covariance:.3g} (corr {row.correlation:.2f})"
+                )
+        if n_off_pairs:
+            lines.append(
+                f"  ({n_off_pairs} more violating pair(s) involve a switched-off factor; see "
+                ".covariance_violations.)"
+            )
+        verdict = "identifiable" if self.is_identifiable else "NOT identifiable"
+        lines.append(f"  Overall: the active factors are {verdict} by these checks.")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    def __repr__(self) -> str:
+        return self.summary()
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        p.text(self.summary())
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable dictionary of the report.
+
+        Returns
+        -------
+        dict with ``min_pstar``, ``eta_min``, ``min_anchors``, ``is_identifiable``,
+        ``identifiable_factors``, ``factors`` (list of per-factor records) and
+        ``covariance_violations`` (list of per-pair records).
+        """
+        return {
+            "min_pstar": float(self.min_pstar),
+            "eta_min": float(self.eta_min),
+            "min_anchors": int(self.min_anchors),
+            "is_identifiable": self.is_identifiable,
+            "identifiable_factors": [str(x) for x in self.identifiable_factors],
+            "factors": _records(self.factors),
+            "covariance_violations": _records(self.covariance_violations),
+        }
+
+
+def _default_eta_min(model: Any) -> float:
+    """The ``eta`` of a factor whose inclusion probabilities sum to half a gene."""
+    prior = model.module.prior
+    a = float(getattr(prior, "a", 1.0))
+    n_genes = int(getattr(prior, "n_genes", model.adata.n_vars))
+    b = float(getattr(prior, "b", n_genes))
+    return float((0.5 + a - 1.0) / (a + b + n_genes - 2.0))
+
+
+def identifiability_report(
+    model: Any,
+    adata: AnnData | None = None,
+    min_pstar: float = 0.5,
+    eta_min: float | None = None,
+    min_anchors: int = 2,
+    z: np.ndarray | None = None,
+) -> IdentifiabilityReport:
+    """Check the conditions of the Sparse VAE's identifiability theorem on a trained model.
+
+    The theorem (Moran et al. 2022) needs (i) at least two anchor genes per factor (genes that the
+    mask lets through to that factor only) and (ii) ``min(Var z_k, Var z_k') > |Cov(z_k, z_k')|``
+    for every pair of factors. (i) is read from the mask's inclusion probabilities, (ii) from the
+    covariance of the posterior means of the factors. Factors that the prior switched off (``eta``
+    near zero, or no selected gene) are reported as such: they carry no signal and are not
+    expected to be identifiable.
+
+    Parameters
+    ----------
+    model
+        A trained :class:`~sparsevae.SparseVAE` with a mask prior (``mask="ssl"``).
+    adata
+        AnnData on which the factors' covariance is computed; default the training data.
+    min_pstar
+        Selection threshold on ``p*``, in ``(0, 1]``.
+    eta_min
+        A factor with ``eta_k < eta_min`` counts as switched off. Default: the ``eta`` that the
+        prior's EM update gives a factor whose inclusion probabilities sum to half a gene,
+        ``(0.5 + a - 1) / (a + b + G - 2)``.
+    min_anchors
+        Anchors needed for a factor to count as identifiable (the theorem's 2).
+    z
+        Precomputed factors (cells x factors) to use instead of
+        ``model.get_latent_representation(adata)``.
+
+    Returns
+    -------
+    An :class:`IdentifiabilityReport`; ``print(report)`` gives a summary, ``report.factors`` and
+    ``report.covariance_violations`` the tables, ``report.to_dict()`` a JSON-friendly dict.
+
+    Examples
+    --------
+    >>> report = sparsevae.tl.identifiability_report(model)
+    >>> print(report)
+    >>> report.factors.query("identifiable")
+    """
+    _require_prior(model, "identifiability_report")
+    min_pstar = _check_min_pstar(min_pstar)
+    if not isinstance(min_anchors, int | np.integer) or min_anchors < 1:
+        raise ValueError(f"min_anchors must be a positive integer, got {min_anchors!r}.")
+    eta_min = _default_eta_min(model) if eta_min is None else float(eta_min)
+    if not np.isfinite(eta_min) or eta_min < 0:
+        raise ValueError(f"eta_min must be a finite number >= 0, got {eta_min!r}.")
+    _, _, selected = _selection(model, min_pstar)
+    names = list(model.factor_names)
+    eta = model.get_eta().reindex(names).to_numpy(dtype=float)
+    n_selected = selected.sum(axis=0).reindex(names).to_numpy(dtype=int)
+    single = selected.sum(axis=1) == 1
+    n_anchors = selected[single].sum(axis=0).reindex(names).to_numpy(dtype=int)
+    switched_off = (eta < eta_min) | (n_selected == 0)
+    identifiable = (n_anchors >= min_anchors) & ~switched_off
+    factors = pd.DataFrame(
+        {
+            "factor": names,
+            "n_selected": n_selected,
+            "n_anchors": n_anchors,
+            "eta": eta,
+            "switched_off": switched_off,
+            "identifiable": identifiable,
+        }
+    )
+    if z is None:
+        z = model.get_latent_representation(adata=adata)
+    z = np.asarray(z, dtype=np.float64)
+    if z.ndim != 2 or z.shape[1] != len(names):
+        raise ValueError(f"z must have shape (n_cells, {len(names)}), got {z.shape}.")
+    violations = covariance_violations(z, names)
+    off = set(factors.loc[factors["switched_off"], "factor"])
+    violations["involves_switched_off"] = [
+        (a in off) or (b in off)
+        for a, b in zip(violations["factor_1"], violations["factor_2"], strict=True)
+    ]
+    violations["involves_switched_off"] = violations["involves_switched_off"].astype(bool)
+    cov = pd.DataFrame(np.atleast_2d(np.cov(z, rowvar=False)), index=names, columns=names)
+    return IdentifiabilityReport(
+        factors=factors,
+        covariance_violations=violations,
+        covariance=cov,
+        min_pstar=min_pstar,
+        eta_min=eta_min,
+        min_anchors=int(min_anchors),
+    )
