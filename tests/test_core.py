@@ -151,6 +151,43 @@ def test_vae_and_beta_vae_baselines_share_the_code_path():
     assert "sparsevae_pstar" not in adata.varm
 
 
+def test_gaussian_genes_are_standardised_inside_the_model():
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(200, 1))
+    x = np.hstack([100.0 + 50.0 * z, -3.0 + 0.1 * z, np.full((200, 1), 7.0)])
+    x = x + rng.normal(scale=0.01, size=x.shape)
+    x[:, 2] = 7.0  # a constant gene gets scale 1
+    adata = AnnData(x.astype(np.float32))
+    SparseVAE.setup_anndata(adata)
+    model = SparseVAE(adata, n_factors=1, n_hidden=8)
+    m = model.module
+    assert model.likelihood == "gaussian"
+    np.testing.assert_allclose(m.gene_loc.numpy(), x.mean(0), rtol=1e-4)
+    np.testing.assert_allclose(m.gene_scale.numpy()[:2], x.std(0)[:2], rtol=1e-3)
+    assert m.gene_scale[2].item() == 1.0
+    # The likelihood is in data units: its mean is loc + scale * (network output).
+    zt = torch.zeros(4, 1)
+    px = m.generative(zt, torch.zeros(4, 1))["px"]
+    out = m.decoder(zt)[..., 0]
+    torch.testing.assert_close(px.loc, m.gene_loc + m.gene_scale * out)
+    torch.testing.assert_close(px.scale[0], m.gene_scale * torch.exp(0.5 * m.log_sigma2))
+
+
+def test_weight_prior_enters_the_penalty_only_with_a_mask():
+    adata = small_counts(n_cells=60, n_genes=40)
+    SparseVAE.setup_anndata(adata)
+    with_prior = SparseVAE(adata, n_factors=2, n_hidden=8, weight_prior_precision=2.0).module
+    without = SparseVAE(adata, n_factors=2, n_hidden=8, weight_prior_precision=0.0).module
+    without.load_state_dict(with_prior.state_dict())
+    extra = with_prior.prior_penalty() - without.prior_penalty()
+    # 0.5 * precision * sum of squared weights, with precision 2
+    torch.testing.assert_close(extra, with_prior.decoder.weight_sq_norm())
+    vae = SparseVAE(adata, n_factors=2, n_hidden=8, mask=None, weight_prior_precision=2.0).module
+    assert vae.prior_penalty().item() == 0.0  # plain VAE: no mask, no weight prior
+    with pytest.raises(ValueError, match="weight_prior_precision"):
+        SparseVAE(adata, n_factors=2, weight_prior_precision=-1.0)
+
+
 def test_defaults_are_chosen_on_purpose():
     from sparsevae.model import default_max_epochs
     from sparsevae.train import SparseVAETrainingPlan
@@ -176,6 +213,9 @@ def test_write_results_keys_shapes_and_overwrite():
     assert adata.obsm["X_sparsevae"].shape == (100, 3)
     assert adata.varm["sparsevae_W"].shape == (40, 3)
     assert adata.varm["sparsevae_pstar"].shape == (40, 3)
+    np.testing.assert_allclose(
+        adata.varm["sparsevae_effect"], model.get_gene_effects().to_numpy(), rtol=1e-4, atol=1e-8
+    )
     uns = adata.uns["sparsevae"]
     assert list(uns["factor_names"]) == ["factor_0", "factor_1", "factor_2"]
     assert uns["eta"].shape == (3,)
@@ -187,8 +227,8 @@ def test_write_results_keys_shapes_and_overwrite():
     assert (adata.obsm["X_sparsevae"] == 0).all()  # untouched
     model.write_results(adata, overwrite=True)
     np.testing.assert_allclose(adata.obsm["X_sparsevae"], before, atol=1e-6)
-    model.write_results(adata, key_added="run2")
-    assert "X_run2" in adata.obsm and "run2_W" in adata.varm
+    model.write_results(adata, key_added="run2", effects=False)
+    assert "X_run2" in adata.obsm and "run2_W" in adata.varm and "run2_effect" not in adata.varm
     W = model.get_mask()
     assert isinstance(W, pd.DataFrame) and list(W.index) == list(adata.var_names)
 
