@@ -35,11 +35,39 @@ child's peak RSS (``ru_maxrss``), the peak just before the measured work and, on
 Decoder FLOPs per epoch (forward and backward, backward counted as twice the forward) are
 ``3 * 2 * n_cells * n_genes * (K * H + (n_layers - 1) * H * H + H)``.
 
+Scaling (``--scaling``)
+-----------------------
+Seconds per epoch and memory of ``sparsevae`` (:class:`sparsevae.SparseVAE`, NB), ``scvi``
+(:class:`scvi.model.SCVI`) and ``linear_scvi`` (:class:`scvi.model.LinearSCVI`) on simulated
+counts as the number of cells (1k to 100k, 558 genes), of genes (500 to 5000, 3000 cells) and the
+hidden width (50 to 200; SparseVAE only) grow; minibatches of 128, 15 factors. Each configuration
+trains two epochs of at most ``--scaling-batches`` minibatches (Lightning's
+``limit_train_batches``); ``s_per_epoch`` is the second epoch's time per minibatch times the
+number of minibatches of a full epoch (``"extrapolated": true`` when fewer than all were run);
+``cpu_s_per_epoch`` is the same in process CPU time which, with ``--threads 1``, does not depend on
+how busy a shared machine is (the cost model is then fitted on it).
+Memory: ``train_rss_increase_mib`` is the largest resident set size sampled every 5 ms during
+training minus the size just before it (so the simulation's own peak does not hide it).
+
+Cost model, checked by a least-squares fit printed as ``"name": "cost_model"`` lines:
+
+- SparseVAE: every gene runs the shared network on its own masked factors, so an epoch costs
+  ``t = a N + b N G (K H + (n_layers - 1) H^2 + H)``: linear in cells and genes, quadratic in
+  the hidden width once ``H >> K``. Memory of the saved activations grows as
+  ``batch x G x H x n_layers`` (no dependence on ``N``) until activation checkpointing caps it.
+- SCVI / LinearSCVI: ``t = a N + b N G H`` (the encoder's and decoder's ``G x H`` layers): linear
+  in cells and genes; LinearSCVI's decoder is ``K x G``.
+
 Examples
 --------
 Quick check (under two minutes)::
 
     PYTHONPATH=src python benchmarks/speed.py --quick
+
+Scaling grid (quick: a few small shapes)::
+
+    PYTHONPATH=src python benchmarks/speed.py --scaling --threads 1 \
+        --out benchmarks/results/speed_scaling.jsonl
 
 Full run on two CPU threads::
 
@@ -59,6 +87,7 @@ import logging
 import os
 import platform
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -80,6 +109,12 @@ LR = 1e-2
 MATMUL_N = 2048
 
 CONFIGS = ("matmul_peak", "sparsevae", "torch_loop", "torch_batched", "scvi")
+SCALING_MODELS = ("sparsevae", "scvi", "linear_scvi")
+SCALING_BATCH_SIZE = 128
+SCALING_CELLS = (1000, 3000, 10000, 30000, 100000)
+SCALING_GENES = (500, 1000, 2000, 5000)
+SCALING_HIDDEN = (50, 100, 200)
+SCALING_BASE = {"n_cells": 3000, "n_genes": 558, "n_hidden": 100}
 TRAINER_KWARGS: dict[str, Any] = {
     "enable_progress_bar": False,
     "logger": False,
@@ -298,21 +333,25 @@ def _simulate() -> Any:
 
 
 def _epoch_timer(bench: Bench) -> Any:
-    """A Lightning callback that records the wall time of every training epoch."""
+    """A Lightning callback that records the wall and process CPU time of every training epoch."""
     from lightning.pytorch.callbacks import Callback
 
     class EpochTimer(Callback):
         def __init__(self) -> None:
             self.times: list[float] = []
+            self.cpu_times: list[float] = []
             self._start = 0.0
+            self._cpu_start = 0.0
 
         def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
             bench.sync()
             self._start = time.perf_counter()
+            self._cpu_start = time.process_time()
 
         def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
             bench.sync()
             self.times.append(time.perf_counter() - self._start)
+            self.cpu_times.append(time.process_time() - self._cpu_start)
 
     return EpochTimer()
 
@@ -558,6 +597,279 @@ def run_torch_batched(bench: Bench) -> dict[str, Any]:
     return _with_flops(result)
 
 
+# --------------------------------------------------------------------------- scaling
+def scaling_grid(quick: bool) -> list[str]:
+    """Names ``scaling:MODEL:N_CELLS:N_GENES:N_HIDDEN`` of the scaling configurations.
+
+    Parameters
+    ----------
+    quick
+        A handful of small shapes instead of the full grid.
+
+    Returns
+    -------
+    Configuration names, without duplicates, in run order.
+    """
+    base = SCALING_BASE
+    if quick:
+        shapes = [
+            ("sparsevae", 1000, 500, 100),
+            ("sparsevae", 3000, 500, 100),
+            ("sparsevae", 1000, 1000, 100),
+            ("scvi", 1000, 500, 128),
+            ("linear_scvi", 1000, 500, 128),
+        ]
+    else:
+        shapes = []
+        for model in SCALING_MODELS:
+            hidden = base["n_hidden"] if model == "sparsevae" else 128
+            shapes += [(model, n, base["n_genes"], hidden) for n in SCALING_CELLS]
+            shapes += [(model, base["n_cells"], g, hidden) for g in SCALING_GENES]
+        shapes += [("sparsevae", base["n_cells"], base["n_genes"], h) for h in SCALING_HIDDEN]
+    names = [f"scaling:{m}:{n}:{g}:{h}" for m, n, g, h in shapes]
+    return list(dict.fromkeys(names))
+
+
+class RSSSampler:
+    """Sample this process's resident set size in a background thread (Linux ``/proc``)."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        import threading
+
+        self.interval = interval
+        self.peak = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+    def current_mib(self) -> float:
+        """Current resident set size in MiB (0 where ``/proc`` is missing)."""
+        try:
+            with open("/proc/self/statm") as fh:
+                return int(fh.read().split()[1]) * self._page / 2**20
+        except OSError:
+            return 0.0
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.current_mib())
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> RSSSampler:
+        self.start = self.current_mib()
+        self.peak = self.start
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.current_mib())
+
+
+def run_scaling(bench: Bench, name: str) -> dict[str, Any]:
+    """Time two short epochs of one model at one shape and extrapolate to a full epoch.
+
+    Parameters
+    ----------
+    bench
+        Benchmark state.
+    name
+        ``scaling:MODEL:N_CELLS:N_GENES:N_HIDDEN``.
+
+    Returns
+    -------
+    The measurement.
+    """
+    import math
+
+    _, model_name, n_cells_s, n_genes_s, n_hidden_s = name.split(":")
+    n_cells, n_genes, n_hidden = int(n_cells_s), int(n_genes_s), int(n_hidden_s)
+    sparsevae = _import_sparsevae()
+    adata = sparsevae.datasets.simulate_programs(
+        n_cells=n_cells,
+        n_genes=n_genes,
+        n_factors=N_FACTORS,
+        genes_per_program=GENES_PER_PROGRAM,
+        seed=0,
+    )
+    del adata.layers["counts"]
+    if model_name == "sparsevae":
+        sparsevae.SparseVAE.setup_anndata(adata)
+        model: Any = sparsevae.SparseVAE(
+            adata, n_factors=N_FACTORS, n_hidden=n_hidden, n_layers=N_LAYERS, likelihood="nb"
+        )
+        extra: dict[str, Any] = {"train_size": 1.0}
+    else:
+        import scvi
+
+        cls = scvi.model.SCVI if model_name == "scvi" else scvi.model.LinearSCVI
+        cls.setup_anndata(adata)
+        model = cls(adata, n_latent=N_FACTORS, n_hidden=n_hidden, gene_likelihood="nb")
+        extra = {"train_size": 1.0}
+    n_batches = math.ceil(n_cells / SCALING_BATCH_SIZE)
+    timed = min(n_batches, bench.args.scaling_batches)
+    timer = _epoch_timer(bench)
+    rss_before = peak_rss_mib()
+    bench.reset_peak()
+    with RSSSampler() as sampler:
+        t0 = time.perf_counter()
+        model.train(
+            max_epochs=2,
+            batch_size=SCALING_BATCH_SIZE,
+            accelerator=bench.accelerator(),
+            devices=1,
+            callbacks=[timer],
+            limit_train_batches=timed,
+            **extra,
+            **TRAINER_KWARGS,
+        )
+        bench.sync()
+        wall = time.perf_counter() - t0
+    per_batch = timer.times[-1] / timed
+    cpu_per_batch = timer.cpu_times[-1] / timed
+    flops = decoder_flops_per_epoch(n_cells, n_genes, N_FACTORS, n_hidden, N_LAYERS)
+    return {
+        "model": model_name,
+        "s_per_epoch": per_batch * n_batches,
+        "s_per_batch": per_batch,
+        "cpu_s_per_epoch": cpu_per_batch * n_batches,
+        "cpu_s_per_batch": cpu_per_batch,
+        "first_epoch_s": timer.times[0],
+        "n_batches_timed": timed,
+        "n_batches_per_epoch": n_batches,
+        "extrapolated": timed < n_batches,
+        "train_wall_s": wall,
+        "train_rss_increase_mib": sampler.peak - sampler.start,
+        "train_rss_start_mib": sampler.start,
+        "decoder_gflop_per_epoch": flops / 1e9 if model_name == "sparsevae" else None,
+        "shape": {
+            "n_cells": n_cells,
+            "n_genes": n_genes,
+            "n_factors": N_FACTORS,
+            "n_hidden": n_hidden,
+            "n_layers": N_LAYERS if model_name == "sparsevae" else 1,
+            "batch_size": SCALING_BATCH_SIZE,
+        },
+        **bench.memory(rss_before),
+    }
+
+
+def cost_models(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Fit the stated cost models to the scaling measurements and report how well they hold.
+
+    SparseVAE: ``t = a N + b N G (K H + (L - 1) H^2 + H)``; SCVI and LinearSCVI:
+    ``t = a N + b N G H``. Coefficients by non-negative least squares on relative errors; the
+    record gives the fit's largest relative error and the log-log slopes of time in cells, genes
+    and (SparseVAE) hidden width, estimated from the measurements along each axis.
+
+    Parameters
+    ----------
+    results
+        Scaling records (``"model"``, ``"s_per_epoch"``, ``"shape"``).
+
+    Returns
+    -------
+    One record per model with at least two measurements.
+    """
+    import numpy as np
+    from scipy.optimize import nnls
+
+    out = []
+    for model in SCALING_MODELS:
+        rs = [r for r in results if r.get("model") == model and "s_per_epoch" in r]
+        if len(rs) < 2:
+            continue
+        N = np.array([r["shape"]["n_cells"] for r in rs], dtype=float)
+        G = np.array([r["shape"]["n_genes"] for r in rs], dtype=float)
+        H = np.array([r["shape"]["n_hidden"] for r in rs], dtype=float)
+        # With one thread, process CPU time is the work done and does not depend on how busy the
+        # shared machine was; with more threads (or a GPU) use wall time.
+        use_cpu = all(
+            r.get("cpu_s_per_epoch") is not None
+            and r.get("machine", {}).get("threads") == 1
+            and r.get("machine", {}).get("device") == "cpu"
+            for r in rs
+        )
+        key = "cpu_s_per_epoch" if use_cpu else "s_per_epoch"
+        t = np.array([r[key] for r in rs], dtype=float)
+        if model == "sparsevae":
+            work = N * G * (N_FACTORS * H + (N_LAYERS - 1) * H**2 + H)
+            formula = "t = a*N + b*N*G*(K*H + (L-1)*H^2 + H)"
+        else:
+            work = N * G * H
+            formula = "t = a*N + b*N*G*H"
+        A = np.stack([N, work], axis=1) / t[:, None]  # relative residuals
+        coef, _ = nnls(A, np.ones_like(t))
+        pred = np.stack([N, work], axis=1) @ coef
+        rel = pred / t - 1.0
+        record: dict[str, Any] = {
+            "name": "cost_model",
+            "model": model,
+            "formula": formula,
+            "time": "process CPU time" if use_cpu else "wall time",
+            "a_s_per_cell": coef[0],
+            "b_s_per_unit": coef[1],
+            "effective_gflops": (
+                6.0 * coef[1] ** -1 / 1e9 if model == "sparsevae" and coef[1] > 0 else None
+            ),
+            "max_abs_rel_error": float(np.max(np.abs(rel))),
+            "median_abs_rel_error": float(np.median(np.abs(rel))),
+            "n_points": len(rs),
+            "points": [
+                {
+                    "n_cells": int(n),
+                    "n_genes": int(g),
+                    "n_hidden": int(h),
+                    "s": float(s),
+                    "pred_s": float(p),
+                }
+                for n, g, h, s, p in zip(N, G, H, t, pred, strict=True)
+            ],
+        }
+        base = SCALING_BASE
+        for axis, values, fixed in (
+            (
+                "cells",
+                N,
+                (G == base["n_genes"])
+                & (H == H.max() if model != "sparsevae" else H == base["n_hidden"]),
+            ),
+            (
+                "genes",
+                G,
+                (N == base["n_cells"])
+                & (H == H.max() if model != "sparsevae" else H == base["n_hidden"]),
+            ),
+            ("hidden", H, (N == base["n_cells"]) & (G == base["n_genes"])),
+        ):
+            sel = fixed & np.isfinite(t)
+            if len(np.unique(values[sel])) >= 2:
+                slope = np.polyfit(np.log(values[sel]), np.log(t[sel]), 1)[0]
+                record[f"loglog_slope_{axis}"] = float(slope)
+                slope = np.polyfit(np.log(values[sel]), np.log(pred[sel]), 1)[0]
+                record[f"model_loglog_slope_{axis}"] = float(slope)
+        mem = np.array([r.get("train_rss_increase_mib") or np.nan for r in rs], dtype=float)
+        if np.all(np.isfinite(mem)):
+            record["train_rss_increase_mib_max"] = float(mem.max())
+            if model == "sparsevae":
+                # Saved activations of one minibatch: batch x G x H x n_layers float32 values.
+                act = SCALING_BATCH_SIZE * G * H * N_LAYERS * 4 / 2**20
+                slope, intercept = np.polyfit(act, mem, 1)
+                pred_mem = intercept + slope * act
+                record["memory_model"] = "rss_increase = c0 + c1 * (batch*G*H*n_layers*4 B)"
+                record["memory_c0_mib"] = float(intercept)
+                record["memory_c1"] = float(slope)
+                record["memory_max_abs_rel_error"] = float(np.max(np.abs(pred_mem / mem - 1)))
+                sel = G == SCALING_BASE["n_genes"]
+                if sel.sum() >= 2:
+                    record["memory_loglog_slope_cells"] = float(
+                        np.polyfit(np.log(N[sel]), np.log(mem[sel]), 1)[0]
+                    )
+        out.append(record)
+    return out
+
+
 RUNNERS: dict[str, Callable[[Bench], dict[str, Any]]] = {
     "matmul_peak": run_matmul_peak,
     "sparsevae": run_sparsevae,
@@ -588,14 +900,17 @@ def run_child(args: argparse.Namespace) -> int:
             bench = Bench(args)
             quiet_logs()
             t0 = time.perf_counter()
-            record.update(RUNNERS[name](bench))
+            if name.startswith("scaling:"):
+                record.update(run_scaling(bench, name))
+            else:
+                record.update(RUNNERS[name](bench))
             record["config_wall_s"] = time.perf_counter() - t0
             status = 0
         except Exception as err:
             record["error"] = f"{type(err).__name__}: {err}"
             status = 1
         device = bench.device if bench is not None else args.device
-        record["shape"] = _shape()
+        record.setdefault("shape", _shape())
         record["machine"] = machine_info(args.threads, device)
         emit(record, out)
     return status
@@ -640,6 +955,8 @@ def spawn(name: str, args: argparse.Namespace) -> dict[str, Any]:
         str(args.epochs),
         "--loop-batches",
         str(args.loop_batches),
+        "--scaling-batches",
+        str(args.scaling_batches),
     ]
     if args.quick:
         cmd.append("--quick")
@@ -658,6 +975,35 @@ def spawn(name: str, args: argparse.Namespace) -> dict[str, Any]:
             with contextlib.suppress(json.JSONDecodeError):
                 return json.loads(line)
     return {"name": name, "error": f"no result (exit status {proc.returncode})"}
+
+
+def measure_here(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Run one scaling configuration in this process (quick mode).
+
+    Parameters
+    ----------
+    name
+        Scaling configuration name.
+    args
+        Parsed arguments.
+
+    Returns
+    -------
+    The record, with an ``error`` field on failure.
+    """
+    record: dict[str, Any] = {"name": name, "in_process": True}
+    with stdout_to_stderr():
+        quiet_logs()
+        try:
+            bench = Bench(args)
+            quiet_logs()
+            t0 = time.perf_counter()
+            record.update(run_scaling(bench, name))
+            record["config_wall_s"] = time.perf_counter() - t0
+            record["machine"] = machine_info(args.threads, bench.device)
+        except Exception as err:
+            record["error"] = f"{type(err).__name__}: {err}"
+    return record
 
 
 def _ratio(
@@ -766,19 +1112,55 @@ def run_parent(args: argparse.Namespace, names: list[str]) -> int:
     results: dict[str, dict[str, Any]] = {}
     status = 0
     machine: dict[str, Any] = {}
+    mode = "quick" if args.quick else "full"
+    # Quick scaling runs measure in this process (no start-up cost per configuration); memory is
+    # then the sampled increase during training, which the allocator's reuse can understate.
+    in_process = args.scaling and args.quick
+    out = _OutFile(args.out)
+    out(
+        {
+            "name": "meta",
+            "benchmark": "speed_scaling" if args.scaling else "speed",
+            "mode": mode,
+            "command": shlex.join(["python", "benchmarks/speed.py", *sys.argv[1:]]),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "machine": machine_info(args.threads, args.device),
+        }
+    )
     for name in names:
         print(f"[speed] running {name} ...", file=sys.stderr, flush=True)
-        record = spawn(name, args)
+        record = measure_here(name, args) if in_process else spawn(name, args)
+        record["mode"] = mode
         results[name] = record
         if "error" in record:
             status = 1
         machine = record.get("machine", machine)
-        emit(record, sys.stdout)
-    for record in summaries(results):
-        record["mode"] = "quick" if args.quick else "full"
+        out(record)
+    extra = (
+        cost_models([r for n, r in results.items() if n.startswith("scaling:")])
+        if args.scaling
+        else summaries(results)
+    )
+    for record in extra:
+        record["mode"] = mode
         record["machine"] = machine or machine_info(args.threads, args.device)
-        emit(record, sys.stdout)
+        out(record)
     return status
+
+
+class _OutFile:
+    """Print records as JSON lines and append them to a file when one is given."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = Path(path) if path else None
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        emit(record, sys.stdout)
+        if self.path is not None:
+            with self.path.open("a") as fh:
+                emit(record, fh)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -815,11 +1197,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--timeout", type=float, default=1800.0, help="seconds allowed per configuration"
     )
+    parser.add_argument(
+        "--scaling",
+        action="store_true",
+        help="run the scaling grid (cells, genes, hidden width) instead of the Zeisel shape",
+    )
+    parser.add_argument(
+        "--scaling-batches",
+        type=int,
+        default=None,
+        help="minibatches timed per scaling configuration (default 20; quick 4)",
+    )
+    parser.add_argument("--out", default=None, help="also append the JSON lines to this file")
     args = parser.parse_args(argv)
     if args.epochs is None:
         args.epochs = 2 if args.quick else 5
     if args.loop_batches is None:
         args.loop_batches = 1 if args.quick else 2
+    if args.scaling_batches is None:
+        args.scaling_batches = 4 if args.quick else 20
     if args.epochs < 1 or args.loop_batches < 1 or args.threads < 1:
         parser.error("--epochs, --loop-batches and --threads must be >= 1")
     return args
@@ -838,6 +1234,10 @@ def main(argv: list[str] | None = None) -> int:
     Exit status.
     """
     args = parse_args(argv)
+    if args.only is not None and args.only.startswith("scaling:"):
+        return run_child(args)
+    if args.scaling:
+        return run_parent(args, scaling_grid(args.quick))
     names = list(CONFIGS) if args.only is None else args.only.split(",")
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:

@@ -419,3 +419,39 @@ def test_recovers_moran2022_factors_and_mask():
     assert sel[:3, f1].all() and (P[:3, f1] > P[:3, f2]).all() and not sel[:2, f2].any()
     assert sel[3:6, f2].all() and not sel[3:6, f1].any()
     assert sel[6, f1] and sel[6, f2]
+
+
+def test_prior_schedule_and_normalised_decoder():
+    """The plan's prior schedule: warm-up without penalty, spike ladder, then the full prior."""
+    adata = sparsevae.datasets.simulate_programs(
+        n_cells=120, n_genes=40, n_factors=2, genes_per_program=10, seed=0
+    )
+    SparseVAE.setup_anndata(adata, layer="counts")
+    model = SparseVAE(adata, n_factors=2, n_hidden=8)
+    module = model.module
+    assert module.decoder.normalize_shared  # count likelihood: unit-norm shared layers
+    first, hidden = module.decoder.shared_weights()
+    assert torch.allclose(first.norm(dim=0), torch.ones(2))
+    assert all(torch.allclose(w.norm(dim=1), torch.ones(8)) for w in hidden)
+    prior = module.prior
+    module.set_prior_schedule(penalty_on=False, ramp=0.0)
+    assert module.prior_scale == 0.0
+    pen_off = module.prior_penalty().item()
+    module.set_prior_schedule(penalty_on=True, ramp=0.0)
+    assert prior.spike_rate == pytest.approx(1.5 * prior.lambda1)
+    assert module.prior_penalty().item() > pen_off
+    module.set_prior_schedule(penalty_on=True, ramp=0.5)
+    assert prior.spike_rate == pytest.approx((1.5 * prior.lambda1 * prior.lambda0) ** 0.5)
+    # eta is held at 0.5 through warm-up and ladder, and the prior ends at full strength
+    model.train(max_epochs=2, n_epochs_prior_warmup=1, n_epochs_lambda0_ramp=5, **QUIET)
+    assert torch.allclose(prior.eta, torch.full_like(prior.eta, 0.5))
+    assert prior.spike_rate == prior.lambda0 and module.prior_scale == 1.0
+    model.train(max_epochs=2, n_epochs_prior_warmup=0, n_epochs_lambda0_ramp=0, **QUIET)
+    assert not torch.allclose(prior.eta, torch.full_like(prior.eta, 0.5))
+    # Gaussian data keep the unnormalised decoder; forward equals the per-gene loop either way
+    for norm in (True, False):
+        dec = MaskedDecoder(30, 3, n_hidden=6, normalize_shared=norm)
+        z = torch.randn(5, 3)
+        assert torch.allclose(dec(z), dec.forward_loop(z), atol=1e-5)
+    with pytest.raises(ValueError, match="n_epochs_prior_warmup"):
+        model.train(max_epochs=1, n_epochs_prior_warmup=-1, **QUIET)

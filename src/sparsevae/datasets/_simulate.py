@@ -7,7 +7,7 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
-__all__ = ["simulate_moran2022", "simulate_programs"]
+__all__ = ["simulate_moran2022", "simulate_multistudy", "simulate_programs"]
 
 
 def simulate_moran2022(
@@ -150,6 +150,175 @@ def simulate_programs(
         "design": "programs",
         "n_factors": n_factors,
         "genes_per_program": genes_per_program,
+        "seed": seed,
+    }
+    return adata
+
+
+def simulate_multistudy(
+    n_studies: int = 3,
+    n_genes: int = 300,
+    n_shared: int = 4,
+    n_specific: int = 2,
+    n_cells_per_study: int = 500,
+    genes_per_program: int = 20,
+    n_cell_types: int = 4,
+    effect: float = 1.0,
+    nonlinear: bool = True,
+    mean_library: float = 5000.0,
+    dispersion: float = 10.0,
+    seed: int = 0,
+) -> AnnData:
+    """Counts from several studies with shared and study-specific gene programs.
+
+    Every study has the same genes. ``n_shared`` programs are active in every study, and each
+    study has ``n_specific`` programs of its own that are active in that study only. Programs
+    have disjoint genes (``genes_per_program`` each); the remaining genes have constant
+    expression. Cell ``i`` of study ``s`` has shared factors ``z_shared`` (a mixture over
+    ``n_cell_types`` cell types, the same types in every study, whitened to mean 0 and identity
+    covariance over all cells) and specific factors ``z_specific ~ N(0, I)``; for gene ``j``,
+    ``log mu_ij = base_j + log l_i + sum_{k in program(j)} effect * s_jk * g_jk(z_ik)`` where the
+    sum runs over the shared program of ``j``, or over ``j``'s specific program when ``i`` is
+    from the program's study (otherwise the gene stays at its base level). ``s_jk = +-1`` and
+    ``g`` is, per gene, one of ``z``, ``softplus(z) - 0.7``, ``1.5 tanh(z)`` (``nonlinear``) or
+    ``z``. Library sizes differ between studies (as between technologies). Counts are negative
+    binomial.
+
+    Parameters
+    ----------
+    n_studies
+        Number of studies (at least 2).
+    n_genes
+        Number of genes, at least ``(n_shared + n_studies * n_specific) * genes_per_program``.
+    n_shared
+        Programs active in every study.
+    n_specific
+        Programs per study that are active in that study only.
+    n_cells_per_study
+        Cells per study.
+    genes_per_program
+        Genes per program.
+    n_cell_types
+        Cell types; each has its own mean of the shared factors.
+    effect
+        Magnitude of the factor effects on the log scale.
+    nonlinear
+        Use nonlinear maps.
+    mean_library
+        Mean total count per cell (each study's mean varies around it).
+    dispersion
+        Negative binomial inverse dispersion ``theta``.
+    seed
+        Random seed.
+
+    Returns
+    -------
+    AnnData with integer counts in ``X`` (CSR) and ``layers["counts"]``, and the truth:
+
+    - ``obs["study"]`` (categorical ``study_0``, ``study_1``, ...) and ``obs["cell_type"]``;
+    - ``obsm["true_factors"]``: ``(n_cells, n_shared + n_specific)``, shared then specific
+      factors (the layout of :meth:`SparseVAE.get_latent_representation`);
+    - ``varm["true_mask_shared"]`` (genes x ``n_shared``) and, per study,
+      ``varm[f"true_mask_{study}"]`` (genes x ``n_specific``);
+    - ``var["program"]`` (``shared_k``, ``<study>:specific_k`` or ``none``) and ``var["truth"]``
+      (``shared``, ``specific to <study>`` or ``none``, the labels of
+      :func:`sparsevae.tl.shared_specific_genes`);
+    - ``uns["simulation"]``: the settings and the list of studies.
+    """
+    if n_studies < 2:
+        raise ValueError(f"n_studies must be at least 2, got {n_studies}.")
+    if n_shared < 1 or n_specific < 1:
+        raise ValueError(f"n_shared and n_specific must be >= 1, got {n_shared}, {n_specific}.")
+    n_programs = n_shared + n_studies * n_specific
+    if n_genes < n_programs * genes_per_program:
+        raise ValueError(
+            f"n_genes ({n_genes}) must be at least (n_shared + n_studies * n_specific) * "
+            f"genes_per_program ({n_programs * genes_per_program})."
+        )
+    if n_cells_per_study < 1 or n_cell_types < 1:
+        raise ValueError("n_cells_per_study and n_cell_types must be >= 1.")
+    rng = np.random.default_rng(seed)
+    studies = [f"study_{s}" for s in range(n_studies)]
+    n_cells = n_studies * n_cells_per_study
+    study = np.repeat(np.arange(n_studies), n_cells_per_study)
+
+    # Shared factors: cell-type means plus within-type spread, whitened overall (mean 0,
+    # identity covariance: the cell types do not correlate the factors).
+    type_means = rng.normal(0.0, 1.0, size=(n_cell_types, n_shared))
+    cell_type = rng.integers(0, n_cell_types, size=n_cells)
+    z_shared = type_means[cell_type] + 0.6 * rng.standard_normal((n_cells, n_shared))
+    z_shared = z_shared - z_shared.mean(0)
+    chol = np.linalg.cholesky(np.atleast_2d(np.cov(z_shared, rowvar=False)))
+    z_shared = np.linalg.solve(chol, z_shared.T).T
+    z_specific = rng.standard_normal((n_cells, n_specific))
+
+    mask_shared = np.zeros((n_genes, n_shared), dtype=np.float32)
+    mask_specific = np.zeros((n_studies, n_genes, n_specific), dtype=np.float32)
+    program = np.array(["none"] * n_genes, dtype=object)
+    truth = np.array(["none"] * n_genes, dtype=object)
+    start = 0
+    for k in range(n_shared):
+        genes = np.arange(start, start + genes_per_program)
+        mask_shared[genes, k] = 1
+        program[genes] = f"shared_{k}"
+        truth[genes] = "shared"
+        start += genes_per_program
+    for s in range(n_studies):
+        for k in range(n_specific):
+            genes = np.arange(start, start + genes_per_program)
+            mask_specific[s, genes, k] = 1
+            program[genes] = f"{studies[s]}:specific_{k}"
+            truth[genes] = f"specific to {studies[s]}"
+            start += genes_per_program
+
+    def programme_effect(mask: np.ndarray, z: np.ndarray) -> np.ndarray:
+        """Sum over factors of effect * sign * g(z), shape (cells, genes)."""
+        n_factors = mask.shape[1]
+        sign = np.where(rng.random((n_genes, n_factors)) < 0.5, -1.0, 1.0) * mask
+        kind = rng.integers(0, 3 if nonlinear else 1, size=(n_genes, n_factors))
+        maps = np.stack([z, np.logaddexp(0.0, z) - 0.7, np.tanh(z) * 1.5], axis=0)
+        out = np.zeros((z.shape[0], n_genes))
+        for k in range(n_factors):
+            genes = np.flatnonzero(mask[:, k])
+            out[:, genes] += effect * sign[genes, k] * maps[kind[genes, k], :, k].T
+        return out
+
+    base = rng.normal(np.log(mean_library / n_genes), 1.0, size=n_genes)
+    log_mu = base + programme_effect(mask_shared, z_shared)
+    for s in range(n_studies):
+        cells = study == s
+        log_mu[cells] += programme_effect(mask_specific[s], z_specific[cells])
+    study_library = mean_library * np.exp(rng.normal(0.0, 0.3, size=n_studies))
+    library = rng.lognormal(0.0, 0.3, size=n_cells) * study_library[study]
+    mu = np.exp(log_mu)
+    mu = mu / mu.sum(1, keepdims=True) * library[:, None]
+    counts = rng.negative_binomial(dispersion, dispersion / (dispersion + mu)).astype(np.float32)
+    X = sp.csr_matrix(counts)
+    obs = pd.DataFrame(
+        {
+            "study": pd.Categorical([studies[s] for s in study], categories=studies),
+            "cell_type": pd.Categorical([f"type_{t}" for t in cell_type]),
+        },
+        index=[f"cell{i}" for i in range(n_cells)],
+    )
+    var = pd.DataFrame(
+        {"program": program.astype(str), "truth": truth.astype(str)},
+        index=[f"gene{j:04d}" for j in range(n_genes)],
+    )
+    adata = AnnData(X=X, obs=obs, var=var)
+    adata.layers["counts"] = X.copy()
+    adata.obsm["true_factors"] = np.hstack([z_shared, z_specific]).astype(np.float32)
+    adata.varm["true_mask_shared"] = mask_shared
+    for s, name in enumerate(studies):
+        adata.varm[f"true_mask_{name}"] = mask_specific[s]
+    adata.uns["simulation"] = {
+        "design": "multistudy",
+        "studies": studies,
+        "n_shared": n_shared,
+        "n_specific": n_specific,
+        "genes_per_program": genes_per_program,
+        "n_cell_types": n_cell_types,
+        "effect": effect,
         "seed": seed,
     }
     return adata

@@ -23,6 +23,7 @@ def compute_gene_effects(
     indices: Sequence[int] | None = None,
     batch_size: int = 1024,
     scale: EffectScale = "expression",
+    kind: str | None = None,
 ) -> pd.DataFrame:
     """Average effect of each factor on each gene's expected expression.
 
@@ -41,6 +42,9 @@ def compute_gene_effects(
         Cells decoded at once.
     scale
         ``"expression"`` or ``"link"``, see :meth:`InterpretabilityMixin.get_gene_effects`.
+    kind
+        Multi-study: ``None``/``"shared"`` or a study name, see
+        :meth:`InterpretabilityMixin.get_gene_effects`.
 
     Returns
     -------
@@ -57,20 +61,46 @@ def compute_gene_effects(
     n_cells, n_factors = z_all.shape
     if n_cells == 0:
         raise ValueError("No cells to average over: indices is empty.")
+    # Multi-study: each cell is decoded with its own study's mask; the shared factors are
+    # averaged over all cells, study s's specific factors over the cells of study s.
+    study_codes = model._study_codes(adata, indices) if hasattr(model, "_study_codes") else None
+    factor_idx = list(range(n_factors))
+    names = list(model.factor_names)
+    if study_codes is not None:
+        s = model._kind_index(kind)
+        n_shared = len(model.shared_factor_names)
+        if s is None:
+            factor_idx = list(range(n_shared))
+        else:
+            keep = np.flatnonzero(study_codes == s)
+            if len(keep) == 0:
+                raise ValueError(f"No cells of study {kind!r} to average over.")
+            z_all, study_codes = z_all[keep], study_codes[keep]
+            n_cells = len(keep)
+            factor_idx = list(range(n_shared, n_factors))
+        names = [names[k] for k in factor_idx]
+    elif kind not in (None, "shared"):
+        raise ValueError(f"Unknown mask kind {kind!r}: this model has only the shared mask.")
     device = next(module.parameters()).device
     decoder = module.decoder
+    study_all = None if study_codes is None else torch.as_tensor(study_codes, device=device)
+    study_batch: torch.Tensor | None = None
 
     def linear_predictor(z: torch.Tensor) -> torch.Tensor:
-        return decoder(z)[..., 0]
+        if study_batch is None:
+            return decoder(z)[..., 0]
+        return decoder(z, study=study_batch)[..., 0]
 
-    total = torch.zeros(decoder.n_genes, n_factors, dtype=torch.float64, device=device)
+    total = torch.zeros(decoder.n_genes, len(factor_idx), dtype=torch.float64, device=device)
     was_training = module.training
     module.eval()
     try:
         with torch.no_grad():
             for start in range(0, n_cells, batch_size):
                 zb = torch.as_tensor(z_all[start : start + batch_size], device=device)
-                for k in range(n_factors):
+                if study_all is not None:
+                    study_batch = study_all[start : start + batch_size]
+                for col, k in enumerate(factor_idx):
                     # Forward mode: the tangent e_k in every cell gives d out_ij / d z_ik for all
                     # cells and genes at once (cells are decoded independently).
                     tangent = torch.zeros_like(zb)
@@ -78,7 +108,7 @@ def compute_gene_effects(
                     out, d_out = torch.func.jvp(linear_predictor, (zb,), (tangent,))
                     if scale == "expression" and likelihood != "gaussian":
                         d_out = d_out * torch.exp(out)  # d exp(f) / dz = exp(f) df / dz
-                    total[:, k] += d_out.sum(0, dtype=torch.float64)
+                    total[:, col] += d_out.sum(0, dtype=torch.float64)
     finally:
         module.train(was_training)
     if scale == "expression" and likelihood == "gaussian":
@@ -89,7 +119,7 @@ def compute_gene_effects(
     return pd.DataFrame(
         effects,
         index=pd.Index(np.asarray(model.adata.var_names).astype(str), name="gene"),
-        columns=list(model.factor_names),
+        columns=names,
     )
 
 
@@ -102,6 +132,7 @@ class InterpretabilityMixin:
         indices: Sequence[int] | None = None,
         batch_size: int = 1024,
         scale: EffectScale = "expression",
+        kind: str | None = None,
     ) -> pd.DataFrame:
         """Average effect of each factor on each gene: ``mean_i d E[x_ij] / d z_ik``.
 
@@ -130,6 +161,11 @@ class InterpretabilityMixin:
             expression for counts (effects are log fold changes per unit of ``z_k``), the
             standardised mean (per gene standard deviation) for Gaussian data. ``"link"`` is
             scale-free across genes, which suits ranking genes.
+        kind
+            Multi-study models: ``None``/``"shared"`` (default) gives the effects of the shared
+            factors, averaged over all cells (each decoded through its own study's mask); a study
+            name gives the effects of the specific factors in that study, averaged over its
+            cells. Single-study models accept only ``None``/``"shared"`` (all factors).
 
         Returns
         -------
@@ -141,5 +177,5 @@ class InterpretabilityMixin:
         >>> effects["factor_0"].sort_values().tail(10)  # genes that factor_0 turns up most
         """
         return compute_gene_effects(
-            self, adata=adata, indices=indices, batch_size=batch_size, scale=scale
+            self, adata=adata, indices=indices, batch_size=batch_size, scale=scale, kind=kind
         )

@@ -13,23 +13,27 @@ import torch
 from anndata import AnnData
 from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
-from scvi.data.fields import LayerField, NumericalObsField
+from scvi.data.fields import CategoricalObsField, LayerField, NumericalObsField
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin, VAEMixin
 
-from ..module import LIKELIHOODS, SparseVAEModule
+from ..module import LIKELIHOODS, STUDY_KEY, SparseVAEModule
 from ..train import SparseVAETrainingPlan
 from ._interpret import InterpretabilityMixin
 from ._validate import (
     check_counts,
     check_finite,
     check_n_cells,
+    check_study_column,
     get_matrix,
     matrix_stats,
 )
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SparseVAE", "default_max_epochs"]
+__all__ = ["DEFAULT_N_SPECIFIC_FACTORS", "SparseVAE", "default_max_epochs"]
+
+#: Study-specific factors of a multi-study model when ``n_specific_factors`` is not given.
+DEFAULT_N_SPECIFIC_FACTORS = 5
 
 
 def default_max_epochs(n_obs: int) -> int:
@@ -80,10 +84,17 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
         genes, which favours sparse factors.
     weight_prior_precision
         Precision of the Gaussian prior on the decoder network's weights; it fixes the scale of
-        the mask so that inclusion probabilities mean something (see
-        :class:`~sparsevae.module.SparseVAEModule`). ``0`` turns it off.
+        the mask so that inclusion probabilities mean something (default 1; on the per-gene heads
+        for count likelihoods, whose decoder has unit-norm shared layers); see
+        :class:`~sparsevae.module.SparseVAEModule` (``normalize_shared``, passed through
+        ``**module_kwargs``). ``0`` turns it off.
     kl_weight
         Weight of the KL term; values above 1 give the beta-VAE baseline.
+    n_specific_factors
+        Multi-study models only (``setup_anndata(..., study_key=...)``): number of study-specific
+        factors ``K_spec``; ``n_factors`` is then the number of shared factors. Default
+        :data:`DEFAULT_N_SPECIFIC_FACTORS` (5) with a ``study_key``; the prior switches off the
+        specific factors a study does not need. Without a ``study_key`` it must be left out (or 0).
     **module_kwargs
         Passed to :class:`~sparsevae.module.SparseVAEModule` (e.g. ``n_layers_encoder``,
         ``dropout_rate``).
@@ -95,6 +106,16 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
     >>> model.train()
     >>> model.write_results(adata)
     >>> sc.pp.neighbors(adata, use_rep="X_sparsevae")
+
+    Multi-study: shared factors decoded through one shared mask, plus study-specific factors
+    decoded through each study's own mask (DESIGN section 2).
+
+    >>> sparsevae.SparseVAE.setup_anndata(adata, layer="counts", study_key="donor")
+    >>> model = sparsevae.SparseVAE(adata, n_factors=10, n_specific_factors=3)
+    >>> model.train()
+    >>> model.get_mask("shared")  # genes x shared_0..shared_9
+    >>> model.get_mask("donor_A")  # genes x specific_0..specific_2, donor_A's own mask
+    >>> sparsevae.tl.shared_specific_genes(model)
     """
 
     _module_cls = SparseVAEModule
@@ -112,12 +133,36 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
         lambda1: float = 1.0,
         a: float = 1.0,
         b: float | None = None,
-        weight_prior_precision: float = 1.0,
+        weight_prior_precision: float | None = None,
         kl_weight: float = 1.0,
+        n_specific_factors: int | None = None,
         **module_kwargs: Any,
     ) -> None:
         super().__init__(adata)
         n_genes = self.summary_stats.n_vars
+        study_key = self.adata_manager.registry["setup_args"].get("study_key")
+        if study_key is None:
+            if n_specific_factors:
+                raise ValueError(
+                    f"n_specific_factors={n_specific_factors!r} needs studies, but the AnnData "
+                    "was registered without a study_key. Register it with "
+                    "`SparseVAE.setup_anndata(adata, ..., study_key='<obs column>')`, or leave "
+                    "n_specific_factors out for a single-study model."
+                )
+            n_specific_factors = 0
+        else:
+            if n_specific_factors is None:
+                n_specific_factors = DEFAULT_N_SPECIFIC_FACTORS
+            if (
+                not isinstance(n_specific_factors, int | np.integer)
+                or isinstance(n_specific_factors, bool)
+                or not 1 <= n_specific_factors <= n_genes
+            ):
+                raise ValueError(
+                    "n_specific_factors must be an integer between 1 and the number of genes "
+                    f"({n_genes}) for a multi-study model, got {n_specific_factors!r}. For shared "
+                    "factors only, register the AnnData without study_key."
+                )
         if not isinstance(n_factors, int | np.integer) or not 1 <= n_factors <= n_genes:
             raise ValueError(
                 f"n_factors must be an integer between 1 and the number of genes ({n_genes}), "
@@ -158,11 +203,22 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
             weight_prior_precision=weight_prior_precision,
             kl_weight=kl_weight,
             **data_kwargs,
+            **(
+                {"n_specific_factors": int(n_specific_factors), "n_studies": len(self.studies)}
+                if n_specific_factors
+                else {}
+            ),
             **module_kwargs,
         )
         self.likelihood = likelihood
+        factors = f"{n_factors} factors"
+        if n_specific_factors:
+            factors = (
+                f"{n_factors} shared + {n_specific_factors} specific factors, "
+                f"{len(self.studies)} studies ({study_key!r})"
+            )
         self._model_summary_string = (
-            f"SparseVAE: {n_factors} factors, likelihood={likelihood}, mask={mask}, "
+            f"SparseVAE: {factors}, likelihood={likelihood}, mask={mask}, "
             f"n_hidden={n_hidden}, n_layers={n_layers}, lambda0={lambda0}, lambda1={lambda1}, "
             f"kl_weight={kl_weight}"
         )
@@ -175,12 +231,13 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
         adata: AnnData,
         layer: str | None = None,
         size_factor_key: str | None = None,
+        study_key: str | None = None,
         **kwargs: Any,
     ) -> None:
         """Register an AnnData for SparseVAE.
 
         The data are checked first (NaN or infinite values, too few cells, missing layer or size
-        factors); on a failed check nothing is written to ``adata``.
+        factors, missing or single studies); on a failed check nothing is written to ``adata``.
 
         Parameters
         ----------
@@ -191,8 +248,21 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
         size_factor_key
             Column of ``adata.obs`` with each cell's library size (size factor) for count
             likelihoods; defaults to the cell's total count.
+        study_key
+            Column of ``adata.obs`` naming each cell's study (donor, disease, technology,
+            species, ...): registers a multi-study model, with shared factors and, per study,
+            study-specific factors decoded through the study's own mask. It needs at least two
+            studies and no missing value; study names are used as strings, in the order of the
+            column's categories (sorted for a non-categorical column), and must be unique as
+            strings and differ from ``"shared"``. ``None`` (default): the
+            single-study model.
         **kwargs
             Passed to :meth:`scvi.data.AnnDataManager.register_fields`.
+
+        Returns
+        -------
+        None. ``adata`` is registered with the model class (scvi-tools records an identifier in
+        ``adata.uns``); the data themselves are not changed.
         """
         check_n_cells(adata)
         X = get_matrix(adata, layer)
@@ -206,11 +276,15 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
                 raise ValueError(
                     f"adata.obs[{size_factor_key!r}] must hold finite positive size factors."
                 )
+        if study_key is not None:
+            check_study_column(adata, study_key)
         setup_method_args = cls._get_setup_method_args(**locals())
         anndata_fields = [
             LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=False),
             NumericalObsField(REGISTRY_KEYS.SIZE_FACTOR_KEY, size_factor_key, required=False),
         ]
+        if study_key is not None:
+            anndata_fields.append(CategoricalObsField(STUDY_KEY, study_key))
         adata_manager = AnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
         adata_manager.register_fields(adata, **kwargs)
         cls.register_manager(adata_manager)
@@ -222,7 +296,86 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
     def _validate_anndata(self, adata: AnnData | None = None, copy_if_view: bool = True):
         if adata is not None and adata is not self.adata:
             self._check_var_names(adata.var_names)
+            if self.is_multistudy:
+                self._check_studies(adata)
         return super()._validate_anndata(adata, copy_if_view=copy_if_view)
+
+    # ------------------------------------------------------------------------ studies
+    @property
+    def study_key(self) -> str | None:
+        """Column of ``adata.obs`` with the studies (``None`` for a single-study model)."""
+        return self.adata_manager.registry["setup_args"].get("study_key")
+
+    @property
+    def is_multistudy(self) -> bool:
+        """Whether the model has study-specific factors and masks."""
+        return self.study_key is not None
+
+    @property
+    def studies(self) -> list[str]:
+        """Names of the studies, as strings, in the order of the specific masks.
+
+        ``[]`` for a single-study model.
+        """
+        if self.study_key is None:
+            return []
+        state = self.adata_manager.get_state_registry(STUDY_KEY)
+        return [str(c) for c in state.categorical_mapping]
+
+    @property
+    def mask_kinds(self) -> list[str]:
+        """Valid ``kind`` values of :meth:`get_mask`: ``"shared"`` and, multi-study, each study."""
+        return ["shared", *self.studies]
+
+    def _check_studies(self, adata: AnnData) -> None:
+        """Raise a clear error when ``adata``'s studies cannot be mapped to the model's."""
+        key = self.study_key
+        if key not in adata.obs:
+            raise ValueError(
+                f"This multi-study model needs each cell's study in adata.obs[{key!r}], which "
+                f"this AnnData lacks. Add it (one of {self.studies})."
+            )
+        col = adata.obs[key]
+        n_missing = int(col.isna().sum())
+        if n_missing:
+            raise ValueError(
+                f"adata.obs[{key!r}] has {n_missing} cells with a missing study. Drop them "
+                f"(`adata = adata[adata.obs[{key!r}].notna()].copy()`) or set their study to one "
+                f"of {self.studies}."
+            )
+        unknown = sorted(set(col.astype(str)) - set(self.studies))
+        if unknown:
+            raise ValueError(
+                f"adata.obs[{key!r}] has studies the model never saw: {unknown[:5]} (it was "
+                f"trained on {self.studies}). A study's specific mask is learned from its cells, "
+                "so new studies need a model trained with them; restrict the AnnData to the "
+                f"known studies (`adata[adata.obs[{key!r}].astype(str).isin(model.studies)]`)."
+            )
+
+    def _kind_index(self, kind: str | None) -> int | None:
+        """``None`` for the shared mask, else the position of study ``kind``."""
+        if kind is None or kind == "shared":
+            return None
+        studies = self.studies
+        if not studies:
+            raise ValueError(
+                f"Unknown mask kind {kind!r}: this single-study model has only the shared mask "
+                "(kind=None or 'shared')."
+            )
+        if str(kind) not in studies:
+            raise ValueError(f"Unknown mask kind {kind!r}; valid kinds are {self.mask_kinds}.")
+        return studies.index(str(kind))
+
+    def _study_codes(
+        self, adata: AnnData | None = None, indices: Sequence[int] | None = None
+    ) -> np.ndarray | None:
+        """Study index of each cell (``None`` for a single-study model)."""
+        if not self.is_multistudy:
+            return None
+        adata = self._validate_anndata(adata)
+        manager = self.get_anndata_manager(adata, required=True)
+        codes = np.asarray(manager.get_from_registry(STUDY_KEY)).reshape(-1).astype(np.int64)
+        return codes if indices is None else codes[np.asarray(indices)]
 
     def _check_var_names(self, var_names: Sequence[str]) -> None:
         expected = pd.Index(self.adata.var_names)
@@ -240,6 +393,8 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
         accelerator: str = "auto",
         devices: int | list[int] | str = "auto",
         n_epochs_kl_warmup: int | None = None,
+        n_epochs_prior_warmup: int | None = None,
+        n_epochs_lambda0_ramp: int | None = None,
         plan_kwargs: dict[str, Any] | None = None,
         **trainer_kwargs: Any,
     ):
@@ -266,6 +421,13 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
             Lightning devices.
         n_epochs_kl_warmup
             Linear KL warm-up length in epochs; ``None`` uses the full KL weight from the start.
+        n_epochs_prior_warmup
+            Epochs at the start without the mask prior (the network first learns to use every
+            factor); default 20% of ``max_epochs``. ``0`` turns the warm-up off.
+        n_epochs_lambda0_ramp
+            Epochs, after the warm-up, over which the spike rate climbs from ``1.5 * lambda1`` to
+            ``lambda0`` with ``eta`` held at 0.5; default 40% of ``max_epochs``. ``0`` applies
+            ``lambda0`` at once. See :class:`~sparsevae.train.SparseVAETrainingPlan`.
         plan_kwargs
             Passed to :class:`~sparsevae.train.SparseVAETrainingPlan`.
         **trainer_kwargs
@@ -279,7 +441,17 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
             max_epochs = default_max_epochs(self.adata.n_obs)
         if train_size is None:
             train_size = 0.9 if early_stopping else 1.0
-        plan_kwargs = {"lr": lr, "n_epochs_kl_warmup": n_epochs_kl_warmup, **(plan_kwargs or {})}
+        if n_epochs_prior_warmup is None:
+            n_epochs_prior_warmup = round(0.2 * max_epochs)
+        if n_epochs_lambda0_ramp is None:
+            n_epochs_lambda0_ramp = round(0.4 * max_epochs)
+        plan_kwargs = {
+            "lr": lr,
+            "n_epochs_kl_warmup": n_epochs_kl_warmup,
+            "n_epochs_prior_warmup": n_epochs_prior_warmup,
+            "n_epochs_lambda0_ramp": n_epochs_lambda0_ramp,
+            **(plan_kwargs or {}),
+        }
         # Log the epoch metrics even when an epoch has fewer than Lightning's default 50 steps.
         trainer_kwargs.setdefault("log_every_n_steps", 1)
         return super().train(
@@ -297,8 +469,43 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
     # ------------------------------------------------------------------------ results
     @property
     def factor_names(self) -> list[str]:
-        """Names of the factors: ``factor_0``, ``factor_1``, ...."""
-        return [f"factor_{k}" for k in range(self.module.n_factors)]
+        """Names of the factors, in the column order of :meth:`get_latent_representation`.
+
+        Single-study: ``factor_0``, ``factor_1``, .... Multi-study: the shared factors
+        ``shared_0``, ..., ``shared_{K-1}`` then the specific factors ``specific_0``, ...,
+        ``specific_{K_spec-1}``.
+        """
+        if not self.is_multistudy:
+            return [f"factor_{k}" for k in range(self.module.n_factors)]
+        return self.shared_factor_names + self.specific_factor_names
+
+    @property
+    def shared_factor_names(self) -> list[str]:
+        """Names of the factors decoded through the shared mask (all factors, single-study)."""
+        if not self.is_multistudy:
+            return self.factor_names
+        return [f"shared_{k}" for k in range(self.module.n_factors)]
+
+    @property
+    def specific_factor_names(self) -> list[str]:
+        """Names of the study-specific factors (``[]`` for a single-study model)."""
+        return [f"specific_{k}" for k in range(getattr(self.module, "n_specific_factors", 0))]
+
+    def kind_factor_names(self, kind: str | None = None) -> list[str]:
+        """Names of the factors (columns) of mask ``kind``.
+
+        Parameters
+        ----------
+        kind
+            ``None`` or ``"shared"``: the shared factors; a study name: the specific factors.
+
+        Returns
+        -------
+        List of factor names.
+        """
+        if self._kind_index(kind) is None:
+            return self.shared_factor_names
+        return self.specific_factor_names
 
     @torch.inference_mode()
     def get_latent_representation(
@@ -326,7 +533,11 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
 
         Returns
         -------
-        Array of shape ``(n_cells, n_factors)``.
+        Array of shape ``(n_cells, n_factors)``, columns named by :attr:`factor_names`.
+        Multi-study: ``n_factors + n_specific_factors`` columns, the shared factors
+        (``shared_k``) then the specific ones (``specific_k``). Specific factor ``specific_k`` of
+        a cell from study ``s`` acts through column ``k`` of study ``s``'s mask, so it is a
+        different program in each study: compare it within a study, not across studies.
         """
         z = super().get_latent_representation(
             adata=adata, indices=indices, give_mean=give_mean, batch_size=batch_size, **kwargs
@@ -338,21 +549,31 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
             )
         return z
 
-    def _genes_by_factors(self, values: torch.Tensor) -> pd.DataFrame:
+    def _genes_by_factors(self, values: torch.Tensor, kind: str | None = None) -> pd.DataFrame:
         return pd.DataFrame(
             values.detach().cpu().numpy(),
             index=pd.Index(self.adata.var_names, name="gene"),
-            columns=self.factor_names,
+            columns=self.kind_factor_names(kind),
         )
 
-    def get_mask(self) -> pd.DataFrame:
+    def get_mask(self, kind: str | None = None) -> pd.DataFrame:
         """The decoder mask ``W`` (genes x factors); all ones for ``mask=None``.
+
+        Parameters
+        ----------
+        kind
+            ``None`` (default) or ``"shared"``: the shared mask (the only mask of a single-study
+            model), columns :attr:`shared_factor_names`. A study name (multi-study): that study's
+            specific mask, columns :attr:`specific_factor_names`.
 
         Returns
         -------
         DataFrame indexed by gene with one column per factor.
         """
-        return self._genes_by_factors(self.module.decoder.W)
+        s = self._kind_index(kind)
+        if s is None:
+            return self._genes_by_factors(self.module.decoder.W)
+        return self._genes_by_factors(self.module.decoder.W_specific[s], kind)
 
     def _require_prior(self) -> None:
         if self.module.prior is None:
@@ -361,27 +582,41 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
                 "probabilities or factor weights. Use mask='ssl'."
             )
 
-    def get_inclusion_probabilities(self) -> pd.DataFrame:
+    def get_inclusion_probabilities(self, kind: str | None = None) -> pd.DataFrame:
         """Posterior inclusion probabilities ``p*`` of the mask entries (genes x factors).
+
+        Parameters
+        ----------
+        kind
+            Which mask: ``None``/``"shared"`` or a study name, see :meth:`get_mask`.
 
         Returns
         -------
         DataFrame indexed by gene with one column per factor, values in ``[0, 1]``.
         """
         self._require_prior()
-        return self._genes_by_factors(self.module.prior.p_star)
+        s = self._kind_index(kind)
+        if s is None:
+            return self._genes_by_factors(self.module.prior.p_star)
+        return self._genes_by_factors(self.module.prior_specific.p_star[s], kind)
 
-    def get_eta(self) -> pd.Series:
+    def get_eta(self, kind: str | None = None) -> pd.Series:
         """Each factor's prior inclusion weight ``eta_k`` (the expected share of genes it selects).
+
+        Parameters
+        ----------
+        kind
+            Which mask: ``None``/``"shared"`` or a study name, see :meth:`get_mask`.
 
         Returns
         -------
         Series indexed by factor name.
         """
         self._require_prior()
-        return pd.Series(
-            self.module.prior.eta.detach().cpu().numpy(), index=self.factor_names, name="eta"
-        )
+        s = self._kind_index(kind)
+        eta = self.module.prior.eta if s is None else self.module.prior_specific.eta[s]
+        names = self.kind_factor_names(kind)
+        return pd.Series(eta.detach().cpu().numpy(), index=names, name="eta")
 
     def write_results(
         self,
@@ -396,6 +631,17 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
         ``varm[f"{key_added}_pstar"]`` (inclusion probabilities; not for ``mask=None``),
         ``varm[f"{key_added}_effect"]`` (signed gene effects, see :meth:`get_gene_effects`; with
         ``effects=True``) and ``uns[key_added]`` (``eta``, factor names and settings).
+
+        Multi-study models write, instead of the single mask: ``varm[f"{key_added}_W_shared"]``,
+        ``varm[f"{key_added}_pstar_shared"]``, ``varm[f"{key_added}_effect_shared"]`` and, for
+        each study, ``varm[f"{key_added}_W_{study}"]``, ``varm[f"{key_added}_pstar_{study}"]`` and
+        ``varm[f"{key_added}_effect_{study}"]`` (a ``/`` in a study name becomes ``_``; effects
+        of a study without cells in ``adata`` are NaN). ``obsm[f"X_{key_added}"]`` holds the
+        shared then the specific factors, and ``uns[key_added]`` records the layout:
+        ``factor_names``, ``shared_factor_names``, ``specific_factor_names``, ``study_key``,
+        ``studies``, ``mask_kinds`` (``["shared", *studies]``), ``W_keys``, ``pstar_keys`` and
+        ``effect_keys`` (the varm keys in the order of ``mask_kinds``), ``eta_shared`` and
+        ``eta_specific`` (studies x specific factors).
 
         Parameters
         ----------
@@ -416,6 +662,8 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
         """
         adata = self.adata if adata is None else adata
         self._check_var_names(adata.var_names)
+        if self.is_multistudy:
+            return self._write_results_multistudy(adata, key_added, overwrite, effects)
         keys = {
             "obsm": [f"X_{key_added}"],
             "varm": [f"{key_added}_W"]
@@ -424,17 +672,7 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
             "uns": [key_added],
         }
         if not overwrite:
-            clash = [
-                f"adata.{attr}[{k!r}]"
-                for attr, ks in keys.items()
-                for k in ks
-                if k in getattr(adata, attr)
-            ]
-            if clash:
-                raise KeyError(
-                    f"{', '.join(clash)} already exist. Pass overwrite=True to replace them or "
-                    "choose another key_added."
-                )
+            _check_no_clash(adata, keys)
         z = self.get_latent_representation(adata)
         adata.obsm[f"X_{key_added}"] = z
         effect = self.get_gene_effects(adata).to_numpy() if effects else None
@@ -453,6 +691,68 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
         if self.module.prior is not None:
             adata.varm[f"{key_added}_pstar"] = self.get_inclusion_probabilities().to_numpy()
             uns["eta"] = self.get_eta().to_numpy()
+        adata.uns[key_added] = uns
+        return adata
+
+    def _write_results_multistudy(
+        self, adata: AnnData, key_added: str, overwrite: bool, effects: bool
+    ) -> AnnData:
+        """:meth:`write_results` for a multi-study model."""
+        kinds = self.mask_kinds
+        suffix = [k.replace("/", "_") for k in kinds]
+        has_prior = self.module.prior is not None
+        W_keys = [f"{key_added}_W_{x}" for x in suffix]
+        pstar_keys = [f"{key_added}_pstar_{x}" for x in suffix] if has_prior else []
+        effect_keys = [f"{key_added}_effect_{x}" for x in suffix] if effects else []
+        keys = {
+            "obsm": [f"X_{key_added}"],
+            "varm": W_keys + pstar_keys + effect_keys,
+            "uns": [key_added],
+        }
+        if len(set(keys["varm"])) < len(keys["varm"]):
+            raise ValueError(
+                f"Study names {self.studies} give clashing keys once '/' is replaced by '_'."
+            )
+        if not overwrite:
+            _check_no_clash(adata, keys)
+        # Compute everything first, so that a failure writes nothing.
+        z = self.get_latent_representation(adata)
+        codes = self._study_codes(adata)
+        effect_values = []
+        if effects:
+            for s, kind in enumerate(kinds):
+                if s > 0 and not np.any(codes == s - 1):
+                    n_spec = len(self.specific_factor_names)
+                    effect_values.append(np.full((adata.n_vars, n_spec), np.nan))
+                    continue
+                effect_values.append(self.get_gene_effects(adata, kind=kind).to_numpy())
+        adata.obsm[f"X_{key_added}"] = z
+        for kind, key in zip(kinds, W_keys, strict=True):
+            adata.varm[key] = self.get_mask(kind).to_numpy()
+        for kind, key in zip(kinds, pstar_keys, strict=True):
+            adata.varm[key] = self.get_inclusion_probabilities(kind).to_numpy()
+        for value, key in zip(effect_values, effect_keys, strict=True):
+            adata.varm[key] = value
+        uns: dict[str, Any] = {
+            "factor_names": self.factor_names,
+            "shared_factor_names": self.shared_factor_names,
+            "specific_factor_names": self.specific_factor_names,
+            "study_key": self.study_key,
+            "studies": self.studies,
+            "mask_kinds": kinds,
+            "W_keys": W_keys,
+            "pstar_keys": pstar_keys,
+            "effect_keys": effect_keys,
+            "params": {
+                k: (v if v is not None else "None")
+                for k, v in self.init_params_["non_kwargs"].items()
+            },
+            "likelihood": self.likelihood,
+        }
+        uns["params"]["likelihood"] = self.likelihood
+        if has_prior:
+            uns["eta_shared"] = self.get_eta("shared").to_numpy()
+            uns["eta_specific"] = np.stack([self.get_eta(s).to_numpy() for s in self.studies])
         adata.uns[key_added] = uns
         return adata
 
@@ -482,6 +782,17 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
             saved = torch.load(path, map_location="cpu", weights_only=False)
             _compare_var_names(pd.Index(saved["var_names"]), pd.Index(adata.var_names))
         return super().load(dir_path, adata=adata, **kwargs)
+
+
+def _check_no_clash(adata: AnnData, keys: dict[str, list[str]]) -> None:
+    clash = [
+        f"adata.{attr}[{k!r}]" for attr, ks in keys.items() for k in ks if k in getattr(adata, attr)
+    ]
+    if clash:
+        raise KeyError(
+            f"{', '.join(clash)} already exist. Pass overwrite=True to replace them or "
+            "choose another key_added."
+        )
 
 
 def _compare_var_names(expected: pd.Index, got: pd.Index) -> None:

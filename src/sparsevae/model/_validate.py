@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
@@ -116,3 +117,53 @@ def check_counts(stats: MatrixStats, likelihood: str, where: str) -> None:
             "information for a count likelihood. Remove them first, e.g. "
             "`sc.pp.filter_cells(adata, min_counts=1)`."
         )
+
+
+def check_study_column(adata: AnnData, study_key: str) -> list[str]:
+    """Raise if ``adata.obs[study_key]`` cannot define the studies of a multi-study model.
+
+    Returns
+    -------
+    The study names as strings.
+    """
+    if study_key not in adata.obs:
+        raise KeyError(
+            f"study_key {study_key!r} is not a column of adata.obs (columns: "
+            f"{list(adata.obs.columns)[:10]})."
+        )
+    col = adata.obs[study_key]
+    n_missing = int(col.isna().sum())
+    if n_missing:
+        raise ValueError(
+            f"adata.obs[{study_key!r}] has {n_missing} cells without a study (missing values). "
+            f"Drop them (`adata = adata[adata.obs[{study_key!r}].notna()].copy()`) or give them a "
+            "study of their own (e.g. 'unknown') before calling setup_anndata."
+        )
+    if isinstance(col.dtype, pd.CategoricalDtype):
+        unused = [c for c in col.cat.categories if c not in set(col.unique())]
+        if unused:
+            raise ValueError(
+                f"adata.obs[{study_key!r}] has categories without cells: {unused[:5]}. Remove them "
+                f"(`adata.obs[{study_key!r}] = adata.obs[{study_key!r}].cat."
+                "remove_unused_categories()`)."
+            )
+        values = list(col.cat.categories)
+    else:
+        values = sorted(col.unique(), key=str)
+    names = [str(v) for v in values]
+    if len(names) < 2:
+        raise ValueError(
+            f"adata.obs[{study_key!r}] holds a single study ({names[0]!r}); a multi-study model "
+            "needs at least two. Leave study_key out to fit a single-study model."
+        )
+    if len(set(names)) < len(names):
+        raise ValueError(
+            f"The studies of adata.obs[{study_key!r}] are not unique as strings: {names[:10]}. "
+            "Rename them."
+        )
+    if "shared" in names:
+        raise ValueError(
+            f"A study of adata.obs[{study_key!r}] is named 'shared', the name of the shared mask. "
+            "Rename it."
+        )
+    return names

@@ -1,5 +1,5 @@
 """Torch modules."""
 
-from ._module import LIKELIHOODS, SparseVAEModule
+from ._module import LIKELIHOODS, STUDY_KEY, SparseVAEModule
 
-__all__ = ["LIKELIHOODS", "SparseVAEModule"]
+__all__ = ["LIKELIHOODS", "STUDY_KEY", "SparseVAEModule"]

@@ -76,6 +76,7 @@ def anchor_heatmap(
     ax: Axes | None = None,
     show: bool | None = None,
     save: str | os.PathLike | None = None,
+    kind: str | None = None,
 ) -> Axes:
     """Mask heatmap (:func:`~sparsevae.pl.mask_heatmap`) with the anchor genes marked.
 
@@ -99,6 +100,9 @@ def anchor_heatmap(
         ``scanpy.settings.autoshow``.
     save
         Path to save the figure to (format from the extension).
+    kind
+        Multi-study models: which mask, ``None``/``"shared"`` (default) or a study name; anchors
+        as defined by :func:`sparsevae.tl.anchor_genes` for that mask.
 
     Returns
     -------
@@ -110,8 +114,10 @@ def anchor_heatmap(
     """
     from ..tl import anchor_genes
 
-    anchors = anchor_genes(model, min_pstar=min_pstar, anchors_only=True)
-    ax = mask_heatmap(model, n_top=n_top, values=values, threshold=min_pstar, ax=ax, show=False)
+    anchors = anchor_genes(model, min_pstar=min_pstar, anchors_only=True, kind=kind)
+    ax = mask_heatmap(
+        model, n_top=n_top, values=values, threshold=min_pstar, ax=ax, show=False, kind=kind
+    )
     factor_pos = {str(t.get_text()): i for i, t in enumerate(ax.get_xticklabels())}
     anchor_of = dict(zip(anchors["gene"], anchors["factor"], strict=True))
     xs, ys = [], []
@@ -141,6 +147,7 @@ def top_genes(
     ncols: int = 4,
     show: bool | None = None,
     save: str | os.PathLike | None = None,
+    kind: str | None = None,
 ) -> Figure:
     """Bar plot of each factor's top genes (ranked by ``p*`` then ``|W|``).
 
@@ -169,6 +176,8 @@ def top_genes(
         ``scanpy.settings.autoshow``.
     save
         Path to save the figure to.
+    kind
+        Multi-study models: which mask, ``None``/``"shared"`` (default) or a study name.
 
     Returns
     -------
@@ -182,17 +191,17 @@ def top_genes(
     from matplotlib.ticker import MaxNLocator
 
     from ..tl import top_genes as tl_top_genes
-    from ..tl._anchors import _check_min_pstar
+    from ..tl._anchors import _check_min_pstar, _kind_kwargs, _other_selections
 
     n = _check_positive_int("n", n)
     ncols = _check_positive_int("ncols", ncols)
     min_pstar = _check_min_pstar(min_pstar)
     if values not in ("W", "pstar", "effect"):
         raise ValueError(f"values must be 'W', 'pstar' or 'effect', got {values!r}.")
-    table = tl_top_genes(model, n=n, factors=factors)
-    pstar = model.get_inclusion_probabilities()
+    table = tl_top_genes(model, n=n, factors=factors, kind=kind)
+    pstar = model.get_inclusion_probabilities(**_kind_kwargs(kind))
     if values == "W":
-        shown, xlabel = model.get_mask(), "W"
+        shown, xlabel = model.get_mask(**_kind_kwargs(kind)), "W"
     elif values == "pstar":
         shown, xlabel = pstar, "p*"
     else:
@@ -200,10 +209,14 @@ def top_genes(
             from ..model._interpret import compute_gene_effects
 
             getter = getattr(model, "get_gene_effects", None)
-            effects = getter() if getter is not None else compute_gene_effects(model)
+            effects = (
+                getter(**_kind_kwargs(kind))
+                if getter is not None
+                else compute_gene_effects(model, kind=kind)
+            )
         shown, xlabel = effects, "effect on expected expression"
     selected = pstar >= min_pstar
-    n_selecting = selected.sum(axis=1)
+    n_selecting = selected.sum(axis=1) + _other_selections(model, min_pstar, kind)
 
     fig, axes = _grid(table.shape[1], ncols, (3.0, 0.25 * len(table) + 1.2))
     for ax, factor in zip(axes, table.columns, strict=True):

@@ -15,7 +15,10 @@ __all__ = ["mask_heatmap"]
 
 
 def _mask_tables(
-    model_or_df: Any, values: Literal["W", "pstar"], threshold: float | None
+    model_or_df: Any,
+    values: Literal["W", "pstar"],
+    threshold: float | None,
+    kind: str | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame, str]:
     """Values to plot, boolean selection and the colorbar label."""
     if isinstance(model_or_df, pd.DataFrame):
@@ -29,10 +32,11 @@ def _mask_tables(
             f"got {type(model_or_df).__name__}."
         )
     model = model_or_df
-    W = model.get_mask().abs()
+    kind_kwargs = {} if kind is None else {"kind": kind}
+    W = model.get_mask(**kind_kwargs).abs()
     has_prior = getattr(model.module, "prior", None) is not None
     if has_prior:
-        pstar = model.get_inclusion_probabilities()
+        pstar = model.get_inclusion_probabilities(**kind_kwargs)
         selected = pstar > (0.5 if threshold is None else threshold)
     else:
         if values == "pstar":
@@ -54,6 +58,7 @@ def mask_heatmap(
     ax: Axes | None = None,
     show: bool | None = None,
     save: str | os.PathLike | None = None,
+    kind: str | None = None,
 ) -> Axes:
     """Heatmap of the decoder mask for the genes it selects, ordered by their main factor.
 
@@ -82,6 +87,9 @@ def mask_heatmap(
         ``scanpy.settings.autoshow``.
     save
         Path to save the figure to (format from the extension).
+    kind
+        For a multi-study model: which mask, ``None``/``"shared"`` (default) or a study name
+        (see :meth:`~sparsevae.SparseVAE.get_mask`); the title names it.
 
     Returns
     -------
@@ -95,7 +103,7 @@ def mask_heatmap(
 
     if not isinstance(n_top, int | np.integer) or n_top < 1:
         raise ValueError(f"n_top must be a positive integer, got {n_top!r}.")
-    shown, selected, label = _mask_tables(model_or_df, values, threshold)
+    shown, selected, label = _mask_tables(model_or_df, values, threshold, kind)
     note = ""
     if not selected.to_numpy().any():
         note = " (no gene passes the threshold: top genes by value)"
@@ -138,7 +146,8 @@ def mask_heatmap(
         ax.axhline(b - 0.5, color="white", linewidth=0.5)
     ax.set_xlabel("factor")
     ax.set_ylabel(f"genes ({len(genes)})")
-    ax.set_title(f"SparseVAE mask{note}", fontsize=9)
+    which = "" if kind is None else f" ({kind})"
+    ax.set_title(f"SparseVAE mask{which}{note}", fontsize=9)
     fig.colorbar(im, ax=ax, label=label, shrink=0.6)
 
     if save is not None:

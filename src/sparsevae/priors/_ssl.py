@@ -35,6 +35,11 @@ class SpikeSlabLasso(nn.Module):
         First parameter of the Beta prior on ``eta``.
     b
         Second parameter of the Beta prior on ``eta``; defaults to ``n_genes``.
+    n_groups
+        ``None`` (default): one mask, ``p*`` of shape ``(n_genes, n_factors)`` and ``eta`` of
+        shape ``(n_factors,)``. An integer ``S``: ``S`` independent masks stacked as
+        ``(S, n_genes, n_factors)`` (the study-specific masks of a multi-study model), each with
+        its own ``eta`` (shape ``(S, n_factors)``); the penalty is the sum of the ``S`` penalties.
     """
 
     def __init__(
@@ -45,8 +50,11 @@ class SpikeSlabLasso(nn.Module):
         lambda1: float = 1.0,
         a: float = 1.0,
         b: float | None = None,
+        n_groups: int | None = None,
     ) -> None:
         super().__init__()
+        if n_groups is not None and n_groups < 1:
+            raise ValueError(f"n_groups must be None or >= 1, got {n_groups}.")
         if not (lambda0 > 0 and lambda1 > 0):
             raise ValueError(f"lambda0 and lambda1 must be > 0, got {lambda0} and {lambda1}.")
         if lambda0 <= lambda1:
@@ -58,11 +66,16 @@ class SpikeSlabLasso(nn.Module):
             raise ValueError(f"a and b must be > 0, got a={a}, b={b}.")
         self.n_genes = n_genes
         self.lambda0 = float(lambda0)
+        # Spike rate in use: ``lambda0`` except during the training plan's ladder from a rate
+        # near ``lambda1`` up to ``lambda0`` (dynamic posterior exploration).
+        self.spike_rate = float(lambda0)
         self.lambda1 = float(lambda1)
         self.a = float(a)
         self.b = b
-        self.register_buffer("p_star", torch.full((n_genes, n_factors), 0.5))
-        self.register_buffer("eta", torch.full((n_factors,), 0.5))
+        self.n_groups = n_groups
+        lead = () if n_groups is None else (int(n_groups),)
+        self.register_buffer("p_star", torch.full((*lead, n_genes, n_factors), 0.5))
+        self.register_buffer("eta", torch.full((*lead, n_factors), 0.5))
 
     def penalty(self, W: torch.Tensor) -> torch.Tensor:
         """Negative expected log prior of ``W``: ``sum_jk (l1 p* + l0 (1 - p*)) |w_jk|``.
@@ -70,14 +83,15 @@ class SpikeSlabLasso(nn.Module):
         Parameters
         ----------
         W
-            The mask, shape ``(n_genes, n_factors)``.
+            The mask, shape ``(n_genes, n_factors)`` (``(n_groups, n_genes, n_factors)`` with
+            groups).
 
         Returns
         -------
         Scalar tensor.
         """
         p = self.p_star
-        rate = self.lambda1 * p + self.lambda0 * (1.0 - p)
+        rate = self.lambda1 * p + self.spike_rate * (1.0 - p)
         return (rate * W.abs()).sum()
 
     @torch.no_grad()
@@ -87,30 +101,38 @@ class SpikeSlabLasso(nn.Module):
         Parameters
         ----------
         W
-            The mask, shape ``(n_genes, n_factors)``.
+            The mask, shape ``(n_genes, n_factors)`` (``(n_groups, n_genes, n_factors)`` with
+            groups).
         eta
-            Factor weights, shape ``(n_factors,)``.
+            Factor weights, shape ``(n_factors,)`` (``(n_groups, n_factors)``).
 
         Returns
         -------
-        Tensor of shape ``(n_genes, n_factors)``.
+        Tensor of the shape of ``W``.
         """
         absw = W.abs()
+        eta = eta.unsqueeze(-2)  # broadcast over genes
         log_slab = torch.log(eta) + math.log(self.lambda1 / 2.0) - self.lambda1 * absw
-        log_spike = torch.log1p(-eta) + math.log(self.lambda0 / 2.0) - self.lambda0 * absw
+        lam0 = self.spike_rate
+        log_spike = torch.log1p(-eta) + math.log(lam0 / 2.0) - lam0 * absw
         return log_slab - log_spike
 
     @torch.no_grad()
-    def em_step(self, W: torch.Tensor) -> None:
+    def em_step(self, W: torch.Tensor, update_eta: bool = True) -> None:
         """One EM update: ``p*`` from ``W`` and the current ``eta``, then ``eta`` from ``p*``.
 
         Parameters
         ----------
         W
-            The mask, shape ``(n_genes, n_factors)``.
+            The mask, shape ``(n_genes, n_factors)`` (``(n_groups, n_genes, n_factors)`` with
+            groups).
+        update_eta
+            Also run the M-step for ``eta`` (``False`` keeps ``eta`` fixed, as the training plan
+            does while the spike rate climbs to ``lambda0``).
         """
         W = W.detach().to(self.p_star.dtype)
         p = torch.sigmoid(self.inclusion_logits(W, self.eta))
-        eta = (p.sum(0) + self.a - 1.0) / (self.a + self.b + self.n_genes - 2.0)
+        eta = (p.sum(-2) + self.a - 1.0) / (self.a + self.b + self.n_genes - 2.0)
         self.p_star.copy_(p)
-        self.eta.copy_(eta.clamp(_ETA_EPS, 1.0 - _ETA_EPS))
+        if update_eta:
+            self.eta.copy_(eta.clamp(_ETA_EPS, 1.0 - _ETA_EPS))

@@ -8,17 +8,22 @@ from ._anchors import (
     top_genes,
 )
 from ._enrich import enrich, read_gmt, translate_gene_sets
-from ._metrics import celltype_accuracy
+from ._metrics import celltype_accuracy, dci
+from ._multistudy import SharedSpecificGenes, mask_f1, shared_specific_genes
 from ._network import to_network
 
 __all__ = [
     "IdentifiabilityReport",
+    "SharedSpecificGenes",
     "anchor_genes",
     "celltype_accuracy",
     "covariance_violations",
+    "dci",
     "enrich",
     "identifiability_report",
+    "mask_f1",
     "read_gmt",
+    "shared_specific_genes",
     "to_network",
     "top_genes",
     "translate_gene_sets",

@@ -39,9 +39,30 @@ def _require_prior(model: Any, what: str) -> None:
         )
 
 
-def _resolve_factors(model: Any, factors: Sequence[str | int] | str | int | None) -> list[str]:
-    """Factor names from names or integer positions; default all factors."""
-    names = list(model.factor_names)
+def _kind_kwargs(kind: str | None) -> dict[str, str]:
+    """``{"kind": kind}``, or nothing for the default mask (so duck-typed models work too)."""
+    return {} if kind is None else {"kind": kind}
+
+
+def _kind_names(model: Any, kind: str | None) -> list[str]:
+    """Factor names of mask ``kind`` (all factors of a single-study model)."""
+    getter = getattr(model, "kind_factor_names", None)
+    if getter is None:
+        if kind not in (None, "shared"):
+            raise ValueError(f"Unknown mask kind {kind!r}: this model has only the shared mask.")
+        return list(model.factor_names)
+    return list(getter(kind))
+
+
+def _is_multistudy(model: Any) -> bool:
+    return bool(getattr(model, "is_multistudy", False))
+
+
+def _resolve_factors(
+    model: Any, factors: Sequence[str | int] | str | int | None, kind: str | None = None
+) -> list[str]:
+    """Factor names from names or integer positions; default all factors of mask ``kind``."""
+    names = _kind_names(model, kind)
     if factors is None:
         return names
     if isinstance(factors, str | int | np.integer):
@@ -59,11 +80,35 @@ def _resolve_factors(model: Any, factors: Sequence[str | int] | str | int | None
     return out
 
 
-def _selection(model: Any, min_pstar: float) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+def _selection(
+    model: Any, min_pstar: float, kind: str | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Mask ``W``, inclusion probabilities ``p*`` and the selection ``p* >= min_pstar``."""
-    W = model.get_mask()
-    pstar = model.get_inclusion_probabilities()
+    W = model.get_mask(**_kind_kwargs(kind))
+    pstar = model.get_inclusion_probabilities(**_kind_kwargs(kind))
     return W, pstar, pstar >= min_pstar
+
+
+def _other_selections(model: Any, min_pstar: float, kind: str | None = None) -> np.ndarray:
+    """Per gene, the selections outside mask ``kind`` that a gene of that kind also decodes from.
+
+    Zero for a single-study model. Multi-study: for a study's mask, the number of shared factors
+    that select the gene (in that study the gene sees both masks); for the shared mask, the
+    largest number of specific factors selecting the gene in any one study (an anchor of a
+    shared factor must be an anchor in every study). An integer array in the order of the genes
+    (positional, so duplicated gene names do no harm).
+    """
+    n_genes = len(model.adata.var_names)
+    if not _is_multistudy(model):
+        return np.zeros(n_genes, dtype=int)
+    if kind is None or kind == "shared":
+        counts = [
+            (model.get_inclusion_probabilities(kind=s) >= min_pstar).to_numpy().sum(axis=1)
+            for s in model.studies
+        ]
+        return np.max(counts, axis=0).astype(int)
+    shared = model.get_inclusion_probabilities(kind="shared") >= min_pstar
+    return shared.to_numpy().sum(axis=1).astype(int)
 
 
 # ---------------------------------------------------------------------------- anchors
@@ -73,12 +118,18 @@ def anchor_genes(
     factors: Sequence[str | int] | str | int | None = None,
     anchors_only: bool = False,
     n_top: int | None = None,
+    kind: str | None = None,
 ) -> pd.DataFrame:
     """Genes selected by each factor's mask, ranked, with their anchor status.
 
     Gene ``j`` is selected by factor ``k`` when its inclusion probability ``p*_jk >= min_pstar``.
     It is an **anchor** of factor ``k`` when it is selected by ``k`` and by no other factor: the
     identifiability theorem of the Sparse VAE asks for at least two anchors per factor.
+
+    Multi-study models: ``kind`` picks the mask. For a study, a gene sees the shared factors and
+    that study's specific factors, so a gene of a specific factor is an anchor when no other
+    specific factor of the study and no shared factor selects it. For ``"shared"``, an anchor
+    must also be selected by no specific factor of any study.
 
     Parameters
     ----------
@@ -92,6 +143,9 @@ def anchor_genes(
         Keep only the anchor genes.
     n_top
         Keep at most this many genes per factor (after ``anchors_only``).
+    kind
+        Which mask: ``None`` (default) or ``"shared"``: the shared mask (the only one of a
+        single-study model); a study name: that study's specific mask.
 
     Returns
     -------
@@ -109,10 +163,10 @@ def anchor_genes(
     min_pstar = _check_min_pstar(min_pstar)
     if n_top is not None and (not isinstance(n_top, int | np.integer) or n_top < 1):
         raise ValueError(f"n_top must be a positive integer or None, got {n_top!r}.")
-    W, pstar, selected = _selection(model, min_pstar)
-    n_selecting = selected.sum(axis=1)
+    W, pstar, selected = _selection(model, min_pstar, kind)
+    n_selecting = selected.sum(axis=1) + _other_selections(model, min_pstar, kind)
     frames = []
-    for factor in _resolve_factors(model, factors):
+    for factor in _resolve_factors(model, factors, kind):
         genes = selected.index[selected[factor].to_numpy()]
         df = pd.DataFrame(
             {
@@ -141,7 +195,10 @@ def anchor_genes(
 
 
 def top_genes(
-    model: Any, n: int = 20, factors: Sequence[str | int] | str | int | None = None
+    model: Any,
+    n: int = 20,
+    factors: Sequence[str | int] | str | int | None = None,
+    kind: str | None = None,
 ) -> pd.DataFrame:
     """The ``n`` top genes of each factor, ranked by ``p*`` then by ``|W|``.
 
@@ -153,6 +210,9 @@ def top_genes(
         Number of genes per factor (at most the number of genes).
     factors
         Factors to show (names or integer positions); default all.
+    kind
+        Which mask: ``None``/``"shared"`` or a study name (multi-study), see
+        :func:`anchor_genes`.
 
     Returns
     -------
@@ -167,12 +227,11 @@ def top_genes(
     _require_prior(model, "top_genes")
     if not isinstance(n, int | np.integer) or n < 1:
         raise ValueError(f"n must be a positive integer, got {n!r}.")
-    W = model.get_mask()
-    pstar = model.get_inclusion_probabilities()
+    W, pstar, _ = _selection(model, 0.5, kind)
     n = min(int(n), W.shape[0])
     genes = np.asarray(W.index).astype(str)
     table = {}
-    for factor in _resolve_factors(model, factors):
+    for factor in _resolve_factors(model, factors, kind):
         # lexsort: last key is the primary one.
         order = np.lexsort((-np.abs(W[factor].to_numpy()), -pstar[factor].to_numpy()))
         table[factor] = genes[order[:n]]
@@ -398,6 +457,30 @@ def _default_eta_min(model: Any) -> float:
     return float((0.5 + a - 1.0) / (a + b + n_genes - 2.0))
 
 
+def _factor_table(
+    model: Any, min_pstar: float, eta_min: float, min_anchors: int, kind: str | None
+) -> pd.DataFrame:
+    """Per-factor selection, anchors, eta and status of mask ``kind``."""
+    _, _, selected = _selection(model, min_pstar, kind)
+    names = _kind_names(model, kind)
+    eta = model.get_eta(**_kind_kwargs(kind)).reindex(names).to_numpy(dtype=float)
+    n_selected = selected.sum(axis=0).reindex(names).to_numpy(dtype=int)
+    single = (selected.sum(axis=1) + _other_selections(model, min_pstar, kind)) == 1
+    n_anchors = selected[single].sum(axis=0).reindex(names).to_numpy(dtype=int)
+    switched_off = (eta < eta_min) | (n_selected == 0)
+    identifiable = (n_anchors >= min_anchors) & ~switched_off
+    return pd.DataFrame(
+        {
+            "factor": names,
+            "n_selected": n_selected,
+            "n_anchors": n_anchors,
+            "eta": eta,
+            "switched_off": switched_off,
+            "identifiable": identifiable,
+        }
+    )
+
+
 def identifiability_report(
     model: Any,
     adata: AnnData | None = None,
@@ -405,6 +488,7 @@ def identifiability_report(
     eta_min: float | None = None,
     min_anchors: int = 2,
     z: np.ndarray | None = None,
+    kind: str | None = None,
 ) -> IdentifiabilityReport:
     """Check the conditions of the Sparse VAE's identifiability theorem on a trained model.
 
@@ -432,6 +516,13 @@ def identifiability_report(
     z
         Precomputed factors (cells x factors) to use instead of
         ``model.get_latent_representation(adata)``.
+    kind
+        Multi-study models: which factors to check. ``None``/``"shared"`` (default): the
+        shared factors, with the covariance of their posterior means over all cells. A study
+        name: that study's specific factors; anchors are counted in the study's view (a gene
+        selected by a shared factor is not an anchor of a specific factor, see
+        :func:`anchor_genes`), and the covariance condition is checked on the study's cells for
+        every pair of the study's factors (shared and specific) that involves a specific one.
 
     Returns
     -------
@@ -451,37 +542,43 @@ def identifiability_report(
     eta_min = _default_eta_min(model) if eta_min is None else float(eta_min)
     if not np.isfinite(eta_min) or eta_min < 0:
         raise ValueError(f"eta_min must be a finite number >= 0, got {eta_min!r}.")
-    _, _, selected = _selection(model, min_pstar)
-    names = list(model.factor_names)
-    eta = model.get_eta().reindex(names).to_numpy(dtype=float)
-    n_selected = selected.sum(axis=0).reindex(names).to_numpy(dtype=int)
-    single = selected.sum(axis=1) == 1
-    n_anchors = selected[single].sum(axis=0).reindex(names).to_numpy(dtype=int)
-    switched_off = (eta < eta_min) | (n_selected == 0)
-    identifiable = (n_anchors >= min_anchors) & ~switched_off
-    factors = pd.DataFrame(
-        {
-            "factor": names,
-            "n_selected": n_selected,
-            "n_anchors": n_anchors,
-            "eta": eta,
-            "switched_off": switched_off,
-            "identifiable": identifiable,
-        }
-    )
+    factors = _factor_table(model, min_pstar, eta_min, int(min_anchors), kind)
+    names = factors["factor"].tolist()
+    study = model._kind_index(kind) if _is_multistudy(model) else None
+    # The factors whose covariance is checked: a study's factors include the shared ones.
+    context = factors
+    if study is not None:
+        shared = _factor_table(model, min_pstar, eta_min, int(min_anchors), "shared")
+        context = pd.concat([shared, factors], ignore_index=True)
+    context_names = context["factor"].tolist()
+    all_names = list(model.factor_names)
     if z is None:
         z = model.get_latent_representation(adata=adata)
     z = np.asarray(z, dtype=np.float64)
-    if z.ndim != 2 or z.shape[1] != len(names):
-        raise ValueError(f"z must have shape (n_cells, {len(names)}), got {z.shape}.")
-    violations = covariance_violations(z, names)
-    off = set(factors.loc[factors["switched_off"], "factor"])
+    if z.ndim != 2 or z.shape[1] != len(all_names):
+        raise ValueError(f"z must have shape (n_cells, {len(all_names)}), got {z.shape}.")
+    if study is not None:
+        codes = model._study_codes(adata)
+        if len(codes) != z.shape[0]:
+            raise ValueError(
+                f"z has {z.shape[0]} rows but the AnnData has {len(codes)} cells: pass the z of "
+                "the cells of `adata` (default: the training data)."
+            )
+        z = z[codes == study]
+    z = z[:, [all_names.index(f) for f in context_names]]
+    violations = covariance_violations(z, context_names)
+    if study is not None:
+        keep = violations["factor_1"].isin(names) | violations["factor_2"].isin(names)
+        violations = violations[keep].reset_index(drop=True)
+    off = set(context.loc[context["switched_off"], "factor"])
     violations["involves_switched_off"] = [
         (a in off) or (b in off)
         for a, b in zip(violations["factor_1"], violations["factor_2"], strict=True)
     ]
     violations["involves_switched_off"] = violations["involves_switched_off"].astype(bool)
-    cov = pd.DataFrame(np.atleast_2d(np.cov(z, rowvar=False)), index=names, columns=names)
+    cov = pd.DataFrame(
+        np.atleast_2d(np.cov(z, rowvar=False)), index=context_names, columns=context_names
+    )
     return IdentifiabilityReport(
         factors=factors,
         covariance_violations=violations,

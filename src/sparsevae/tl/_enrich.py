@@ -11,7 +11,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from ._anchors import _check_min_pstar, _require_prior, _resolve_factors
+from ._anchors import _check_min_pstar, _kind_kwargs, _require_prior, _resolve_factors
 
 __all__ = ["enrich", "read_gmt", "translate_gene_sets"]
 
@@ -401,6 +401,7 @@ def enrich(
     effects: pd.DataFrame | None = None,
     effect_scale: Literal["link", "expression"] = "link",
     threads: int = 1,
+    kind: str | None = None,
     **kwargs: Any,
 ) -> pd.DataFrame:
     """Gene-set enrichment of each factor, offline with gseapy.
@@ -442,6 +443,10 @@ def enrich(
         the factor (expression-scale effects favour highly expressed genes).
     threads
         ``"prerank"``: threads used by gseapy.
+    kind
+        Multi-study models: which mask's factors to test, ``None``/``"shared"`` (default) or a
+        study name (its specific factors; effects averaged over its cells), see
+        :meth:`~sparsevae.SparseVAE.get_mask`.
     **kwargs
         Passed to :func:`gseapy.prerank` (e.g. ``weight``).
 
@@ -477,7 +482,7 @@ def enrich(
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     if min_size > max_size:
         raise ValueError(f"min_size ({min_size}) must not exceed max_size ({max_size}).")
-    factor_list = _resolve_factors(model, factors)
+    factor_list = _resolve_factors(model, factors, kind)
     index = _GeneIndex(list(model.adata.var_names))
     libraries = _matched_libraries(_load_libraries(gene_sets), index)
     libraries = [(n, _size_filter(s, int(min_size), int(max_size))) for n, s in libraries]
@@ -490,7 +495,7 @@ def enrich(
     if method == "ora":
         _require_prior(model, "enrich(method='ora')")
         min_pstar = _check_min_pstar(min_pstar)
-        selected = model.get_inclusion_probabilities() >= min_pstar
+        selected = model.get_inclusion_probabilities(**_kind_kwargs(kind)) >= min_pstar
         for factor in factor_list:
             query = np.flatnonzero(selected[factor].to_numpy()).tolist()
             if not query:
@@ -508,9 +513,9 @@ def enrich(
 
             getter = getattr(model, "get_gene_effects", None)
             if getter is not None:
-                effects = getter(scale=effect_scale)
+                effects = getter(scale=effect_scale, **_kind_kwargs(kind))
             else:
-                effects = compute_gene_effects(model, scale=effect_scale)
+                effects = compute_gene_effects(model, scale=effect_scale, kind=kind)
         if not isinstance(effects, pd.DataFrame):
             raise TypeError("effects must be a genes x factors DataFrame.")
         missing = [f for f in factor_list if f not in effects.columns]

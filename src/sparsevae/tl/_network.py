@@ -7,7 +7,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from ._anchors import _check_min_pstar, _require_prior
+from ._anchors import _check_min_pstar, _kind_kwargs, _require_prior
 
 __all__ = ["to_network"]
 
@@ -17,6 +17,7 @@ def to_network(
     min_pstar: float = 0.5,
     weight: Literal["W", "effect"] = "W",
     effects: pd.DataFrame | None = None,
+    kind: str | None = None,
 ) -> pd.DataFrame:
     """The mask as a network from factors to the genes they select.
 
@@ -32,6 +33,9 @@ def to_network(
         factor on the gene's expected expression (``model.get_gene_effects()``).
     effects
         Precomputed genes x factors effects for ``weight="effect"``; computed when ``None``.
+    kind
+        Multi-study models: which mask, ``None``/``"shared"`` (default) or a study name, see
+        :meth:`~sparsevae.SparseVAE.get_mask`.
 
     Returns
     -------
@@ -49,15 +53,19 @@ def to_network(
     min_pstar = _check_min_pstar(min_pstar)
     if weight not in ("W", "effect"):
         raise ValueError(f"weight must be 'W' or 'effect', got {weight!r}.")
-    pstar = model.get_inclusion_probabilities()
+    pstar = model.get_inclusion_probabilities(**_kind_kwargs(kind))
     if weight == "W":
-        values = model.get_mask()
+        values = model.get_mask(**_kind_kwargs(kind))
     else:
         if effects is None:
             from ..model._interpret import compute_gene_effects
 
             getter = getattr(model, "get_gene_effects", None)
-            effects = getter() if getter is not None else compute_gene_effects(model)
+            effects = (
+                getter(**_kind_kwargs(kind))
+                if getter is not None
+                else compute_gene_effects(model, kind=kind)
+            )
         if not isinstance(effects, pd.DataFrame):
             raise TypeError("effects must be a genes x factors DataFrame.")
         values = effects.reindex(index=pstar.index, columns=pstar.columns)

@@ -1,0 +1,677 @@
+"""Write ``docs/benchmarks.md`` and its figures from the JSON-lines results of the benchmarks.
+
+Reads ``benchmarks/results/{identifiability,zeisel,speed_scaling,speed}.jsonl`` (each written by
+the script's ``--out``; when a file holds several runs, the last one is used: a run starts at its
+``meta`` record), writes markdown tables and matplotlib figures (``docs/figures/bench_*.png``) and
+stamps the date, the machine and the commands. Never edit ``docs/benchmarks.md`` by hand.
+
+Examples
+--------
+::
+
+    python benchmarks/make_report.py
+    python benchmarks/make_report.py --results benchmarks/results --docs docs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+ID_METHODS = ("sparsevae", "vae", "beta_vae", "vsc")
+ID_LABELS = {"sparsevae": "Sparse VAE", "vae": "VAE", "beta_vae": "beta-VAE (2)", "vsc": "VSC"}
+Z_LABELS = {
+    "sparsevae_nb": "Sparse VAE (NB, counts)",
+    "sparsevae_gaussian": "Sparse VAE (Gaussian, log-norm.)",
+    "vae_nb": "VAE (NB, counts)",
+    "vae_gaussian": "VAE (Gaussian, log-norm.)",
+    "scvi": "scVI (NB)",
+    "linear_scvi": "LinearSCVI (NB)",
+    "pca": "PCA",
+    "nmf": "NMF",
+    "fa": "Factor analysis",
+}
+PAPER_ZEISEL = [
+    ("Sparse VAE", "0.95 (0.003)"),
+    ("VAE", "0.94 (0.016)"),
+    ("NMF", "0.91 (0.007)"),
+    ("VSC", "0.89 (0.062)"),
+]
+
+
+# ----------------------------------------------------------------------------- reading
+def read_last_run(path: Path) -> list[dict[str, Any]]:
+    """Records of the last run in a JSON-lines file (a run starts at a ``meta`` record)."""
+    runs = read_runs(path)
+    return runs[-1] if runs else []
+
+
+def read_runs(path: Path) -> list[list[dict[str, Any]]]:
+    """Records of every run in a JSON-lines file, in file order."""
+    if not path.exists():
+        return []
+    runs: list[list[dict[str, Any]]] = [[]]
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line.startswith("{"):
+            continue
+        rec = json.loads(line)
+        if rec.get("record") == "meta" or rec.get("name") == "meta":
+            runs.append([])
+        runs[-1].append(rec)
+    return [r for r in runs if r]
+
+
+def meta_of(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run's meta record (empty if none)."""
+    for r in records:
+        if r.get("record") == "meta" or r.get("name") == "meta":
+            return r
+    return {}
+
+
+def fmt(x: Any, digits: int = 3) -> str:
+    """Format a number for a table (``-`` when missing)."""
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    if isinstance(x, int | float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def pm(mean: Any, sd: Any, digits: int = 3) -> str:
+    """``mean (sd)``."""
+    if mean is None or (isinstance(mean, float) and not math.isfinite(mean)):
+        return "-"
+    return f"{mean:.{digits}f} ({sd:.{digits}f})"
+
+
+def machine_line(machine: dict[str, Any]) -> str:
+    """One line describing the machine of a run."""
+    if not machine:
+        return "unknown machine"
+    parts = [
+        machine.get("platform") or "",
+        machine.get("cpu_model") or "",
+        f"{machine.get('cpu_count')} CPUs",
+        f"{machine.get('threads')} torch thread(s)",
+        f"torch {machine.get('torch')}",
+        f"scvi-tools {machine.get('scvi_tools')}",
+    ]
+    if machine.get("gpu"):
+        parts.append(machine["gpu"])
+    if machine.get("git"):
+        parts.append(f"git {machine['git']}")
+    if machine.get("loadavg_1m") is not None:
+        parts.append(f"load average {machine['loadavg_1m']} at start")
+    return ", ".join(p for p in parts if p)
+
+
+def run_header(meta: dict[str, Any]) -> list[str]:
+    """Markdown lines: command, mode, start time, machine, note."""
+    lines = [
+        f"- Command: `{meta.get('command', '?')}`",
+        f"- Mode: {meta.get('mode', '?')}; started {meta.get('started', '?')}",
+        f"- Machine: {machine_line(meta.get('machine', {}))}",
+    ]
+    if meta.get("package_path"):
+        lines.append(f"- Package imported from: `{meta['package_path']}`")
+    if meta.get("note"):
+        lines.append(f"- Note: {meta['note']}")
+    return lines
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and population sd of the finite values."""
+    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not vals:
+        return float("nan"), float("nan")
+    m = sum(vals) / len(vals)
+    return m, math.sqrt(sum((v - m) ** 2 for v in vals) / len(vals))
+
+
+def check(ok: bool | None) -> str:
+    """Met / not met / not measured."""
+    return "not measured" if ok is None else ("**met**" if ok else "**not met**")
+
+
+# ----------------------------------------------------------------------------- sections
+def identifiability_section(runs: list[list[dict[str, Any]]], fig_dir: Path) -> list[str]:
+    """Tables, figures and target checks of every identifiability run."""
+    out = ["## 1. Identifiability on the paper's simulation", ""]
+    if not runs:
+        return [
+            *out,
+            "Not run yet: `PYTHONPATH=src python benchmarks/identifiability.py --seeds 25 "
+            "--out benchmarks/results/identifiability.jsonl`.",
+            "",
+        ]
+    for i, records in enumerate(runs, start=1):
+        meta = meta_of(records)
+        if len(runs) > 1:
+            methods = sorted({r["method"] for r in records if r.get("record") == "fit"})
+            out += [f"### Run {i} ({meta.get('mode', '?')} mode; {', '.join(methods)})", ""]
+        out += identifiability_run(records, fig_dir, i)
+    return out
+
+
+def identifiability_run(records: list[dict[str, Any]], fig_dir: Path, index: int) -> list[str]:
+    """Tables, figure and target check of one identifiability run."""
+    out: list[str] = []
+    meta = meta_of(records)
+    fits = [r for r in records if r.get("record") == "fit"]
+    ok = [r for r in fits if "error" not in r]
+    settings = meta.get("settings", {})
+    out += run_header(meta)
+    out += [
+        f"- Settings: {settings.get('n_train')} training and {settings.get('n_test')} held-out "
+        f"cells per data set, {settings.get('epochs')} epochs, "
+        f"seeds 0..{settings.get('seeds', 0) - 1}, 2 latent codes; {len(ok)} fits "
+        f"({len(fits) - len(ok)} failed, "
+        f"{sum(bool(r.get('collapsed')) for r in ok)} collapsed and scored 0).",
+        "",
+        "`simulate_moran2022`: 7 features from 2 factors with correlation rho; DCI by "
+        "`sparsevae.tl.dci` (gradient-boosted trees, Eastwood and Williams 2018). Mask AUROC: "
+        "row-normalised mean |decoder Jacobian| x code sd against the true 7 x 2 mask, codes "
+        "matched to factors by |Spearman| (any method). Held-out MSE per standardised feature "
+        "(posterior-mean codes, decoded means). Mean (sd) over seeds.",
+        "",
+    ]
+    rhos = sorted({r["rho"] for r in ok})
+    methods = [m for m in ID_METHODS if any(r["method"] == m for r in ok)]
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = defaultdict(list)
+    for r in ok:
+        groups[(r["method"], r["rho"])].append(r)
+
+    def table(
+        key: str, title: str, digits: int = 3, only: tuple[str, ...] | None = None
+    ) -> list[str]:
+        lines = [f"**{title}**", "", "| method | " + " | ".join(f"rho={x:g}" for x in rhos) + " |"]
+        lines.append("|---|" + "---|" * len(rhos))
+        for m in methods:
+            if only is not None and m not in only:
+                continue
+            cells = []
+            for rho in rhos:
+                vals = [r.get(key) for r in groups[(m, rho)] if r.get(key) is not None]
+                cells.append(pm(*mean_sd(vals), digits=digits) if vals else "-")
+            lines.append(f"| {ID_LABELS.get(m, m)} | " + " | ".join(cells) + " |")
+        return [*lines, ""]
+
+    out += table("dci_disentanglement", "DCI disentanglement (higher is better)")
+    out += table("dci_completeness", "DCI completeness")
+    out += table("dci_informativeness", "DCI informativeness (test R^2 of the trees)")
+    out += table("heldout_mse_std", "Held-out MSE, standardised features (lower is better)")
+    out += table("mask_auroc", "Mask recovery AUROC (decoder Jacobian)")
+    if "sparsevae" in methods:
+        out += table(
+            "mask_pstar_accuracy",
+            "Sparse VAE: share of mask entries right (p* > 0.5)",
+            only=("sparsevae",),
+        )
+
+    # Figure.
+    fig_path = fig_dir / f"bench_identifiability_dci_{index}.png"
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+        for m in methods:
+            ms = [mean_sd([r["dci_disentanglement"] for r in groups[(m, rho)]]) for rho in rhos]
+            axes[0].errorbar(
+                rhos,
+                [a for a, _ in ms],
+                yerr=[b for _, b in ms],
+                marker="o",
+                capsize=3,
+                label=ID_LABELS.get(m, m),
+            )
+            ms = [mean_sd([r["heldout_mse_std"] for r in groups[(m, rho)]]) for rho in rhos]
+            axes[1].errorbar(
+                rhos,
+                [a for a, _ in ms],
+                yerr=[b for _, b in ms],
+                marker="o",
+                capsize=3,
+                label=ID_LABELS.get(m, m),
+            )
+        axes[0].set(xlabel="factor correlation rho", ylabel="DCI disentanglement", ylim=(0, 1.02))
+        axes[1].set(xlabel="factor correlation rho", ylabel="held-out MSE (standardised)")
+        axes[0].legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(fig_path, dpi=120)
+        plt.close(fig)
+        out += [f"![DCI and held-out MSE versus rho](figures/{fig_path.name})", ""]
+    except Exception as err:  # matplotlib missing or broken: tables only
+        out += [f"(figure not drawn: {err})", ""]
+
+    # Targets.
+    def m_of(method: str, rho: float, key: str) -> float:
+        return mean_sd([r.get(key) for r in groups[(method, rho)]])[0]
+
+    if "sparsevae" in methods and "vae" in methods:
+        d_ours = {rho: m_of("sparsevae", rho, "dci_disentanglement") for rho in rhos}
+        d_vae = {rho: m_of("vae", rho, "dci_disentanglement") for rho in rhos}
+        below_vae = [rho for rho in rhos if d_ours[rho] < d_vae[rho]]
+        ge_vae = not below_vae
+        low = [rho for rho in rhos if rho <= 0.4]
+        below_09 = [rho for rho in low if d_ours[rho] < 0.9]
+        hi = not below_09 if low else None
+        ratios = [
+            m_of("sparsevae", rho, "heldout_mse_std") / m_of("vae", rho, "heldout_mse_std")
+            for rho in rhos
+        ]
+        mse = all(r <= 1.05 for r in ratios)
+        quick = " (quick run: not a test of the targets)" if meta.get("mode") == "quick" else ""
+        out += [
+            f"**Targets** (on the means over seeds){quick}:",
+            "",
+            f"- Sparse VAE DCI >= VAE's at every rho: {check(ge_vae)}"
+            + (
+                " (below at rho = "
+                + ", ".join(f"{r:g}: {d_ours[r]:.3f} vs {d_vae[r]:.3f}" for r in below_vae)
+                + ")"
+                if below_vae
+                else ""
+            ),
+            f"- Sparse VAE DCI >= 0.9 at rho <= 0.4: {check(hi)}"
+            + (
+                " (below at rho = " + ", ".join(f"{r:g}: {d_ours[r]:.3f}" for r in below_09) + ")"
+                if below_09
+                else ""
+            ),
+            "- Sparse VAE held-out MSE no worse than VAE's (at most 5% above) at every rho: "
+            f"{check(mse)}; ratio Sparse VAE / VAE by rho: "
+            + ", ".join(f"{r:.2f}" for r in ratios),
+            "",
+        ]
+    return out
+
+
+def zeisel_section(records: list[dict[str, Any]], fig_dir: Path) -> list[str]:
+    """Tables and target check of the Zeisel benchmark."""
+    out = ["## 2. Cell-type prediction on Zeisel et al. (2015)", ""]
+    if not records:
+        return [
+            *out,
+            "Not run yet: `PYTHONPATH=src python benchmarks/zeisel.py "
+            "--out benchmarks/results/zeisel.jsonl`.",
+            "",
+        ]
+    meta = meta_of(records)
+    fits = [r for r in records if r.get("record") == "fit"]
+    ok = [r for r in fits if "error" not in r]
+    st = meta.get("settings", {})
+    out += run_header(meta)
+    out += [
+        f"- Data: {meta.get('shape', ['?', '?'])[0]} cells x {meta.get('shape', ['?', '?'])[1]} "
+        f"genes, 15 factors, {st.get('seeds')} seed(s), {int(100 * (st.get('heldout') or 0))}% "
+        f"of cells held out; SparseVAE/VAE epochs: {st.get('epochs') or 'package default'}, "
+        f"scVI epochs: {st.get('scvi_epochs') or 'scvi-tools default'}.",
+        "",
+        "Accuracy: 5-fold cross-validated logistic regression on the factors of all cells "
+        "(`sparsevae.tl.celltype_accuracy`); mean (sd) over seeds. Held-out NLL per cell given "
+        "its posterior-mean factors (compare within a likelihood: NB on counts, Gaussian on "
+        "log-normalised values). Held-out MSE on the log-normalised scale (all methods; it "
+        "favours the methods that fit that scale directly).",
+        "",
+    ]
+    if meta.get("mode") == "quick":
+        out += [
+            "> Quick mode: a subsample, few genes and a few epochs. These numbers check that the "
+            "script runs; they say nothing about the methods.",
+            "",
+        ]
+    if fits and len(ok) < len(fits):
+        errs = sorted({f"{r['method']}: {r['error']}" for r in fits if "error" in r})
+        out += ["Failed fits: " + "; ".join(errs), ""]
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in ok:
+        groups[r["method"]].append(r)
+    out += [
+        "| method | accuracy | held-out NLL | held-out MSE (log-norm.) | active factors "
+        "| factors with >= 2 anchors | anchors per factor (seed 0) | train s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for m, rs in groups.items():
+        anchors = rs[0].get("anchors_per_factor")
+        if len(rs) == 1:  # one seed: show the spread over the folds instead of a zero sd
+            acc_cell = f"{rs[0]['accuracy']:.3f} (folds: {rs[0].get('accuracy_fold_sd', 0):.3f})"
+        else:
+            acc_cell = pm(*mean_sd([r["accuracy"] for r in rs]))
+        out.append(
+            f"| {Z_LABELS.get(m, m)} | {acc_cell} "
+            f"| {pm(*mean_sd([r.get('heldout_nll') for r in rs]), digits=1)} "
+            f"| {pm(*mean_sd([r.get('heldout_mse_lognorm') for r in rs]))} "
+            f"| {fmt(mean_sd([r.get('active_factors') for r in rs])[0], 1)} "
+            f"| {fmt(mean_sd([r.get('factors_with_2_anchors') for r in rs])[0], 1)} "
+            f"| {', '.join(map(str, anchors)) if anchors else '-'} "
+            f"| {fmt(mean_sd([r.get('train_seconds') for r in rs])[0], 0)} |"
+        )
+    out += ["", "The paper's table (accuracy, mean (sd) over 5 seeds):", ""]
+    out += ["| method | accuracy |", "|---|---|"]
+    out += [f"| {a} | {b} |" for a, b in PAPER_ZEISEL]
+    out.append("")
+
+    def acc(m: str) -> float:
+        return mean_sd([r["accuracy"] for r in groups.get(m, [])])[0]
+
+    ours = [m for m in ("sparsevae_nb", "sparsevae_gaussian") if m in groups]
+    if ours:
+        best = max(ours, key=acc)
+        others = [m for m in groups if not m.startswith("sparsevae")]
+        beat = all(acc(best) >= acc(m) for m in others) if others else None
+        nll_pairs = [
+            (a, b)
+            for a, b in (("sparsevae_nb", "vae_nb"), ("sparsevae_gaussian", "vae_gaussian"))
+            if a in groups and b in groups
+        ]
+        nll_ok = (
+            all(
+                mean_sd([r["heldout_nll"] for r in groups[a]])[0]
+                <= mean_sd([r["heldout_nll"] for r in groups[b]])[0]
+                for a, b in nll_pairs
+            )
+            if nll_pairs
+            else None
+        )
+        quick = " (quick run: not a test of the targets)" if meta.get("mode") == "quick" else ""
+        higher = sorted((m for m in others if acc(m) > acc(best)), key=acc, reverse=True)
+
+        def nll(m: str) -> float:
+            return mean_sd([r["heldout_nll"] for r in groups[m]])[0]
+
+        nll_detail = "; ".join(f"{nll(a):.1f} vs {nll(b):.1f} ({a} vs {b})" for a, b in nll_pairs)
+        out += [
+            f"**Targets** (best Sparse VAE variant: {Z_LABELS[best]}, accuracy {acc(best):.3f})"
+            f"{quick}:",
+            "",
+            f"- accuracy >= 0.95: {check(acc(best) >= 0.95)}",
+            f"- at least as high as every baseline in the same run: {check(beat)}"
+            + (
+                " (higher: " + ", ".join(f"{Z_LABELS.get(m, m)} {acc(m):.3f}" for m in higher) + ")"
+                if higher
+                else ""
+            ),
+            f"- held-out NLL no worse than the VAE with the same likelihood: {check(nll_ok)}"
+            + (f" ({nll_detail})" if nll_detail else ""),
+            "",
+        ]
+    return out
+
+
+def slopes(cost: dict[str, Any], axis: str) -> str:
+    """``measured / model`` log-log slope of time along one axis."""
+    m = cost.get(f"loglog_slope_{axis}")
+    if m is None:
+        return "-"
+    return f"{m:.2f} / {fmt(cost.get(f'model_loglog_slope_{axis}'), 2)}"
+
+
+def speed_section(
+    scaling: list[dict[str, Any]], zeisel_shape: list[dict[str, Any]], fig_dir: Path
+) -> list[str]:
+    """Tables, figures and cost-model check of the speed benchmarks."""
+    out = ["## 3. Speed and scaling", ""]
+    if zeisel_shape:
+        meta = meta_of(zeisel_shape)
+        out += ["### At the Zeisel shape (3005 cells x 558 genes)", ""]
+        out += run_header(meta)
+        out += ["", "| configuration | s / epoch | peak RSS increase (MiB) |", "|---|---|---|"]
+        for r in zeisel_shape:
+            if "s_per_epoch" in r:
+                out.append(
+                    f"| {r['name']} | {fmt(r['s_per_epoch'], 2)}"
+                    f"{' (extrapolated)' if r.get('extrapolated') else ''} "
+                    f"| {fmt(r.get('peak_rss_increase_mib'), 0)} |"
+                )
+        for r in zeisel_shape:
+            if "ratio" in r:
+                out.append(f"| ratio {r['name']} ({r['meaning']}) | {fmt(r['ratio'], 2)} | |")
+        out.append("")
+    if not scaling:
+        return [
+            *out,
+            "Scaling not run yet: `PYTHONPATH=src python benchmarks/speed.py --scaling "
+            "--out benchmarks/results/speed_scaling.jsonl`.",
+            "",
+        ]
+    meta = meta_of(scaling)
+    rows = [r for r in scaling if str(r.get("name", "")).startswith("scaling:")]
+    try:  # refit with the current cost model code, so the report follows it
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from speed import cost_models
+
+        costs = cost_models(rows)
+    except Exception:  # fall back on the fits printed by the run
+        costs = [r for r in scaling if r.get("name") == "cost_model"]
+    out += ["### Scaling with cells, genes and hidden width", ""]
+    out += run_header(meta)
+    out += [
+        "",
+        "Simulated NB counts (`simulate_programs`), 15 factors, minibatches of 128. Seconds per "
+        "epoch = time per minibatch in the second of two short epochs x minibatches per epoch "
+        "(extrapolated where fewer minibatches were run). Wall time depends on how busy the "
+        "shared machine was (see the load average above); with one torch thread, process CPU "
+        "time does not, so the figure and the cost model use CPU time when it was recorded. "
+        "Memory: largest sampled resident set size during training minus the size at its start.",
+        "",
+    ]
+    if meta.get("mode") == "quick":
+        out += ["> Quick mode: a few small shapes only.", ""]
+    out += [
+        "| model | cells | genes | hidden | wall s / epoch | CPU s / epoch | CPU s / minibatch "
+        "| training RSS increase (MiB) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['name']} | error: {r['error']} | | | | | | |")
+            continue
+        sh = r["shape"]
+        out.append(
+            f"| {r['model']} | {sh['n_cells']} | {sh['n_genes']} | {sh['n_hidden']} "
+            f"| {fmt(r['s_per_epoch'], 2)}{'*' if r.get('extrapolated') else ''} "
+            f"| {fmt(r.get('cpu_s_per_epoch'), 2)} | {fmt(r.get('cpu_s_per_batch'), 4)} "
+            f"| {fmt(r.get('train_rss_increase_mib'), 0)} |"
+        )
+    out += ["", "`*` extrapolated from the timed minibatches.", ""]
+    if costs:
+        out += [
+            "**Cost model.** SparseVAE: every gene runs the shared network on its own masked "
+            "factors, so an epoch costs `t = a N + b N G (K H + (L-1) H^2 + H)` (N cells, G genes,"
+            " K factors, H hidden width, L decoder layers): linear in cells and genes, quadratic "
+            "in H once H >> K; saved activations grow as batch x G x H x L, not with N. "
+            "scVI/LinearSCVI: `t = a N + b N G H`, linear in cells, genes and H. Fitted by "
+            "least squares on relative errors:",
+            "",
+            "| model | formula | time | b (s per unit) | effective GFLOP/s | max / median "
+            "relative error | log-log slope in cells | in genes | in hidden |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for c in costs:
+            out.append(
+                f"| {c['model']} | `{c['formula']}` | {c.get('time', 'wall time')} "
+                f"| {c['b_s_per_unit']:.3g} "
+                f"| {fmt(c.get('effective_gflops'), 1)} "
+                f"| {fmt(c['max_abs_rel_error'], 2)} / {fmt(c['median_abs_rel_error'], 2)} "
+                f"| {slopes(c, 'cells')} | {slopes(c, 'genes')} | {slopes(c, 'hidden')} |"
+            )
+        for c in costs:
+            if "memory_c1" in c:
+                out += [
+                    "",
+                    f"Memory ({c['model']}): `{c['memory_model']}` fits with c0 = "
+                    f"{c['memory_c0_mib']:.0f} MiB and c1 = {c['memory_c1']:.2f} (the training "
+                    "working set is that many times one minibatch's saved decoder activations), "
+                    f"largest relative error {c['memory_max_abs_rel_error']:.2f}; log-log slope of "
+                    f"memory in cells: {fmt(c.get('memory_loglog_slope_cells'), 2)} (0: the "
+                    "number of cells does not matter).",
+                ]
+        out += [
+            "",
+            "Log-log slopes are given as measured / predicted by the fitted model at the same "
+            "shapes. The per-cell term `a N` (encoder, data loading, optimiser step) makes the "
+            "slope in genes fall below 1 where genes are few; for SparseVAE, the FLOP count "
+            "grows faster with H than the time does, because wider layers run at a higher FLOP "
+            "rate.",
+            "",
+        ]
+    fig_path = fig_dir / "bench_speed_scaling.png"
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        ok = [r for r in rows if "s_per_epoch" in r]
+        tkey = "cpu_s_per_epoch" if all("cpu_s_per_epoch" in r for r in ok) else "s_per_epoch"
+        fig, axes = plt.subplots(1, 4, figsize=(15, 3.4))
+
+        def most_common(rs: list[dict[str, Any]], key: str) -> int:
+            values = [r["shape"][key] for r in rs]
+            return max(set(values), key=values.count)
+
+        def series(rs: list[dict[str, Any]], axis: str, fixed: dict[str, int]) -> list[Any]:
+            pts = [
+                (r["shape"][axis], r[tkey], r.get("train_rss_increase_mib") or 0.0)
+                for r in rs
+                if all(r["shape"][k] == v for k, v in fixed.items())
+            ]
+            return sorted(pts)
+
+        colors = {"sparsevae": "C2", "scvi": "C1", "linear_scvi": "C0"}
+        for model in sorted({r["model"] for r in ok}):
+            rs = [r for r in ok if r["model"] == model]
+            c = colors.get(model)
+            n0, g0, h0 = (most_common(rs, k) for k in ("n_cells", "n_genes", "n_hidden"))
+            by_n = series(rs, "n_cells", {"n_genes": g0, "n_hidden": h0})
+            by_g = series(rs, "n_genes", {"n_cells": n0, "n_hidden": h0})
+            by_h = series(rs, "n_hidden", {"n_cells": n0, "n_genes": g0})
+            if len(by_n) > 1:
+                axes[0].plot(
+                    [p[0] for p in by_n],
+                    [p[1] for p in by_n],
+                    marker="o",
+                    color=c,
+                    label=f"{model} ({g0} genes)",
+                )
+            if len(by_g) > 1:
+                axes[1].plot(
+                    [p[0] for p in by_g],
+                    [p[1] for p in by_g],
+                    marker="o",
+                    color=c,
+                    label=f"{model} ({n0} cells)",
+                )
+                axes[2].plot(
+                    [p[0] for p in by_g], [p[2] for p in by_g], marker="o", color=c, label=model
+                )
+            if len(by_h) > 1:
+                axes[3].plot(
+                    [p[0] for p in by_h],
+                    [p[1] for p in by_h],
+                    marker="o",
+                    color=c,
+                    label=f"{model} ({n0} x {g0})",
+                )
+        ylabel = "CPU s / epoch" if tkey == "cpu_s_per_epoch" else "s / epoch"
+        axes[0].set(xscale="log", yscale="log", xlabel="cells", ylabel=ylabel)
+        axes[1].set(xscale="log", yscale="log", xlabel="genes", ylabel=ylabel)
+        axes[2].set(xscale="log", xlabel="genes", ylabel="training RSS increase (MiB)")
+        axes[3].set(xscale="log", yscale="log", xlabel="hidden width", ylabel=ylabel)
+        from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+        for ax, key in zip(axes, ("n_cells", "n_genes", "n_genes", "n_hidden"), strict=True):
+            ticks = sorted({r["shape"][key] for r in ok})
+            if ticks and key != "n_cells":
+                ax.set_xticks(ticks)
+                ax.xaxis.set_major_formatter(ScalarFormatter())
+                ax.xaxis.set_minor_formatter(NullFormatter())
+                ax.tick_params(axis="x", labelrotation=45)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(fig_path, dpi=120)
+        plt.close(fig)
+        out += [f"![Seconds per epoch and memory versus shape](figures/{fig_path.name})", ""]
+    except Exception as err:
+        out += [f"(figure not drawn: {err})", ""]
+    return out
+
+
+def this_machine() -> str:
+    """The machine the report is generated on."""
+    try:
+        import torch
+
+        tv = torch.__version__
+    except ImportError:
+        tv = "not installed"
+    return (
+        f"{platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"torch {tv}"
+    )
+
+
+def build(results: Path, docs: Path) -> str:
+    """Build the markdown page (and figures) from the results folder."""
+    fig_dir = docs / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    for stale in fig_dir.glob("bench_*.png"):  # this script owns these; redraw them all
+        stale.unlink()
+    ident = read_runs(results / "identifiability.jsonl")
+    zeisel = read_last_run(results / "zeisel.jsonl")
+    scaling = read_last_run(results / "speed_scaling.jsonl")
+    speed = read_last_run(results / "speed.jsonl")
+    rel = results.resolve()
+    try:
+        rel = rel.relative_to(ROOT)
+    except ValueError:
+        pass
+    lines = [
+        "# Benchmarks",
+        "",
+        "<!-- Generated by benchmarks/make_report.py from benchmarks/results/*.jsonl. "
+        "Do not edit by hand. -->",
+        "",
+        f"Generated {time.strftime('%Y-%m-%d %H:%M %Z')} by `python benchmarks/make_report.py` "
+        f"on {this_machine()}, from the JSON lines in `{rel}/`. Each section states the command, "
+        "mode and machine of its own run. Reproduce with the commands given; every script prints "
+        "one JSON line per result and has a `--quick` mode (under two minutes).",
+        "",
+    ]
+    lines += identifiability_section(ident, fig_dir)
+    lines += zeisel_section(zeisel, fig_dir)
+    lines += speed_section(scaling, speed, fig_dir)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Write the report."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--docs", type=Path, default=ROOT / "docs")
+    args = p.parse_args(argv)
+    text = build(args.results, args.docs)
+    args.docs.mkdir(parents=True, exist_ok=True)
+    (args.docs / "benchmarks.md").write_text(text)
+    print(f"wrote {args.docs / 'benchmarks.md'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

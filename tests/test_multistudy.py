@@ -1,0 +1,515 @@
+"""Multi-study SparseVAE: shared and study-specific masks (issue 4)."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+
+import sparsevae
+from sparsevae import SparseVAE
+from sparsevae.nn import MaskedDecoder
+from sparsevae.priors import SpikeSlabLasso
+
+from .conftest import QUIET
+
+STUDIES = ["study_0", "study_1", "study_2"]
+
+
+def small_multistudy(n_cells_per_study=40, seed=0):
+    """40 genes: shared programs 0-5 and 6-11, specific programs 12-17 (study_0), 18-23
+    (study_1), 24-29 (study_2), background 30-39."""
+    return sparsevae.datasets.simulate_multistudy(
+        n_studies=3,
+        n_genes=40,
+        n_shared=2,
+        n_specific=1,
+        genes_per_program=6,
+        n_cells_per_study=n_cells_per_study,
+        seed=seed,
+    )
+
+
+# Hand-set masks (selected entries: p* = 0.99, others 0.01, W = 0):
+HAND_SHARED = {0: [*range(6), 30], 1: list(range(6, 12))}
+HAND_SPECIFIC = {
+    "study_0": {0: [*range(12, 18), 30], 1: []},
+    "study_1": {0: list(range(18, 24)), 1: [31]},
+    "study_2": {0: [*range(24, 30), 31], 1: []},
+}
+#: The label each gene should get from tl.shared_specific_genes.
+HAND_LABELS = (
+    ["shared"] * 12
+    + ["specific to study_0"] * 6
+    + ["specific to study_1"] * 6
+    + ["specific to study_2"] * 6
+    + ["both", "specific to study_1, study_2"]
+    + ["none"] * 8
+)
+
+
+def _fill(selection: dict[int, list[int]], n_factors: int) -> np.ndarray:
+    W = np.zeros((40, n_factors), dtype=np.float32)
+    for k, genes in selection.items():
+        for rank, j in enumerate(genes):
+            W[j, k] = (-1.0) ** rank * (2.0 - 0.1 * rank)
+    return W
+
+
+@pytest.fixture(scope="module")
+def hand_model():
+    torch.manual_seed(0)
+    adata = small_multistudy()
+    SparseVAE.setup_anndata(adata, study_key="study")
+    model = SparseVAE(adata, n_factors=2, n_specific_factors=2, n_hidden=8)
+    model.train(max_epochs=1, batch_size=64, **QUIET)
+    m = model.module
+    W = torch.as_tensor(_fill(HAND_SHARED, 2))
+    V = torch.stack([torch.as_tensor(_fill(HAND_SPECIFIC[s], 2)) for s in STUDIES])
+    with torch.no_grad():
+        m.decoder.W.copy_(W)
+        m.decoder.W_specific.copy_(V)
+        m.prior.p_star.copy_(torch.where(W != 0, 0.99, 0.01))
+        m.prior_specific.p_star.copy_(torch.where(V != 0, 0.99, 0.01))
+        m.prior.eta.copy_(torch.tensor([0.1, 0.08]))
+        m.prior_specific.eta.copy_(torch.tensor([[0.1, 1e-6], [0.08, 0.02], [0.1, 1e-6]]))
+    return model
+
+
+# ----------------------------------------------------------------------------- decoder
+@pytest.mark.parametrize("n_layers", [1, 2])
+def test_multistudy_decoder_matches_gene_loop_and_checkpointing(n_layers):
+    torch.manual_seed(0)
+    dec = MaskedDecoder(
+        23, 3, n_hidden=8, n_layers=n_layers, n_output=2, n_specific=2, n_studies=3,
+        max_chunk_elements=8 * 9 * 5,
+    )  # fmt: skip
+    with torch.no_grad():
+        dec.W.normal_()
+        dec.W_specific.normal_()
+    z = torch.randn(9, 5)
+    study = torch.tensor([0, 1, 2, 2, 1, 0, 1, 0, 2])
+    assert dec.chunk_size(9) < 23  # several gene chunks
+    out = dec(z, study=study)
+    assert out.shape == (9, 23, 2)
+    torch.testing.assert_close(out, dec.forward_loop(z, study), rtol=1e-5, atol=1e-6)
+    # activation checkpointing gives the same gradients, the specific masks included
+    grads = []
+    for saved in (2**28, 1):
+        dec.max_saved_elements = saved
+        dec.zero_grad()
+        dec(z, study=study.unsqueeze(1)).square().sum().backward()
+        grads.append([p.grad.clone() for p in (dec.W, dec.W_specific, dec.first.weight)])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="study"):
+        dec(z)
+
+
+def test_cell_sees_only_its_own_study_mask():
+    torch.manual_seed(1)
+    dec = MaskedDecoder(6, 2, n_hidden=8, n_specific=2, n_studies=3)
+    z = torch.randn(4, 4)
+    study = torch.tensor([0, 1, 2, 1])
+    with torch.no_grad():
+        before = dec(z, study=study)
+        dec.W_specific[1, 3] += 5.0  # study 1's mask row of gene 3
+        after = dec(z, study=study)
+    changed = (after - before).abs().squeeze(-1) > 1e-6
+    expected = torch.zeros(4, 6, dtype=torch.bool)
+    expected[[1, 3], 3] = True  # only gene 3 of the cells of study 1
+    assert torch.equal(changed, expected)
+
+
+def test_grouped_prior_equals_independent_priors():
+    torch.manual_seed(0)
+    grouped = SpikeSlabLasso(30, 3, n_groups=2)
+    singles = [SpikeSlabLasso(30, 3) for _ in range(2)]
+    V = torch.randn(2, 30, 3) * torch.tensor([0.02, 0.5, 2.0])
+    for _ in range(3):
+        grouped.em_step(V)
+        for s, prior in enumerate(singles):
+            prior.em_step(V[s])
+    for s, prior in enumerate(singles):
+        torch.testing.assert_close(grouped.p_star[s], prior.p_star)
+        torch.testing.assert_close(grouped.eta[s], prior.eta)
+    torch.testing.assert_close(
+        grouped.penalty(V), sum(p.penalty(V[s]) for s, p in enumerate(singles))
+    )
+    assert not torch.allclose(grouped.eta[0], grouped.eta[1])  # each study its own eta
+
+
+# ----------------------------------------------------------------------------- single study
+def test_single_study_model_is_unchanged():
+    """Without study_key: no study field, no specific mask or prior, the same parameters as
+    before multi-study support, and a study column in obs changes nothing."""
+    import scvi
+
+    runs = []
+    for with_column in (False, True):
+        adata = small_multistudy()
+        if not with_column:
+            del adata.obs["study"]
+        scvi.settings.seed = 0
+        SparseVAE.setup_anndata(adata)
+        model = SparseVAE(adata, n_factors=3, n_hidden=8)
+        model.train(max_epochs=2, batch_size=64, **QUIET)
+        runs.append(model)
+    a, b = runs
+    assert not a.is_multistudy and a.studies == [] and a.mask_kinds == ["shared"]
+    assert a.factor_names == ["factor_0", "factor_1", "factor_2"]
+    assert "study" not in a.adata_manager.data_registry
+    keys = set(a.module.state_dict())
+    assert not any("specific" in k for k in keys)
+    assert {"decoder.W", "prior.p_star", "prior.eta", "log_theta"} <= keys
+    assert a.module.encoder.encoder.n_cat_list == []  # no covariate input
+    np.testing.assert_array_equal(a.get_latent_representation(), b.get_latent_representation())
+    pd.testing.assert_frame_equal(a.get_mask(), b.get_mask())
+    pd.testing.assert_frame_equal(a.get_mask("shared"), a.get_mask())
+    pd.testing.assert_frame_equal(a.get_inclusion_probabilities(), b.get_inclusion_probabilities())
+    with pytest.raises(ValueError, match="single-study"):
+        a.get_mask("study_0")
+    with pytest.raises(ValueError, match="multi-study"):
+        sparsevae.tl.shared_specific_genes(a)
+
+
+# ----------------------------------------------------------------------------- bad input
+def _snapshot(adata):
+    return adata.obs.copy(), set(adata.uns), set(adata.obsm), set(adata.varm)
+
+
+def _assert_untouched(adata, snap):
+    obs, uns, obsm, varm = snap
+    pd.testing.assert_frame_equal(adata.obs, obs)
+    assert set(adata.uns) == uns and set(adata.obsm) == obsm and set(adata.varm) == varm
+
+
+def test_bad_study_column_is_refused_before_registration():
+    adata = small_multistudy()
+    adata.obs["study"] = adata.obs["study"].astype(object)
+    adata.obs.iloc[3, adata.obs.columns.get_loc("study")] = np.nan
+    snap = _snapshot(adata)
+    with pytest.raises(ValueError, match=r"1 cells without a study.*notna"):
+        SparseVAE.setup_anndata(adata, study_key="study")
+    _assert_untouched(adata, snap)
+
+    adata = small_multistudy()
+    adata.obs["one"] = "lab_a"
+    snap = _snapshot(adata)
+    with pytest.raises(ValueError, match=r"single study.*Leave study_key out"):
+        SparseVAE.setup_anndata(adata, study_key="one")
+    _assert_untouched(adata, snap)
+    with pytest.raises(KeyError, match="not a column"):
+        SparseVAE.setup_anndata(adata, study_key="donor")
+    adata.obs["unused"] = pd.Categorical(adata.obs["study"], categories=[*STUDIES, "study_9"])
+    with pytest.raises(ValueError, match="remove_unused_categories"):
+        SparseVAE.setup_anndata(adata, study_key="unused")
+    adata.obs["named"] = adata.obs["study"].astype(str).replace("study_0", "shared")
+    with pytest.raises(ValueError, match="named 'shared'"):
+        SparseVAE.setup_anndata(adata, study_key="named")
+    _assert_untouched(adata, _snapshot(adata))
+
+
+def test_n_specific_factors_needs_study_key():
+    adata = small_multistudy()
+    SparseVAE.setup_anndata(adata)
+    with pytest.raises(ValueError, match="study_key"):
+        SparseVAE(adata, n_factors=2, n_specific_factors=2)
+    SparseVAE.setup_anndata(adata, study_key="study")
+    with pytest.raises(ValueError, match="n_specific_factors"):
+        SparseVAE(adata, n_factors=2, n_specific_factors=0)
+    model = SparseVAE(adata, n_factors=2)  # default number of specific factors
+    assert model.module.n_specific_factors == sparsevae.model._model.DEFAULT_N_SPECIFIC_FACTORS
+
+
+def test_unknown_study_at_inference_is_refused(hand_model):
+    model = hand_model
+    new = small_multistudy(seed=1)
+    new.obs["study"] = new.obs["study"].astype(str).replace("study_2", "study_7")
+    snap = _snapshot(new)
+    with pytest.raises(ValueError, match=r"never saw: \['study_7'\].*isin\(model.studies\)"):
+        model.get_latent_representation(new)
+    with pytest.raises(ValueError, match="never saw"):
+        model.write_results(new)
+    _assert_untouched(new, snap)
+    missing = small_multistudy(seed=1)
+    del missing.obs["study"]
+    with pytest.raises(ValueError, match=r"needs each cell's study in adata.obs\['study'\]"):
+        model.get_latent_representation(missing)
+    nan = small_multistudy(seed=1)
+    nan.obs["study"] = nan.obs["study"].astype(object)
+    nan.obs.iloc[0, nan.obs.columns.get_loc("study")] = None
+    with pytest.raises(ValueError, match="missing study"):
+        model.get_latent_representation(nan)
+    # a subset of the known studies is fine
+    sub = small_multistudy(seed=1)
+    sub = sub[sub.obs["study"] == "study_1"].copy()
+    z = model.get_latent_representation(sub)
+    assert z.shape == (40, 4) and np.isfinite(z).all()
+
+
+# ----------------------------------------------------------------------------- results
+def test_results_api_and_write_results(hand_model):
+    model = hand_model
+    assert model.is_multistudy and model.studies == STUDIES
+    assert model.mask_kinds == ["shared", *STUDIES]
+    assert model.factor_names == ["shared_0", "shared_1", "specific_0", "specific_1"]
+    z = model.get_latent_representation()
+    assert z.shape == (120, 4)
+    W = model.get_mask("shared")
+    assert W.columns.tolist() == ["shared_0", "shared_1"] and W.shape == (40, 2)
+    pd.testing.assert_frame_equal(model.get_mask(), W)
+    V1 = model.get_mask("study_1")
+    assert V1.columns.tolist() == ["specific_0", "specific_1"]
+    np.testing.assert_array_equal(V1.to_numpy(), _fill(HAND_SPECIFIC["study_1"], 2))
+    assert model.get_inclusion_probabilities("study_2").shape == (40, 2)
+    np.testing.assert_allclose(model.get_eta("study_1").to_numpy(), [0.08, 0.02])
+    with pytest.raises(ValueError, match="valid kinds"):
+        model.get_mask("study_9")
+
+    adata = model.adata.copy()
+    model.write_results(adata)
+    assert adata.obsm["X_sparsevae"].shape == (120, 4)
+    np.testing.assert_array_equal(adata.varm["sparsevae_W_shared"], W.to_numpy())
+    for s in STUDIES:
+        np.testing.assert_array_equal(adata.varm[f"sparsevae_W_{s}"], model.get_mask(s).to_numpy())
+        assert adata.varm[f"sparsevae_pstar_{s}"].shape == (40, 2)
+        assert adata.varm[f"sparsevae_effect_{s}"].shape == (40, 2)
+    assert "sparsevae_W" not in adata.varm
+    uns = adata.uns["sparsevae"]
+    assert uns["studies"] == STUDIES and uns["study_key"] == "study"
+    assert uns["mask_kinds"] == ["shared", *STUDIES]
+    assert uns["W_keys"] == ["sparsevae_W_shared"] + [f"sparsevae_W_{s}" for s in STUDIES]
+    assert uns["shared_factor_names"] == ["shared_0", "shared_1"]
+    assert uns["specific_factor_names"] == ["specific_0", "specific_1"]
+    assert uns["eta_specific"].shape == (3, 2)
+    with pytest.raises(KeyError, match="overwrite=True"):
+        model.write_results(adata)
+    model.write_results(adata, overwrite=True, effects=False)
+    # a new AnnData holding some studies only: effects of an absent study are NaN
+    sub = adata[adata.obs["study"] != "study_0"].copy()
+    model.write_results(sub, key_added="sub")
+    assert np.isnan(sub.varm["sub_effect_study_0"]).all()
+    assert np.isfinite(sub.varm["sub_effect_study_1"]).all()
+
+
+def test_save_load_multistudy(tmp_path):
+    import scvi
+
+    scvi.settings.seed = 0
+    adata = small_multistudy()
+    SparseVAE.setup_anndata(adata, study_key="study")
+    model = SparseVAE(adata, n_factors=2, n_specific_factors=2, n_hidden=8)
+    model.train(max_epochs=2, batch_size=64, **QUIET)
+    model.save(tmp_path / "m", overwrite=True, save_anndata=True)
+    loaded = SparseVAE.load(tmp_path / "m", adata=adata)
+    assert loaded.studies == STUDIES and loaded.module.n_specific_factors == 2
+    np.testing.assert_array_equal(
+        loaded.get_latent_representation(), model.get_latent_representation()
+    )
+    for kind in model.mask_kinds:
+        pd.testing.assert_frame_equal(loaded.get_mask(kind), model.get_mask(kind))
+        pd.testing.assert_frame_equal(
+            loaded.get_inclusion_probabilities(kind), model.get_inclusion_probabilities(kind)
+        )
+        pd.testing.assert_series_equal(loaded.get_eta(kind), model.get_eta(kind))
+    # the saved AnnData is used when none is given
+    again = SparseVAE.load(tmp_path / "m")
+    np.testing.assert_array_equal(
+        again.get_latent_representation(), model.get_latent_representation()
+    )
+
+
+# ----------------------------------------------------------------------------- tl / pl
+def test_shared_specific_genes(hand_model):
+    res = sparsevae.tl.shared_specific_genes(hand_model)
+    genes = res.genes
+    assert genes.index.tolist() == hand_model.adata.var_names.tolist()
+    assert genes["label"].tolist() == HAND_LABELS
+    g = hand_model.adata.var_names
+    assert genes.loc[g[30], "shared"] == "shared_0"
+    assert genes.loc[g[30], "specific_in_study_0"] == "specific_0"
+    assert genes.loc[g[31], "specific_in_study_1"] == "specific_1"
+    assert genes.loc[g[31], "specific_in_study_2"] == "specific_0"
+    assert genes.loc[g[31], "studies"] == "study_1;study_2"
+    assert genes["n_shared"].sum() == 13 and genes["n_specific"].sum() == 6 * 3 + 3
+    f = res.factors.set_index(["kind", "factor"])["n_genes"]
+    assert f[("shared", "shared_0")] == 7 and f[("shared", "shared_1")] == 6
+    assert f[("study_0", "specific_0")] == 7 and f[("study_0", "specific_1")] == 0
+    assert f[("study_1", "specific_1")] == 1 and f[("study_2", "specific_0")] == 7
+    assert "both: 1" in res.summary()
+    # the simulator's truth uses the same labels
+    truth = small_multistudy().var["truth"]
+    assert set(truth) == {"shared", *(f"specific to {s}" for s in STUDIES), "none"}
+
+
+def test_anchors_and_identifiability_per_mask(hand_model):
+    model = hand_model
+    g = model.adata.var_names
+    anchors = sparsevae.tl.anchor_genes(model)  # default: the shared mask
+    assert set(anchors["factor"]) == {"shared_0", "shared_1"}
+    a0 = anchors[anchors.factor == "shared_0"]
+    # gene 30 is also selected by study_0's specific_0: not an anchor of shared_0
+    assert a0.set_index("gene").loc[g[30], "is_anchor"] == False  # noqa: E712
+    assert a0["is_anchor"].sum() == 6
+    s0 = sparsevae.tl.anchor_genes(model, kind="study_0")
+    assert set(s0["factor"]) == {"specific_0"}
+    assert set(s0.loc[s0.is_anchor, "gene"]) == set(g[12:18])  # gene 30 is shared too
+    s1 = sparsevae.tl.anchor_genes(model, kind="study_1", anchors_only=True)
+    assert s1.loc[s1.factor == "specific_1", "gene"].tolist() == [g[31]]
+    top = sparsevae.tl.top_genes(model, n=3, kind="study_2")
+    assert top.columns.tolist() == ["specific_0", "specific_1"]
+    assert top["specific_0"].tolist() == [g[24], g[25], g[26]]
+
+    rep = sparsevae.tl.identifiability_report(model, kind="study_1")
+    f = rep.factors.set_index("factor")
+    assert f.index.tolist() == ["specific_0", "specific_1"]
+    assert f.loc["specific_0", "n_anchors"] == 6 and f.loc["specific_1", "n_anchors"] == 1
+    assert f.loc["specific_0", "identifiable"] and not f.loc["specific_1", "identifiable"]
+    assert rep.covariance.index.tolist() == model.factor_names  # shared and specific
+    v = rep.covariance_violations
+    assert ((v.factor_1.str.startswith("specific")) | (v.factor_2.str.startswith("specific"))).all()
+    shared = sparsevae.tl.identifiability_report(model)
+    assert shared.factors["factor"].tolist() == ["shared_0", "shared_1"]
+    assert shared.factors["n_anchors"].tolist() == [6, 6]
+    assert shared.covariance.shape == (2, 2)
+    off = sparsevae.tl.identifiability_report(model, kind="study_0").factors.set_index("factor")
+    assert off.loc["specific_1", "switched_off"]
+
+    net = sparsevae.tl.to_network(model, kind="study_2")
+    assert set(net["source"]) == {"specific_0"} and len(net) == 7
+    sets = {"prog_s1": list(g[18:24]), "prog_shared": list(g[:6]), "bg": list(g[32:40])}
+    enr = sparsevae.tl.enrich(model, sets, kind="study_1", min_size=1)
+    best = enr[enr.factor == "specific_0"].sort_values("pvalue").iloc[0]
+    assert best["term"] == "prog_s1"
+
+
+def test_gene_effects_per_mask(hand_model):
+    model = hand_model
+    shared = model.get_gene_effects()
+    assert shared.columns.tolist() == ["shared_0", "shared_1"]
+    W = _fill(HAND_SHARED, 2)
+    assert np.all(shared.to_numpy()[W == 0] == 0.0) and np.all(shared.to_numpy()[W != 0] != 0.0)
+    codes = model._study_codes()
+    dec = model.module.decoder
+    for s, study in enumerate(STUDIES):
+        eff = model.get_gene_effects(kind=study, scale="link")
+        assert eff.columns.tolist() == ["specific_0", "specific_1"]
+        V = _fill(HAND_SPECIFIC[study], 2)
+        assert np.all(eff.to_numpy()[V == 0] == 0.0) and np.all(eff.to_numpy()[V != 0] != 0.0)
+        # brute force: Jacobian of the per-gene loop on the cells of the study
+        idx = np.flatnonzero(codes == s)[:5]
+        z = torch.as_tensor(model.get_latent_representation(indices=idx))
+        st = torch.full((len(idx),), s)
+        J = torch.autograd.functional.jacobian(lambda t, st=st: dec.forward_loop(t, st)[..., 0], z)
+        J = torch.einsum("igik->igk", J)[..., 2:]
+        got = model.get_gene_effects(kind=study, scale="link", indices=idx)
+        np.testing.assert_allclose(got.to_numpy(), J.mean(0).numpy(), rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="No cells of study"):
+        model.get_gene_effects(kind="study_0", indices=np.flatnonzero(codes == 1)[:3])
+
+
+def test_plots_per_mask(hand_model, tmp_path):
+    ax = sparsevae.pl.mask_heatmap(hand_model, kind="study_1", show=False)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["specific_0", "specific_1"]
+    assert "study_1" in ax.get_title()
+    ax = sparsevae.pl.anchor_heatmap(hand_model, kind="study_0", show=False)
+    assert "study_0" in ax.get_title()
+    fig = sparsevae.pl.top_genes(
+        hand_model, n=4, kind="study_2", show=False, save=tmp_path / "t.png"
+    )
+    assert (tmp_path / "t.png").exists() and len(fig.axes) >= 2
+    plt.close("all")
+
+
+def test_mask_f1_matches_factors_to_programs():
+    truth = np.zeros((10, 3), dtype=bool)
+    truth[:3, 0] = truth[3:6, 1] = truth[6:9, 2] = True
+    sel = pd.DataFrame(np.zeros((10, 2), dtype=bool), columns=["a", "b"])
+    sel.loc[3:5, "a"] = True  # program 1 exactly
+    sel.loc[0:3, "b"] = True  # program 0 plus one gene of program 1
+    res = sparsevae.tl.mask_f1(sel, truth)
+    assert res["factor"].tolist() == ["b", "a", None]
+    np.testing.assert_allclose(res["f1"], [2 * 3 / 7, 1.0, 0.0])
+    np.testing.assert_allclose(res["precision"][:2], [0.75, 1.0])
+    assert res["recall"].tolist() == [1.0, 1.0, 0.0]
+    with pytest.raises(ValueError, match="same genes"):
+        sparsevae.tl.mask_f1(sel, truth[:5])
+
+
+# ----------------------------------------------------------------------------- simulator
+def test_simulate_multistudy_truth():
+    ad = sparsevae.datasets.simulate_multistudy(
+        n_studies=3, n_genes=120, n_shared=2, n_specific=2, genes_per_program=12,
+        n_cells_per_study=300, effect=1.5, nonlinear=False, seed=3,
+    )  # fmt: skip
+    assert ad.shape == (900, 120)
+    assert ad.obs["study"].cat.categories.tolist() == STUDIES
+    assert ad.uns["simulation"]["studies"] == STUDIES
+    assert ad.obsm["true_factors"].shape == (900, 4)
+    masks = [ad.varm["true_mask_shared"]] + [ad.varm[f"true_mask_{s}"] for s in STUDIES]
+    assert all(m.sum(0).tolist() == [12, 12] for m in masks)
+    stacked = np.hstack(masks)
+    assert stacked.sum(1).max() == 1  # disjoint programs
+    assert (ad.var["truth"] == "none").sum() == 120 - 8 * 12
+    X = ad.X.toarray()
+    assert sp.issparse(ad.X) and (X == np.round(X)).all() and (X >= 0).all()
+    # a specific program moves with its factor in its own study only
+    logx = np.log1p(X / X.sum(1, keepdims=True) * 1e4)
+    genes = np.flatnonzero(ad.varm["true_mask_study_1"][:, 0])
+    z = ad.obsm["true_factors"][:, 2]
+    for s in STUDIES:
+        cells = (ad.obs["study"] == s).to_numpy()
+        r = [abs(np.corrcoef(logx[cells, j], z[cells])[0, 1]) for j in genes]
+        assert (np.median(r) > 0.3) == (s == "study_1")
+    with pytest.raises(ValueError, match="n_studies"):
+        sparsevae.datasets.simulate_multistudy(n_studies=1)
+    with pytest.raises(ValueError, match="n_genes"):
+        sparsevae.datasets.simulate_multistudy(n_genes=50)
+
+
+# ----------------------------------------------------------------------------- recovery
+#: The count-likelihood mask prior (the lead's prior schedule) does not yet select programs
+#: reliably on simulated counts: the factors are recovered (|corr| ~0.97 with the truth) but
+#: eta collapses for some factors and their masks end up empty. Flip to False once it does.
+RECOVERY_XFAIL = True
+
+
+@pytest.mark.xfail(
+    RECOVERY_XFAIL,
+    strict=True,
+    reason="count-likelihood mask prior not yet reliable (eta collapse), see RECOVERY_XFAIL",
+)
+def test_recovers_shared_and_specific_programs():
+    """Shared mask -> shared programs, each study's mask -> that study's programs.
+
+    3 studies x 300 cells, 100 genes: 2 shared programs and 1 specific program per study (15
+    genes each), nonlinear maps, negative binomial counts. Learned factors are matched to true
+    programs by the Hungarian algorithm on gene-set F1 (tl.mask_f1, selection p* >= 0.5).
+    Required: mean F1 >= 0.9 for the shared mask and for each study's mask, and no specific
+    program absorbed by the shared mask (at most 10% of its genes selected by a shared factor).
+    """
+    import scvi
+
+    scvi.settings.seed = 0
+    ad = sparsevae.datasets.simulate_multistudy(
+        n_studies=3, n_genes=100, n_shared=2, n_specific=1, genes_per_program=15,
+        n_cells_per_study=300, seed=0,
+    )  # fmt: skip
+    SparseVAE.setup_anndata(ad, study_key="study")
+    model = SparseVAE(ad, n_factors=2, n_specific_factors=1)
+    model.train(max_epochs=100, batch_size=128, **QUIET)
+    shared = model.get_inclusion_probabilities("shared") >= 0.5
+    f1_shared = sparsevae.tl.mask_f1(shared, ad.varm["true_mask_shared"])["f1"]
+    assert f1_shared.mean() >= 0.9, f1_shared.tolist()
+    for s in STUDIES:
+        sel = model.get_inclusion_probabilities(s) >= 0.5
+        f1 = sparsevae.tl.mask_f1(sel, ad.varm[f"true_mask_{s}"])["f1"]
+        assert f1.mean() >= 0.9, (s, f1.tolist())
+        program = ad.varm[f"true_mask_{s}"][:, 0] > 0
+        assert shared.to_numpy().any(1)[program].mean() <= 0.1, s
