@@ -282,6 +282,19 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def run_mode(args: argparse.Namespace) -> str:
+    """``quick``, ``full`` (the paper's protocol: 5 rhos, 25 seeds, 300 epochs) or ``reduced``."""
+    if args.quick:
+        return "quick"
+    full = (
+        args.seeds >= 25
+        and set(RHOS) <= set(args.rhos)
+        and args.epochs >= 300
+        and set(args.methods) == set(METHODS)
+    )
+    return "full" if full else "reduced"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line (mode-dependent defaults filled in)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -325,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         meta = {
             "record": "meta",
             "benchmark": "identifiability",
-            "mode": "quick" if args.quick else "full",
+            "mode": run_mode(args),
             "command": command_line(),
             "settings": {k: v for k, v in vars(args).items() if k not in ("out",)},
             "machine": machine_info(args.threads),

@@ -117,11 +117,28 @@ def machine_line(machine: dict[str, Any]) -> str:
     return ", ".join(p for p in parts if p)
 
 
+def describe_mode(meta: dict[str, Any]) -> str:
+    """The run's mode; a run recorded as ``full`` with less than the protocol reads ``reduced``."""
+    mode = str(meta.get("mode", "?"))
+    st = meta.get("settings", {})
+    if mode != "full" or not st:
+        return mode
+    if meta.get("benchmark") == "identifiability" and (
+        st.get("seeds", 25) < 25 or st.get("epochs", 300) < 300 or len(st.get("rhos", [])) < 5
+    ):
+        return f"reduced ({st.get('seeds')} seeds of the paper's 25)"
+    if meta.get("benchmark") == "zeisel" and (
+        st.get("seeds", 5) < 5 or st.get("epochs") is not None or st.get("n_cells") is not None
+    ):
+        return f"reduced ({st.get('seeds')} seed(s), epochs {st.get('epochs') or 'default'})"
+    return mode
+
+
 def run_header(meta: dict[str, Any]) -> list[str]:
     """Markdown lines: command, mode, start time, machine, note."""
     lines = [
         f"- Command: `{meta.get('command', '?')}`",
-        f"- Mode: {meta.get('mode', '?')}; started {meta.get('started', '?')}",
+        f"- Mode: {describe_mode(meta)}; started {meta.get('started', '?')}",
         f"- Machine: {machine_line(meta.get('machine', {}))}",
     ]
     if meta.get("package_path"):
@@ -160,7 +177,7 @@ def identifiability_section(runs: list[list[dict[str, Any]]], fig_dir: Path) -> 
         meta = meta_of(records)
         if len(runs) > 1:
             methods = sorted({r["method"] for r in records if r.get("record") == "fit"})
-            out += [f"### Run {i} ({meta.get('mode', '?')} mode; {', '.join(methods)})", ""]
+            out += [f"### Run {i} ({describe_mode(meta)}; {', '.join(methods)})", ""]
         out += identifiability_run(records, fig_dir, i)
     return out
 

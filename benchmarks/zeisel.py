@@ -289,6 +289,21 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def run_mode(args: argparse.Namespace) -> str:
+    """``quick``, ``full`` (5 seeds, all cells, 558 genes, default epochs) or ``reduced``."""
+    if args.quick:
+        return "quick"
+    full = (
+        args.seeds >= 5
+        and args.n_cells is None
+        and args.n_genes == 558
+        and args.epochs is None
+        and args.scvi_epochs is None
+        and set(args.methods) == set(METHODS)
+    )
+    return "full" if full else "reduced"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line (mode-dependent defaults filled in)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -340,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "record": "meta",
                 "benchmark": "zeisel",
-                "mode": "quick" if args.quick else "full",
+                "mode": run_mode(args),
                 "command": command_line(),
                 "settings": {
                     k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
