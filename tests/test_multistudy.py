@@ -474,31 +474,23 @@ def test_simulate_multistudy_truth():
 
 
 # ----------------------------------------------------------------------------- recovery
-#: The count-likelihood mask prior (the lead's prior schedule) does not yet select programs
-#: reliably on simulated counts: the factors are recovered (|corr| ~0.97 with the truth) but
-#: eta collapses for some factors and their masks end up empty. Flip to False once it does.
-RECOVERY_XFAIL = True
-
-
-@pytest.mark.xfail(
-    RECOVERY_XFAIL,
-    strict=True,
-    reason="count-likelihood mask prior not yet reliable (eta collapse), see RECOVERY_XFAIL",
-)
 def test_recovers_shared_and_specific_programs():
     """Shared mask -> shared programs, each study's mask -> that study's programs.
 
-    3 studies x 300 cells, 100 genes: 2 shared programs and 1 specific program per study (15
-    genes each), nonlinear maps, negative binomial counts. Learned factors are matched to true
-    programs by the Hungarian algorithm on gene-set F1 (tl.mask_f1, selection p* >= 0.5).
-    Required: mean F1 >= 0.9 for the shared mask and for each study's mask, and no specific
-    program absorbed by the shared mask (at most 10% of its genes selected by a shared factor).
+    3 studies x 300 cells, 200 genes: 2 shared programs and 1 specific program per study (30
+    genes each, the other 50 genes constant), nonlinear maps, negative binomial counts, package
+    defaults, 100 epochs. Learned factors are matched to true programs by the Hungarian
+    algorithm on gene-set F1 (tl.mask_f1, selection p* >= 0.5). Required: mean F1 >= 0.9 for
+    the shared mask and for each study's mask, and no specific program absorbed by the shared
+    mask (at most 10% of its genes selected by a shared factor). Measured with this setup on
+    seeds 0-5: every mean F1 >= 0.94, nothing absorbed (seed 0: shared 1.0, 1.0; studies 0.97,
+    0.98, 0.97).
     """
     import scvi
 
     scvi.settings.seed = 0
     ad = sparsevae.datasets.simulate_multistudy(
-        n_studies=3, n_genes=100, n_shared=2, n_specific=1, genes_per_program=15,
+        n_studies=3, n_genes=200, n_shared=2, n_specific=1, genes_per_program=30,
         n_cells_per_study=300, seed=0,
     )  # fmt: skip
     SparseVAE.setup_anndata(ad, study_key="study")
@@ -513,3 +505,8 @@ def test_recovers_shared_and_specific_programs():
         assert f1.mean() >= 0.9, (s, f1.tolist())
         program = ad.varm[f"true_mask_{s}"][:, 0] > 0
         assert shared.to_numpy().any(1)[program].mean() <= 0.1, s
+    # the per-gene labels follow: most program genes get their true label
+    labels = sparsevae.tl.shared_specific_genes(model).genes["label"]
+    in_program = (ad.var["truth"] != "none").to_numpy()
+    agree = (labels.to_numpy() == ad.var["truth"].to_numpy())[in_program].mean()
+    assert agree >= 0.9, agree

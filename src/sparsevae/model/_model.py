@@ -94,7 +94,11 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
         Multi-study models only (``setup_anndata(..., study_key=...)``): number of study-specific
         factors ``K_spec``; ``n_factors`` is then the number of shared factors. Default
         :data:`DEFAULT_N_SPECIFIC_FACTORS` (5) with a ``study_key``; the prior switches off the
-        specific factors a study does not need. Without a ``study_key`` it must be left out (or 0).
+        factors a study does not need (measured on ``simulate_multistudy`` with 2 shared
+        programs and 1 per study: 4 shared and 5 specific factors left the extra ones with no
+        gene and ``eta`` 1e-6, and every mask's F1 stayed >= 0.98). Without a ``study_key`` it
+        must be left out (or 0). The module keyword ``encode_study=True`` also gives the encoder
+        each cell's study (off by default, see :class:`~sparsevae.module.SparseVAEModule`).
     **module_kwargs
         Passed to :class:`~sparsevae.module.SparseVAEModule` (e.g. ``n_layers_encoder``,
         ``dropout_rate``).

@@ -92,8 +92,12 @@ class SparseVAEModule(BaseModuleClass):
     n_studies
         Multi-study: number of studies.
     encode_study
-        Multi-study: give the encoder each cell's study (one-hot) as an extra input, so that the
-        specific factors, whose meaning depends on the study, can be inferred per study.
+        Multi-study: give the encoder each cell's study (one-hot) as an extra input. Off by
+        default: with it, the encoder can give a shared factor a different distribution in each
+        study, which lets a shared factor carry study-specific programs and the specific masks
+        copy shared ones (measured on ``simulate_multistudy``, 3 studies, 200 genes: every mask
+        had mean F1 >= 0.9 in 6 of 6 seeds without it, in 3 of 5 with it). Without it the
+        factors are read from expression alone, the same way in every study.
     """
 
     def __init__(
@@ -121,7 +125,7 @@ class SparseVAEModule(BaseModuleClass):
         max_chunk_elements: int = 2**20,
         n_specific_factors: int = 0,
         n_studies: int = 1,
-        encode_study: bool = True,
+        encode_study: bool = False,
     ) -> None:
         super().__init__()
         if likelihood not in LIKELIHOODS:

@@ -63,12 +63,13 @@ class MaskedDecoder(nn.Module):
         Number of studies (one specific mask each); used when ``n_specific > 0``.
     specific_init
         Scale of the specific masks' initial values relative to the shared mask's (which start
-        near 0.5-0.6). Values below 1 let the shared factors take up the structure common to
-        all studies first. Measured on ``simulate_multistudy`` (3 studies): 0.2 kept the shared
-        mask clean on a small simulation (100 genes) where equal starts let a shared factor swap
-        roles with a study's specific factor, but on larger ones (200-300 genes) the specific
-        masks then lost their programs to the shared factors; the default 1 (equal starts) is
-        the neutral choice.
+        near 0.5-0.6). Below 1, the shared factors take up the structure common to all studies
+        first, which breaks the symmetry between a shared factor and the specific factors:
+        otherwise a shared program can end up copied into every study's specific mask while a
+        shared factor carries the studies' specific programs (gated by the specific inputs).
+        Measured on ``simulate_multistudy`` (3 studies, 200 genes, programs of 30 genes, 300
+        cells per study, 100 epochs, the module's ``encode_study=False``): with 0.5 every mask
+        had mean F1 >= 0.9 in 6 of 6 seeds, with 1 in 1 of 3; 0.2 starved the specific masks.
     normalize_shared
         If ``True`` (default), the shared network's weights have a fixed scale: each column of the
         first layer (one per factor) and each row of the hidden layers has unit Euclidean norm
@@ -93,7 +94,7 @@ class MaskedDecoder(nn.Module):
         normalize_shared: bool = True,
         n_specific: int = 0,
         n_studies: int = 1,
-        specific_init: float = 1.0,
+        specific_init: float = 0.5,
     ) -> None:
         super().__init__()
         if n_layers < 1:
