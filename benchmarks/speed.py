@@ -83,7 +83,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import os
 import platform
 import resource
@@ -92,11 +91,12 @@ import statistics
 import subprocess
 import sys
 import time
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any, TextIO
+
+from _common import quiet_logs, stdout_to_stderr
 
 N_CELLS = 3005
 N_GENES = 558
@@ -216,36 +216,6 @@ def emit(record: dict[str, Any], stream: TextIO) -> None:
     """
     stream.write(json.dumps(_round(record)) + "\n")
     stream.flush()
-
-
-@contextlib.contextmanager
-def stdout_to_stderr() -> Iterator[TextIO]:
-    """Send everything written to stdout (Python or C level) to stderr.
-
-    Yields
-    ------
-    A text stream on the original stdout, for the JSON results.
-    """
-    sys.stdout.flush()
-    saved_fd = os.dup(1)
-    real_stdout = os.fdopen(saved_fd, "w", buffering=1)
-    saved_sys_stdout = sys.stdout
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    try:
-        yield real_stdout
-    finally:
-        sys.stdout.flush()
-        sys.stdout = saved_sys_stdout
-        os.dup2(saved_fd, 1)
-        real_stdout.close()
-
-
-def quiet_logs() -> None:
-    """Lower the verbosity of Lightning, scvi-tools and Python warnings."""
-    warnings.filterwarnings("ignore")
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "scvi", "sparsevae"):
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def peak_rss_mib() -> float:
