@@ -83,6 +83,32 @@ def test_fit(small_h5ad: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert "--overwrite" in capsys.readouterr().err
 
 
+def test_fit_multistudy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    adata = sparsevae.datasets.simulate_multistudy(
+        n_studies=2,
+        n_shared=2,
+        n_specific=1,
+        n_cells_per_study=60,
+        n_genes=40,
+        genes_per_program=10,
+        seed=0,
+    )
+    src = tmp_path / "multi.h5ad"
+    adata.write_h5ad(src)
+    out = tmp_path / "fitted.h5ad"
+    argv = ["fit", str(src), str(out), "--n-factors", "2", "--study-key", "study"]
+    assert main([*argv, "--n-specific-factors", "1", "--max-epochs", "2"]) == 0
+    fitted = ad.read_h5ad(out)
+    assert fitted.obsm["X_sparsevae"].shape == (120, 2 + 1)
+    studies = sorted(adata.obs["study"].astype(str).unique())
+    for kind in ["shared", *studies]:
+        assert f"sparsevae_W_{kind}" in fitted.varm, kind
+    assert fitted.varm[f"sparsevae_W_{studies[0]}"].shape == (40, 1)
+    text = capsys.readouterr().out
+    assert "2 factors + 1 specific factors x 2 studies" in text
+    assert f"{studies[1]}: " in text
+
+
 def test_missing_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     missing = tmp_path / "nope.h5ad"
     with pytest.raises(SystemExit) as exc:
@@ -99,6 +125,8 @@ def test_missing_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     [
         ["--layer", "nope"],  # bad input: missing layer
         ["--n-factors", "0"],  # bad argument
+        ["--study-key", "nope"],  # study column missing
+        ["--n-specific-factors", "2"],  # specific factors without studies
     ],
 )
 def test_bad_input(

@@ -86,6 +86,18 @@ def _build_parser() -> argparse.ArgumentParser:
         help="observation model (auto: nb for integer counts, else gaussian)",
     )
     fit.add_argument(
+        "--study-key",
+        default=None,
+        help="obs column naming each cell's study: fits the multi-study model (shared factors "
+        "plus study-specific factors with one mask per study)",
+    )
+    fit.add_argument(
+        "--n-specific-factors",
+        type=_positive_int,
+        default=None,
+        help="study-specific factors of the multi-study model (default 5; needs --study-key)",
+    )
+    fit.add_argument(
         "--max-epochs", type=_positive_int, default=None, help="epochs (default: model default)"
     )
     fit.add_argument("--batch-size", type=_positive_int, default=128, help="minibatch size")
@@ -106,11 +118,11 @@ def _use_agg() -> None:
     matplotlib.use("Agg", force=True)
 
 
-def _selected(model: SparseVAE) -> pd.DataFrame:
-    """Boolean genes x factors table of the mask entries selected by the model."""
+def _selected(model: SparseVAE, kind: str | None = None) -> pd.DataFrame:
+    """Boolean genes x factors table of the mask entries selected by the model (mask ``kind``)."""
     if model.module.prior is not None:
-        return model.get_inclusion_probabilities() > _SELECT_THRESHOLD
-    return model.get_mask().abs() > _SELECT_THRESHOLD
+        return model.get_inclusion_probabilities(kind=kind) > _SELECT_THRESHOLD
+    return model.get_mask(kind=kind).abs() > _SELECT_THRESHOLD
 
 
 def _top_genes(model: SparseVAE, n_top: int = 20) -> pd.DataFrame:
@@ -257,25 +269,47 @@ def _run_fit(args: argparse.Namespace) -> None:
     if args.layer is not None and args.layer not in adata.layers:
         available = ", ".join(map(repr, adata.layers.keys())) or "none"
         raise _CLIError(f"layer {args.layer!r} not in {args.input!r} (layers: {available}).")
+    if args.n_specific_factors is not None and args.study_key is None:
+        raise _CLIError("--n-specific-factors needs --study-key (the obs column of the studies).")
+    if args.study_key is not None and args.study_key not in adata.obs:
+        available = ", ".join(map(repr, adata.obs.columns[:20])) or "none"
+        raise _CLIError(
+            f"--study-key {args.study_key!r} is not a column of adata.obs in {args.input!r} "
+            f"(columns: {available})."
+        )
 
     from .model import SparseVAE
 
-    SparseVAE.setup_anndata(adata, layer=args.layer)
-    model = SparseVAE(adata, n_factors=args.n_factors, likelihood=args.likelihood)
+    SparseVAE.setup_anndata(adata, layer=args.layer, study_key=args.study_key)
+    model = SparseVAE(
+        adata,
+        n_factors=args.n_factors,
+        n_specific_factors=args.n_specific_factors,
+        likelihood=args.likelihood,
+    )
     epochs, seconds = _train(model, args.max_epochs, batch_size=args.batch_size)
     model.write_results(adata, key_added=args.key_added, overwrite=args.overwrite)
     adata.write_h5ad(args.output)
     if args.save_model is not None:
         model.save(args.save_model, overwrite=True)
-    n_selected = _selected(model).sum(axis=0)
+    selected = {kind: _selected(model, kind).sum(axis=0) for kind in model.mask_kinds}
+    counts = "; ".join(
+        (f"{kind}: " if model.is_multistudy else "") + ", ".join(str(int(n)) for n in n_sel)
+        for kind, n_sel in selected.items()
+    )
+    n_spec = model.module.n_specific_factors if model.is_multistudy else 0
+    factors = f"{model.module.n_factors} factors" + (
+        f" + {n_spec} specific factors x {len(model.studies)} studies" if n_spec else ""
+    )
     print(
-        f"SparseVAE: {adata.n_obs} cells x {adata.n_vars} genes, {model.module.n_factors} "
-        f"factors, likelihood {model.likelihood}, {epochs} epochs in {seconds:.1f} s; "
-        f"selected genes per factor: {', '.join(str(int(n)) for n in n_selected)}",
+        f"SparseVAE: {adata.n_obs} cells x {adata.n_vars} genes, {factors}, "
+        f"likelihood {model.likelihood}, {epochs} epochs in {seconds:.1f} s; "
+        f"selected genes per factor: {counts}",
         flush=True,
     )
     print(
-        f"wrote {args.output} (obsm['X_{args.key_added}'], varm['{args.key_added}_W'], "
+        f"wrote {args.output} (obsm['X_{args.key_added}'], varm['{args.key_added}_W"
+        f"{'_<shared|study>' if model.is_multistudy else ''}'], "
         f"uns['{args.key_added}'])" + (f" and model {args.save_model}" if args.save_model else ""),
         flush=True,
     )
