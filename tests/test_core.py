@@ -455,3 +455,18 @@ def test_prior_schedule_and_normalised_decoder():
         assert torch.allclose(dec(z), dec.forward_loop(z), atol=1e-5)
     with pytest.raises(ValueError, match="n_epochs_prior_warmup"):
         model.train(max_epochs=1, n_epochs_prior_warmup=-1, **QUIET)
+    # default schedule: on for count likelihoods, off for Gaussian (the paper's setting)
+    model.train(max_epochs=5, **QUIET)
+    plan = model.trainer.lightning_module
+    assert (plan.n_epochs_prior_warmup, plan.n_epochs_lambda0_ramp) == (1, 2)
+    gauss = adata.copy()
+    gauss.X = np.log1p(
+        gauss.layers["counts"].toarray()
+        if hasattr(gauss.layers["counts"], "toarray")
+        else gauss.layers["counts"]
+    )
+    SparseVAE.setup_anndata(gauss)
+    gmodel = SparseVAE(gauss, n_factors=2, n_hidden=8, likelihood="gaussian")
+    gmodel.train(max_epochs=5, **QUIET)
+    plan = gmodel.trainer.lightning_module
+    assert (plan.n_epochs_prior_warmup, plan.n_epochs_lambda0_ramp) == (0, 0)

@@ -427,11 +427,15 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
             Linear KL warm-up length in epochs; ``None`` uses the full KL weight from the start.
         n_epochs_prior_warmup
             Epochs at the start without the mask prior (the network first learns to use every
-            factor); default 20% of ``max_epochs``. ``0`` turns the warm-up off.
+            factor); default 20% of ``max_epochs`` for count likelihoods and 0 (off) for
+            ``gaussian``. Measured on ``simulate_moran2022`` (Gaussian, 300 epochs, rho 0): without
+            the schedule 5 of 5 seeds recovered both factors (DCI 0.94-0.97); with it seed 1 lost
+            one (DCI 0.15). For counts it is needed: without it every factor was switched off.
         n_epochs_lambda0_ramp
             Epochs, after the warm-up, over which the spike rate climbs from ``1.5 * lambda1`` to
-            ``lambda0`` with ``eta`` held at 0.5; default 40% of ``max_epochs``. ``0`` applies
-            ``lambda0`` at once. See :class:`~sparsevae.train.SparseVAETrainingPlan`.
+            ``lambda0`` with ``eta`` held at 0.5. ``0`` applies ``lambda0`` at once; default 40%
+            of ``max_epochs`` for count likelihoods and 0 for ``gaussian``. See
+            :class:`~sparsevae.train.SparseVAETrainingPlan`.
         plan_kwargs
             Passed to :class:`~sparsevae.train.SparseVAETrainingPlan`.
         **trainer_kwargs
@@ -445,10 +449,13 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
             max_epochs = default_max_epochs(self.adata.n_obs)
         if train_size is None:
             train_size = 0.9 if early_stopping else 1.0
+        # The schedule is for count likelihoods (see the docstring); the Gaussian path keeps the
+        # paper's setting, the full prior from the first step.
+        scheduled = self.likelihood != "gaussian"
         if n_epochs_prior_warmup is None:
-            n_epochs_prior_warmup = round(0.2 * max_epochs)
+            n_epochs_prior_warmup = round(0.2 * max_epochs) if scheduled else 0
         if n_epochs_lambda0_ramp is None:
-            n_epochs_lambda0_ramp = round(0.4 * max_epochs)
+            n_epochs_lambda0_ramp = round(0.4 * max_epochs) if scheduled else 0
         plan_kwargs = {
             "lr": lr,
             "n_epochs_kl_warmup": n_epochs_kl_warmup,
