@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
+import scvi
 import torch
 from anndata import AnnData
 
@@ -82,12 +83,13 @@ def gaussian_model():
         obs=pd.DataFrame(index=[f"c{i}" for i in range(500)]),
         var=pd.DataFrame(index=["A", "B", "C", "D"]),
     )
-    torch.manual_seed(0)
+    scvi.settings.seed = 0  # the fit below depends on the data split and shuffling too
     M.setup_anndata(adata)
     # No mask prior: the effect computation is the same, and a 1-factor, 4-gene SSL model can
     # collapse in short runs (the prior switches the factor off), which is not tested here.
     model = M(adata, n_factors=1, n_hidden=16, likelihood="gaussian", mask=None)
-    model.train(max_epochs=30, batch_size=128, **QUIET)
+    # 30 epochs left |effect of A| anywhere from 0.6 to 3 depending on the random state
+    model.train(max_epochs=100, batch_size=128, **QUIET)
     return model
 
 

@@ -191,7 +191,7 @@ def top_genes(
     from matplotlib.ticker import MaxNLocator
 
     from ..tl import top_genes as tl_top_genes
-    from ..tl._anchors import _check_min_pstar, _kind_kwargs, _other_selections
+    from ..tl._anchors import _check_min_pstar, _gene_effects, _kind_kwargs, _other_selections
 
     n = _check_positive_int("n", n)
     ncols = _check_positive_int("ncols", ncols)
@@ -206,14 +206,7 @@ def top_genes(
         shown, xlabel = pstar, "p*"
     else:
         if effects is None:
-            from ..model._interpret import compute_gene_effects
-
-            getter = getattr(model, "get_gene_effects", None)
-            effects = (
-                getter(**_kind_kwargs(kind))
-                if getter is not None
-                else compute_gene_effects(model, kind=kind)
-            )
+            effects = _gene_effects(model, kind)
         shown, xlabel = effects, "effect on expected expression"
     selected = pstar >= min_pstar
     n_selecting = selected.sum(axis=1) + _other_selections(model, min_pstar, kind)

@@ -44,6 +44,16 @@ def _kind_kwargs(kind: str | None) -> dict[str, str]:
     return {} if kind is None else {"kind": kind}
 
 
+def _gene_effects(model: Any, kind: str | None) -> Any:
+    """Signed gene effects of mask ``kind``: the model's getter, else computed from the model."""
+    getter = getattr(model, "get_gene_effects", None)
+    if getter is not None:
+        return getter(**_kind_kwargs(kind))
+    from ..model._interpret import compute_gene_effects
+
+    return compute_gene_effects(model, kind=kind)
+
+
 def _kind_names(model: Any, kind: str | None) -> list[str]:
     """Factor names of mask ``kind`` (all factors of a single-study model)."""
     getter = getattr(model, "kind_factor_names", None)

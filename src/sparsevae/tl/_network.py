@@ -7,7 +7,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from ._anchors import _check_min_pstar, _kind_kwargs, _require_prior
+from ._anchors import _check_min_pstar, _gene_effects, _kind_kwargs, _require_prior
 
 __all__ = ["to_network"]
 
@@ -58,14 +58,7 @@ def to_network(
         values = model.get_mask(**_kind_kwargs(kind))
     else:
         if effects is None:
-            from ..model._interpret import compute_gene_effects
-
-            getter = getattr(model, "get_gene_effects", None)
-            effects = (
-                getter(**_kind_kwargs(kind))
-                if getter is not None
-                else compute_gene_effects(model, kind=kind)
-            )
+            effects = _gene_effects(model, kind)
         if not isinstance(effects, pd.DataFrame):
             raise TypeError("effects must be a genes x factors DataFrame.")
         values = effects.reindex(index=pstar.index, columns=pstar.columns)
