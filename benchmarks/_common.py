@@ -8,8 +8,9 @@ import logging
 import os
 import platform
 import sys
+import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any, TextIO
@@ -230,3 +231,34 @@ def posterior_means(model: Any, adata: Any, batch_size: int = 256) -> tuple[Any,
             nlls.append(-px.log_prob(x).sum(-1).cpu().numpy())
             zs.append(qz.loc.cpu().numpy())
     return np.concatenate(zs), np.concatenate(means), np.concatenate(nlls)
+
+
+def guarded_fit(
+    benchmark: str,
+    run: Callable[[], dict[str, Any]],
+    keys: dict[str, Any],
+    emit: Callable[[dict[str, Any]], None],
+    label: Callable[[dict[str, Any]], str],
+) -> tuple[dict[str, Any], bool]:
+    """Run one fit, turning an exception into an ``error`` record; emit and log it.
+
+    Returns the record and whether the fit succeeded.
+    """
+    t0 = time.perf_counter()
+    ok = True
+    try:
+        rec = run()
+    except Exception as err:  # report and go on
+        rec = {"record": "fit", **keys, "error": f"{type(err).__name__}: {err}"}
+        ok = False
+    rec["wall_seconds"] = time.perf_counter() - t0
+    rec["benchmark"] = benchmark
+    emit(rec)
+    where = " ".join(f"{k}={v}" for k, v in keys.items() if k != "method")
+    print(
+        f"[{benchmark}] {where} {keys.get('method', '')}: {label(rec)} "
+        f"({rec['wall_seconds']:.1f} s)",
+        file=sys.stderr,
+        flush=True,
+    )
+    return rec, ok

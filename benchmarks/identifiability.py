@@ -59,6 +59,7 @@ from _common import (
     TRAINER_KWARGS,
     Emitter,
     command_line,
+    guarded_fit,
     import_sparsevae,
     machine_info,
     mean_std,
@@ -352,29 +353,15 @@ def main(argv: list[str] | None = None) -> int:
         for rho in args.rhos:
             for seed in range(args.seeds):
                 for method in args.methods:
-                    t0 = time.perf_counter()
-                    try:
-                        rec = run_one(method, rho, seed, args)
-                    except Exception as err:  # report and go on
-                        rec = {
-                            "record": "fit",
-                            "method": method,
-                            "rho": rho,
-                            "seed": seed,
-                            "error": f"{type(err).__name__}: {err}",
-                        }
-                        status = 1
-                    rec["wall_seconds"] = time.perf_counter() - t0
-                    rec["benchmark"] = "identifiability"
-                    records.append(rec)
-                    emit(rec)
-                    print(
-                        f"[identifiability] rho={rho} seed={seed} {method}: "
-                        f"D={rec.get('dci_disentanglement', float('nan')):.3f} "
-                        f"({rec['wall_seconds']:.1f} s)",
-                        file=sys.stderr,
-                        flush=True,
+                    rec, ok = guarded_fit(
+                        "identifiability",
+                        lambda m=method, r=rho, sd=seed: run_one(m, r, sd, args),
+                        {"method": method, "rho": rho, "seed": seed},
+                        emit,
+                        lambda r: f"D={r.get('dci_disentanglement', float('nan')):.3f}",
                     )
+                    records.append(rec)
+                    status = status if ok else 1
         for s in summarise(records):
             s["benchmark"] = "identifiability"
             emit(s)

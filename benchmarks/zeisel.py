@@ -58,6 +58,7 @@ from _common import (
     TRAINER_KWARGS,
     Emitter,
     command_line,
+    guarded_fit,
     import_sparsevae,
     machine_info,
     mean_std,
@@ -372,27 +373,15 @@ def main(argv: list[str] | None = None) -> int:
         records = []
         for seed in range(args.seeds):
             for method in args.methods:
-                t0 = time.perf_counter()
-                try:
-                    rec = run_one(method, adata, seed, args)
-                except Exception as err:  # report and go on
-                    rec = {
-                        "record": "fit",
-                        "method": method,
-                        "seed": seed,
-                        "error": f"{type(err).__name__}: {err}",
-                    }
-                    status = 1
-                rec["wall_seconds"] = time.perf_counter() - t0
-                rec["benchmark"] = "zeisel"
-                records.append(rec)
-                emit(rec)
-                print(
-                    f"[zeisel] seed={seed} {method}: acc={rec.get('accuracy', float('nan')):.3f} "
-                    f"({rec['wall_seconds']:.1f} s)",
-                    file=sys.stderr,
-                    flush=True,
+                rec, ok = guarded_fit(
+                    "zeisel",
+                    lambda m=method, sd=seed: run_one(m, adata, sd, args),
+                    {"method": method, "seed": seed},
+                    emit,
+                    lambda r: f"acc={r.get('accuracy', float('nan')):.3f}",
                 )
+                records.append(rec)
+                status = status if ok else 1
         for s in summarise(records):
             s["benchmark"] = "zeisel"
             emit(s)
