@@ -350,8 +350,9 @@ def main(argv: list[str] | None = None) -> int:
         emit(meta)
         records = []
         status = 0
-        for rho in args.rhos:
-            for seed in range(args.seeds):
+        # seeds outermost: a run stopped early still covers every rho
+        for seed in range(args.seeds):
+            for rho in args.rhos:
                 for method in args.methods:
                     rec, ok = guarded_fit(
                         "identifiability",

@@ -48,6 +48,22 @@ default_role = "literal"
 nitpicky = False  # no intersphinx (offline builds): references to other packages stay plain text
 pygments_style = "default"
 
+# -- Tutorials -----------------------------------------------------------------------------------
+# The notebooks live in ../tutorials (where users find them and the tests run them); the docs
+# render a copy of their stored outputs (docs/tutorials/ is generated, not tracked).
+def _copy_tutorials() -> None:
+    import shutil
+
+    dst = HERE / "tutorials"
+    dst.mkdir(exist_ok=True)
+    for old in dst.glob("*.ipynb"):
+        old.unlink()
+    for nb in sorted((ROOT / "tutorials").glob("*.ipynb")):
+        shutil.copy2(nb, dst / nb.name)
+
+
+_copy_tutorials()
+
 # -- MyST / myst-nb ------------------------------------------------------------------------------
 myst_enable_extensions = ["amsmath", "colon_fence", "deflist", "dollarmath", "html_image"]
 myst_heading_anchors = 3
