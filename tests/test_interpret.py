@@ -472,3 +472,19 @@ def test_pbmc_hallmark_end_to_end():
         mouse = sparsevae.tl.translate_gene_sets(gmt, orthologs)
         assert "Cd3e" in mouse["HALLMARK_ALLOGRAFT_REJECTION"]
         assert len(mouse) == 50
+
+
+def test_enrich_prerank_backend_panic_is_a_clear_error(hand_model, programs, monkeypatch):
+    """gseapy's Rust core panics with a BaseException on heavily tied rankings."""
+    import gseapy
+
+    class FakePanic(BaseException):
+        pass
+
+    def panic(**kwargs):
+        raise FakePanic("called `Option::unwrap()` on a `None` value")
+
+    monkeypatch.setattr(gseapy, "prerank", panic)
+    effects = pd.DataFrame(0.0, index=hand_model.adata.var_names, columns=hand_model.factor_names)
+    with pytest.raises(RuntimeError, match="tied"):
+        sparsevae.tl.enrich(hand_model, programs, method="prerank", effects=effects, min_size=3)

@@ -138,8 +138,9 @@ class InterpretabilityMixin:
 
         The derivative of the decoder's expected expression of gene ``j`` with respect to factor
         ``k`` is evaluated at each cell's posterior mean ``z_i`` and averaged over cells. The
-        mask enters through the decoder, so a gene that a factor does not select has an effect
-        near zero on that factor; unlike ``W`` the effect is signed and in data units. It is
+        mask enters through the decoder, so a gene that a factor does not select usually has a
+        small effect on that factor (not always zero: an entry with ``p* < 0.5`` can keep a
+        modest ``|w|``); unlike ``W`` the effect is signed and in data units. It is
         computed exactly with forward-mode automatic differentiation, one pass per factor and
         batch of cells (no loop over genes).
 

@@ -205,9 +205,11 @@ def top_genes(
     elif values == "pstar":
         shown, xlabel = pstar, "p*"
     else:
+        # precomputed effects may be on either scale (expression or link): label them plainly
+        xlabel = "gene effect" if effects is not None else "effect on expected expression"
         if effects is None:
             effects = _gene_effects(model, kind)
-        shown, xlabel = effects, "effect on expected expression"
+        shown = effects
     selected = pstar >= min_pstar
     n_selecting = selected.sum(axis=1) + _other_selections(model, min_pstar, kind)
 

@@ -353,19 +353,31 @@ def _prerank_factor(
         if not sets:
             continue
         token_sets = {t: [index.tokens[i] for i in g] for t, g in sets.items()}
-        res = gseapy.prerank(
-            rnk=rnk,
-            gene_sets=token_sets,
-            min_size=min_size,
-            max_size=max_size,
-            permutation_num=permutation_num,
-            seed=seed,
-            threads=threads,
-            outdir=None,
-            no_plot=True,
-            verbose=False,
-            **kwargs,
-        )
+        try:
+            res = gseapy.prerank(
+                rnk=rnk,
+                gene_sets=token_sets,
+                min_size=min_size,
+                max_size=max_size,
+                permutation_num=permutation_num,
+                seed=seed,
+                threads=threads,
+                outdir=None,
+                no_plot=True,
+                verbose=False,
+                **kwargs,
+            )
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as err:  # gseapy's Rust core panics (a BaseException) on bad input
+            n_tied = int(rnk.duplicated(keep=False).sum())
+            raise RuntimeError(
+                f"gseapy.prerank failed for {factor!r} with gene set library {lib_name!r}: "
+                f"{type(err).__name__}: {err}. {n_tied} of {len(rnk)} ranking scores are tied; "
+                "prerank needs a ranking with few ties (e.g. signed gene effects rather than "
+                "values that are exactly 0 for most genes). Use method='ora' for the selected "
+                "genes, or rank on other scores."
+            ) from err
         table = res.res2d
         if table is None or len(table) == 0:
             continue
