@@ -37,7 +37,7 @@ def _mask_tables(
     has_prior = getattr(model.module, "prior", None) is not None
     if has_prior:
         pstar = model.get_inclusion_probabilities(**kind_kwargs)
-        selected = pstar > (0.5 if threshold is None else threshold)
+        selected = pstar >= (0.5 if threshold is None else threshold)  # as tl.anchor_genes
     else:
         if values == "pstar":
             raise ValueError("This model has no mask prior (mask=None), so it has no p*.")
@@ -138,6 +138,7 @@ def mask_heatmap(
         vmin=0.0,
         vmax=vmax if vmax > 0 else 1.0,
     )
+    ax.grid(False)  # scanpy's figure settings turn grids on; lines across a heat map mislead
     ax.set_xticks(range(shown.shape[1]))
     ax.set_xticklabels([str(c) for c in shown.columns], rotation=90)
     ax.set_yticks(range(len(genes)))
