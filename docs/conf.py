@@ -48,6 +48,7 @@ default_role = "literal"
 nitpicky = False  # no intersphinx (offline builds): references to other packages stay plain text
 pygments_style = "default"
 
+
 # -- Tutorials -----------------------------------------------------------------------------------
 # The notebooks live in ../tutorials (where users find them and the tests run them); the docs
 # render a copy of their stored outputs (docs/tutorials/ is generated, not tracked).
