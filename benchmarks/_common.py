@@ -188,6 +188,14 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std())
 
 
+def add_mean_sd(summary: dict[str, Any], records: list[dict[str, Any]], keys: Any) -> None:
+    """Add ``<key>_mean`` and ``<key>_sd`` over ``records`` to ``summary`` for each key present."""
+    for key in keys:
+        vals = [r[key] for r in records if key in r]
+        if vals:
+            summary[f"{key}_mean"], summary[f"{key}_sd"] = mean_std(vals)
+
+
 def posterior_means(model: Any, adata: Any, batch_size: int = 256) -> tuple[Any, Any, Any]:
     """Posterior-mean factors, the decoded mean of the data and the per-cell NLL.
 

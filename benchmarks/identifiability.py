@@ -58,11 +58,11 @@ import numpy as np
 from _common import (
     TRAINER_KWARGS,
     Emitter,
+    add_mean_sd,
     command_line,
     guarded_fit,
     import_sparsevae,
     machine_info,
-    mean_std,
     posterior_means,
     quiet_logs,
     stdout_to_stderr,
@@ -275,10 +275,7 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "n_failed": len(rs) - len(ok),
             "n_collapsed": sum(bool(r.get("collapsed")) for r in ok),
         }
-        for key in SUMMARY_KEYS:
-            vals = [r[key] for r in ok if key in r]
-            if vals:
-                summary[f"{key}_mean"], summary[f"{key}_sd"] = mean_std(vals)
+        add_mean_sd(summary, ok, SUMMARY_KEYS)
         out.append(summary)
     return out
 

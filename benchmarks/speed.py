@@ -92,11 +92,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from importlib import metadata
 from pathlib import Path
 from typing import Any, TextIO
 
-from _common import quiet_logs, stdout_to_stderr
+from _common import cpu_model, package_version, quiet_logs, stdout_to_stderr
 
 N_CELLS = 3005
 N_GENES = 558
@@ -146,21 +145,6 @@ def decoder_flops_per_epoch(
     return 3.0 * 2.0 * n_cells * n_genes * per_gene_cell
 
 
-def _package_version(name: str) -> str | None:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def machine_info(threads: int, device: str) -> dict[str, Any]:
     """Describe the machine and software the benchmark runs on.
 
@@ -178,13 +162,13 @@ def machine_info(threads: int, device: str) -> dict[str, Any]:
     info: dict[str, Any] = {
         "cpu_count": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "threads": threads,
         "device": device,
         "python": platform.python_version(),
-        "torch": _package_version("torch"),
-        "scvi_tools": _package_version("scvi-tools"),
-        "lightning": _package_version("lightning"),
+        "torch": package_version("torch"),
+        "scvi_tools": package_version("scvi-tools"),
+        "lightning": package_version("lightning"),
         "loadavg_1m": round(os.getloadavg()[0], 2),
     }
     if "torch" in sys.modules and device == "cuda":

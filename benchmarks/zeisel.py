@@ -57,11 +57,11 @@ from _common import (
     SHARED,
     TRAINER_KWARGS,
     Emitter,
+    add_mean_sd,
     command_line,
     guarded_fit,
     import_sparsevae,
     machine_info,
-    mean_std,
     posterior_means,
     quiet_logs,
     stdout_to_stderr,
@@ -282,10 +282,7 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "n_seeds": len(ok),
             "n_failed": len(rs) - len(ok),
         }
-        for key in SUMMARY_KEYS:
-            vals = [r[key] for r in ok if key in r]
-            if vals:
-                s[f"{key}_mean"], s[f"{key}_sd"] = mean_std(vals)
+        add_mean_sd(s, ok, SUMMARY_KEYS)
         out.append(s)
     return out
 
