@@ -70,6 +70,36 @@ def test_decoder_gene_only_sees_its_mask_row():
     torch.testing.assert_close(dec(z)[:, 0], dec(z2)[:, 0])
 
 
+
+def test_composition_offset_is_one_number_per_cell():
+    """Count likelihoods add c(z) to every gene's log mean: zero at the start, then the same shift
+    for all genes of a cell, so log-ratios of genes that do not see a factor ignore it."""
+    from sparsevae.module import SparseVAEModule
+
+    torch.manual_seed(0)
+    with_off = SparseVAEModule(6, n_factors=3, n_hidden=8)
+    assert with_off.composition_offset  # default for counts
+    without = SparseVAEModule(6, n_factors=3, n_hidden=8, composition_offset=False)
+    without.load_state_dict(with_off.state_dict(), strict=False)
+    assert not hasattr(without, "offset_net")
+    assert not SparseVAEModule(6, n_factors=3, likelihood="gaussian").composition_offset
+    z, lib = torch.randn(5, 3), torch.zeros(5, 1)
+    torch.testing.assert_close(  # zero at initialisation
+        with_off.generative(z, lib)["px"].mu, without.generative(z, lib)["px"].mu
+    )
+    with torch.no_grad():
+        with_off.offset_net[-1].weight.normal_()
+        with_off.decoder.W.zero_()
+        with_off.decoder.W[:3, 0] = 1.0  # genes 0-2 see factor 0 only, genes 3-5 nothing
+    z2 = z.clone()
+    z2[:, 1:] = torch.randn(5, 2)  # change the factors no gene sees
+    log_mu = with_off.generative(z, lib)["px"].mu.log()
+    log_mu2 = with_off.generative(z2, lib)["px"].mu.log()
+    shift = log_mu2 - log_mu
+    assert shift.abs().min() > 1e-4  # the offset moves every gene of a cell ...
+    torch.testing.assert_close(shift, shift[:, :1].expand_as(shift))  # ... by the same amount
+
+
 # ----------------------------------------------------------------------------- prior
 def test_em_step_matches_hand_computation():
     W = torch.tensor([[0.0, 0.5], [2.0, -0.05], [-1.0, 30.0]])

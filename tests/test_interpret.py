@@ -157,7 +157,9 @@ def test_identifiability_report(hand_model):
         "n_selected",
         "n_anchors",
         "eta",
+        "max_abs_w",
         "switched_off",
+        "unselected",
         "identifiable",
     ]
     assert f.n_selected.tolist() == [9, 9, 2, 0]
@@ -181,9 +183,19 @@ def test_identifiability_report(hand_model):
     assert d["identifiable_factors"] == ["factor_0", "factor_1"]
     assert len(d["factors"]) == 4 and len(d["covariance_violations"]) == 4
 
-    # eta criterion: a factor with eta below eta_min is switched off even with genes
+    assert f.max_abs_w.tolist() == pytest.approx([2.0, 2.0, 2.0, 0.0])
+    assert not f.unselected.any()
+
+    # eta below eta_min: factor_2 has no selected gene any more, but its mask entries (|w| 2,
+    # far above the spike region) say the decoder uses it: "in use", not "switched off"
     strict = sparsevae.tl.identifiability_report(hand_model, z=z, eta_min=0.05)
-    assert strict.factors.switched_off.tolist() == [False, False, True, True]
+    assert strict.w_off == pytest.approx(np.log(10.0) / 9.0)
+    assert strict.factors.switched_off.tolist() == [False, False, False, True]
+    assert strict.factors.unselected.tolist() == [False, False, True, False]
+    assert strict.factors.identifiable.tolist() == [True, True, False, False]
+    assert strict.active_factors == ["factor_0", "factor_1", "factor_2"]
+    assert "1 in use but with no selected gene" in str(strict)
+    assert "in use (max |w| 2) but no gene selected" in str(strict)
 
     # default: the model's own latent representation
     default = sparsevae.tl.identifiability_report(hand_model)

@@ -71,7 +71,9 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
     likelihood
         ``"auto"`` (``"nb"`` for non-negative integer data, else ``"gaussian"``), ``"nb"``,
         ``"zinb"``, ``"poisson"`` or ``"gaussian"``. Count likelihoods use a log link with the
-        cell's library size.
+        cell's library size plus a cell-level composition offset shared by all genes (module
+        keyword ``composition_offset``, on by default; see
+        :class:`~sparsevae.module.SparseVAEModule`).
     mask
         ``"ssl"`` (learned sparse mask with a Spike-and-Slab Lasso prior) or ``None`` (no mask: the
         plain VAE baseline).

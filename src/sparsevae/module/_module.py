@@ -91,6 +91,20 @@ class SparseVAEModule(BaseModuleClass):
         hyperparameters; the specific priors live in ``prior_specific``.
     n_studies
         Multi-study: number of studies.
+    composition_offset
+        Count likelihoods: add a cell-level offset ``c(z_i)``, one number per cell computed by a
+        small network (``n_factors`` -> ``n_hidden`` -> 1, output zero at the start) from all
+        factors, to every gene's log mean: ``log mu_ij = head_j(f(w_j * z_i)) + log l_i +
+        c(z_i)``. Counts measure each gene's *share* of the cell's transcripts, so when a
+        program raises its genes every other gene's share falls a little; without the offset a
+        gene outside every program looks weakly dependent on every factor, and with enough
+        cells the likelihood outweighs the mask prior and selects it. The offset is common to
+        all genes of a cell, so it cannot explain a gene-specific change and the mask keeps its
+        reading (gene ``j``'s expression relative to the cell's composition depends only on the
+        factors in ``w_j``). Measured on ``simulate_multistudy`` (3 studies, 200 genes, 30
+        genes per program, 400 cells per study, seeds 0 and 1): without it one shared factor
+        selected 126 (71) genes, shared-mask F1 0.385 (0.594); with it 30 (31) genes and F1
+        1.0 (0.984). Default ``True``; ignored by the Gaussian likelihood.
     encode_study
         Multi-study: give the encoder each cell's study (one-hot) as an extra input. Off by
         default: with it, the encoder can give a shared factor a different distribution in each
@@ -126,6 +140,7 @@ class SparseVAEModule(BaseModuleClass):
         n_specific_factors: int = 0,
         n_studies: int = 1,
         encode_study: bool = False,
+        composition_offset: bool | None = None,
     ) -> None:
         super().__init__()
         if likelihood not in LIKELIHOODS:
@@ -201,6 +216,17 @@ class SparseVAEModule(BaseModuleClass):
             if mask is not None and self.is_multistudy
             else None
         )
+        if composition_offset is None:
+            composition_offset = True
+        self.composition_offset = bool(composition_offset) and likelihood != "gaussian"
+        if self.composition_offset:
+            n_z = n_factors + self.n_specific_factors
+            self.offset_net = nn.Sequential(
+                nn.Linear(n_z, n_hidden), nn.ReLU(), nn.Linear(n_hidden, 1)
+            )
+            with torch.no_grad():  # start at no offset
+                self.offset_net[-1].weight.zero_()
+                self.offset_net[-1].bias.zero_()
         if likelihood in ("nb", "zinb"):
             self.log_theta = nn.Parameter(torch.zeros(n_input))  # NB inverse dispersion
         if likelihood == "gaussian":
@@ -306,6 +332,8 @@ class SparseVAEModule(BaseModuleClass):
             px = Normal(self.gene_loc + scale * eta, scale * torch.exp(0.5 * self.log_sigma2))
         else:
             log_mu = eta + library
+            if self.composition_offset:
+                log_mu = log_mu + self.offset_net(z)
             mu = torch.exp(log_mu)
             if self.likelihood == "poisson":
                 px = Poisson(mu)

@@ -325,9 +325,13 @@ class IdentifiabilityReport:
     ----------
     factors
         One row per factor: ``factor``, ``n_selected`` (genes with ``p* >= min_pstar``),
-        ``n_anchors`` (selected genes selected by no other factor), ``eta``, ``switched_off``
-        (``eta < eta_min`` or no selected gene) and ``identifiable`` (at least ``min_anchors``
-        anchors and not switched off).
+        ``n_anchors`` (selected genes selected by no other factor), ``eta``, ``max_abs_w``
+        (the largest ``|w_jk|`` of the factor's mask column), ``switched_off`` (``eta <
+        eta_min`` or no selected gene, *and* every ``|w_jk| < w_off``: the decoder does not use
+        the factor), ``unselected`` (``eta < eta_min`` or no selected gene, but some ``|w_jk| >=
+        w_off``: the decoder still uses the factor, yet the prior selects none of its genes) and
+        ``identifiable`` (at least ``min_anchors`` anchors, neither switched off nor
+        unselected).
     covariance_violations
         Factor pairs breaking ``min(Var z_k, Var z_k') > |Cov(z_k, z_k')|`` on the posterior
         means (see :func:`covariance_violations`), with a column ``involves_switched_off``.
@@ -339,6 +343,9 @@ class IdentifiabilityReport:
         Threshold below which a factor's ``eta`` counts as switched off.
     min_anchors
         Anchors needed per factor.
+    w_off
+        Mask entries with ``|w| < w_off`` count as unused: the point where the spike and slab
+        densities cross, ``log(lambda0 / lambda1) / (lambda0 - lambda1)``.
     """
 
     factors: pd.DataFrame
@@ -347,6 +354,7 @@ class IdentifiabilityReport:
     min_pstar: float = 0.5
     eta_min: float = 0.0
     min_anchors: int = 2
+    w_off: float = 0.0
 
     @property
     def active_factors(self) -> list[str]:
@@ -383,19 +391,26 @@ class IdentifiabilityReport:
         """
         f = self.factors
         n_off = int(f["switched_off"].sum())
+        n_unsel = int(f["unselected"].sum())
         n_ident = int(f["identifiable"].sum())
-        n_few = len(f) - n_off - n_ident
+        n_few = len(f) - n_off - n_unsel - n_ident
+        counts = f"{n_few} with too few anchors, "
+        if n_unsel:
+            counts += f"{n_unsel} in use but with no selected gene, "
         lines = [
             f"SparseVAE identifiability report (selected: p* >= {self.min_pstar:g}; "
-            f"switched off: eta < {self.eta_min:.3g} or no selected gene)",
+            f"switched off: eta < {self.eta_min:.3g} or no selected gene, and every "
+            f"|w| < {self.w_off:.3g})",
             f"  {len(f)} factors: {n_ident} identifiable (>= {self.min_anchors} anchor genes), "
-            f"{n_few} with too few anchors, {n_off} switched off",
+            f"{counts}{n_off} switched off",
         ]
         width = max([len("factor"), *(len(str(x)) for x in f["factor"])])
         lines.append(f"  {'factor':<{width}}  {'selected':>8}  {'anchors':>7}  {'eta':>9}  status")
         for row in f.itertuples(index=False):
             if row.switched_off:
                 status = "switched off"
+            elif row.unselected:
+                status = f"in use (max |w| {row.max_abs_w:.3g}) but no gene selected"
             elif row.identifiable:
                 status = "identifiable"
             else:
@@ -450,6 +465,7 @@ class IdentifiabilityReport:
         return {
             "min_pstar": float(self.min_pstar),
             "eta_min": float(self.eta_min),
+            "w_off": float(self.w_off),
             "min_anchors": int(self.min_anchors),
             "is_identifiable": self.is_identifiable,
             "identifiable_factors": [str(x) for x in self.identifiable_factors],
@@ -467,25 +483,44 @@ def _default_eta_min(model: Any) -> float:
     return float((0.5 + a - 1.0) / (a + b + n_genes - 2.0))
 
 
+def _default_w_off(model: Any) -> float:
+    """``|w|`` where the spike and slab Laplace densities cross (equal weights)."""
+    prior = model.module.prior
+    lam0, lam1 = float(prior.lambda0), float(prior.lambda1)
+    return float(np.log(lam0 / lam1) / (lam0 - lam1))
+
+
 def _factor_table(
-    model: Any, min_pstar: float, eta_min: float, min_anchors: int, kind: str | None
+    model: Any,
+    min_pstar: float,
+    eta_min: float,
+    min_anchors: int,
+    kind: str | None,
+    w_off: float = 0.0,
 ) -> pd.DataFrame:
-    """Per-factor selection, anchors, eta and status of mask ``kind``."""
+    """Per-factor selection, anchors, eta, mask size and status of mask ``kind``."""
     _, _, selected = _selection(model, min_pstar, kind)
     names = _kind_names(model, kind)
     eta = model.get_eta(**_kind_kwargs(kind)).reindex(names).to_numpy(dtype=float)
     n_selected = selected.sum(axis=0).reindex(names).to_numpy(dtype=int)
     single = (selected.sum(axis=1) + _other_selections(model, min_pstar, kind)) == 1
     n_anchors = selected[single].sum(axis=0).reindex(names).to_numpy(dtype=int)
-    switched_off = (eta < eta_min) | (n_selected == 0)
-    identifiable = (n_anchors >= min_anchors) & ~switched_off
+    W = model.get_mask(**_kind_kwargs(kind))
+    max_abs_w = W.abs().max(axis=0).reindex(names).to_numpy(dtype=float)
+    not_selected = (eta < eta_min) | (n_selected == 0)
+    in_use = max_abs_w >= w_off
+    switched_off = not_selected & ~in_use
+    unselected = not_selected & in_use
+    identifiable = (n_anchors >= min_anchors) & ~not_selected
     return pd.DataFrame(
         {
             "factor": names,
             "n_selected": n_selected,
             "n_anchors": n_anchors,
             "eta": eta,
+            "max_abs_w": max_abs_w,
             "switched_off": switched_off,
+            "unselected": unselected,
             "identifiable": identifiable,
         }
     )
@@ -506,8 +541,12 @@ def identifiability_report(
     mask lets through to that factor only) and (ii) ``min(Var z_k, Var z_k') > |Cov(z_k, z_k')|``
     for every pair of factors. (i) is read from the mask's inclusion probabilities, (ii) from the
     covariance of the posterior means of the factors. Factors that the prior switched off (``eta``
-    near zero, or no selected gene) are reported as such: they carry no signal and are not
-    expected to be identifiable.
+    near zero, or no selected gene, and no mask entry above ``w_off``: the decoder does not use
+    them) are reported as such: they carry no signal and are not expected to be identifiable.
+    A factor with ``eta`` near zero or no selected gene whose mask still has large entries is
+    reported as *in use but with no selected gene*: the decoder uses it, so it is neither
+    switched off nor identifiable (seen on pbmc68k: ``eta`` 1.6e-4, yet the largest ``|w|``
+    well above the spike region and large gene effects).
 
     Parameters
     ----------
@@ -552,13 +591,14 @@ def identifiability_report(
     eta_min = _default_eta_min(model) if eta_min is None else float(eta_min)
     if not np.isfinite(eta_min) or eta_min < 0:
         raise ValueError(f"eta_min must be a finite number >= 0, got {eta_min!r}.")
-    factors = _factor_table(model, min_pstar, eta_min, int(min_anchors), kind)
+    w_off = _default_w_off(model)
+    factors = _factor_table(model, min_pstar, eta_min, int(min_anchors), kind, w_off)
     names = factors["factor"].tolist()
     study = model._kind_index(kind) if _is_multistudy(model) else None
     # The factors whose covariance is checked: a study's factors include the shared ones.
     context = factors
     if study is not None:
-        shared = _factor_table(model, min_pstar, eta_min, int(min_anchors), "shared")
+        shared = _factor_table(model, min_pstar, eta_min, int(min_anchors), "shared", w_off)
         context = pd.concat([shared, factors], ignore_index=True)
     context_names = context["factor"].tolist()
     all_names = list(model.factor_names)
@@ -596,4 +636,5 @@ def identifiability_report(
         min_pstar=min_pstar,
         eta_min=eta_min,
         min_anchors=int(min_anchors),
+        w_off=w_off,
     )
