@@ -70,7 +70,6 @@ def test_decoder_gene_only_sees_its_mask_row():
     torch.testing.assert_close(dec(z)[:, 0], dec(z2)[:, 0])
 
 
-
 def test_composition_offset_is_one_number_per_cell():
     """Count likelihoods add c(z) to every gene's log mean: zero at the start, then the same shift
     for all genes of a cell, so log-ratios of genes that do not see a factor ignore it."""
