@@ -99,6 +99,44 @@ def test_composition_offset_is_one_number_per_cell():
     torch.testing.assert_close(shift, shift[:, :1].expand_as(shift))  # ... by the same amount
 
 
+def test_correlated_latent_prior():
+    """Masked models learn a correlation matrix R for z ~ N(0, R): unit diagonal, identity at the
+    start (then the KL equals the N(0, I) one), the plain VAE keeps N(0, I)."""
+    from sparsevae.module import SparseVAEModule
+
+    torch.manual_seed(0)
+    corr = SparseVAEModule(6, n_factors=3, n_hidden=8, likelihood="gaussian")
+    normal = SparseVAEModule(6, n_factors=3, n_hidden=8, likelihood="gaussian",
+                             latent_prior="normal")  # fmt: skip
+    assert corr.latent_prior == "correlated" and normal.latent_prior == "normal"
+    assert SparseVAEModule(6, n_factors=3, mask=None).latent_prior == "normal"
+    with pytest.raises(ValueError, match="latent_prior"):
+        SparseVAEModule(6, n_factors=3, latent_prior="laplace")
+    normal.load_state_dict(corr.state_dict(), strict=False)
+    x = torch.randn(5, 6)
+    tensors = {"X": x}
+
+    def kl(module):
+        inf = module.inference(x)
+        gen = module.generative(inf["z"], inf["library"])
+        out = module.loss(tensors, inf, gen).kl_local
+        return sum(out.values()) if isinstance(out, dict) else out
+
+    torch.manual_seed(1)
+    kl_corr = kl(corr)
+    torch.manual_seed(1)
+    torch.testing.assert_close(kl_corr, kl(normal))  # R = I at the start
+    with torch.no_grad():
+        corr.latent_tril.normal_()
+    L = corr.latent_scale_tril()
+    R = L @ L.T
+    torch.testing.assert_close(torch.diagonal(R), torch.ones(3))
+    assert torch.linalg.eigvalsh(R).min() > 0
+    assert not torch.allclose(R, torch.eye(3))
+    torch.manual_seed(1)
+    assert not torch.allclose(kl(corr), kl_corr)  # the KL now uses R
+
+
 # ----------------------------------------------------------------------------- prior
 def test_em_step_matches_hand_computation():
     W = torch.tensor([[0.0, 0.5], [2.0, -0.05], [-1.0, 30.0]])

