@@ -68,7 +68,7 @@ from _common import (
     stdout_to_stderr,
 )
 
-METHODS = ("sparsevae", "vae", "beta_vae", "vsc")
+METHODS = ("sparsevae", "sparsevae_corr", "vae", "beta_vae", "vsc")
 RHOS = (0.0, 0.2, 0.4, 0.6, 0.8)
 N_LATENT = 2
 N_HIDDEN = 100
@@ -140,7 +140,9 @@ def fit_scvi_style(
     test = test.copy()
     sparsevae.SparseVAE.setup_anndata(train)
     kwargs: dict[str, Any] = {"likelihood": "gaussian", "n_hidden": N_HIDDEN}
-    if method != "sparsevae":
+    if method == "sparsevae_corr":
+        kwargs["latent_prior"] = "correlated"
+    elif method != "sparsevae":
         kwargs["mask"] = None
     if method == "beta_vae":
         kwargs["kl_weight"] = args.beta
@@ -161,7 +163,7 @@ def fit_scvi_style(
         "dependency": jacobian_dependency(decode, z_train[:500]),
         "train_seconds": seconds,
     }
-    if method == "sparsevae":
+    if method in ("sparsevae", "sparsevae_corr"):
         out["pstar"] = model.get_inclusion_probabilities().to_numpy()
         out["W"] = model.get_mask().to_numpy()
     return out

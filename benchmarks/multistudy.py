@@ -56,7 +56,13 @@ def simulate(n_studies: int, seed: int, size: dict[str, int]) -> Any:
     )
 
 
-def fit(n_studies: int, seed: int, size: dict[str, int], max_epochs: int) -> dict[str, Any]:
+def fit(
+    n_studies: int,
+    seed: int,
+    size: dict[str, int],
+    max_epochs: int,
+    shared_first: int | None = None,
+) -> dict[str, Any]:
     """Fit one multi-study SparseVAE and score it against the simulation's truth."""
     ad = simulate(n_studies, seed, size)
     scvi.settings.seed = seed
@@ -68,7 +74,12 @@ def fit(n_studies: int, seed: int, size: dict[str, int], max_epochs: int) -> dic
         n_hidden=size["n_hidden"],
     )
     t0 = time.perf_counter()
-    model.train(max_epochs=max_epochs, batch_size=size["batch_size"], **QUIET)
+    model.train(
+        max_epochs=max_epochs,
+        batch_size=size["batch_size"],
+        n_epochs_shared_first=shared_first,
+        **QUIET,
+    )
     seconds = time.perf_counter() - t0
     shared_sel = model.get_inclusion_probabilities("shared") >= 0.5
     f1_shared = sparsevae.tl.mask_f1(shared_sel, ad.varm["true_mask_shared"])["f1"]
@@ -93,6 +104,7 @@ def fit(n_studies: int, seed: int, size: dict[str, int], max_epochs: int) -> dic
         "seed": seed,
         **{k: size[k] for k in ("n_genes", "n_shared", "n_specific", "n_cells_per_study")},
         "max_epochs": max_epochs,
+        "n_epochs_shared_first": model.trainer.lightning_module.n_epochs_shared_first,
         "f1_shared_mean": round(float(f1_shared.mean()), 4),
         "f1_shared": [round(float(f), 4) for f in f1_shared],
         "f1_specific_mean": round(float(np.mean(all_specific)), 4),
@@ -150,6 +162,12 @@ def main() -> None:
     parser.add_argument("--studies", type=int, nargs="*", default=None)
     parser.add_argument("--max-epochs", type=int, default=None)
     parser.add_argument("--no-cost", action="store_true", help="skip the cost comparison")
+    parser.add_argument(
+        "--shared-first-epochs",
+        type=int,
+        default=None,
+        help="epochs with only the shared factors (default: the package's, 20%% of epochs)",
+    )
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -172,7 +190,8 @@ def main() -> None:
     max_epochs = args.max_epochs or max_epochs
     for n_studies in studies:
         for seed in seeds:
-            print(json.dumps(fit(n_studies, seed, size, max_epochs)), flush=True)
+            record = fit(n_studies, seed, size, max_epochs, args.shared_first_epochs)
+            print(json.dumps(record), flush=True)
         if not args.no_cost:
             print(json.dumps(cost(n_studies, size, cost_epochs)), flush=True)
 

@@ -35,12 +35,13 @@ def test_identifiability_quick_json_lines_and_report(tmp_path):
     records = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
     assert records[0]["record"] == "meta"
     fits = [r for r in records if r["record"] == "fit"]
-    assert {r["method"] for r in fits} == {"sparsevae", "vae", "beta_vae", "vsc"}
+    methods = {"sparsevae", "sparsevae_corr", "vae", "beta_vae", "vsc"}
+    assert {r["method"] for r in fits} == methods
     for r in fits:
         assert "error" not in r, r
         assert 0.0 <= r["dci_disentanglement"] <= 1.0
         assert r["heldout_mse"] >= 0
-    assert sum(r["record"] == "summary" for r in records) == 4
+    assert sum(r["record"] == "summary" for r in records) == 5
     # The file holds the same lines, and the report renders from it.
     assert len(out.read_text().splitlines()) == len(records)
     docs = tmp_path / "docs"
@@ -63,3 +64,44 @@ def test_identifiability_quick_json_lines_and_report(tmp_path):
     text = (docs / "benchmarks.md").read_text()
     assert "DCI disentanglement" in text and "identifiability.py --quick" in text
     assert "Not run yet" in text  # zeisel and speed results are absent here
+
+
+def test_merge_runs_keeps_other_methods_and_recomputes_summaries(tmp_path):
+    """merge_runs: the re-run's fits (relabelled), the old run's other methods, fresh summaries."""
+    sys.path.insert(0, str(BENCH))
+    from merge_runs import merge
+
+    settings = {"rhos": [0.4], "seeds": 1, "epochs": 5, "methods": ["sparsevae", "vae"]}
+
+    def fit(method, dci):
+        return {"record": "fit", "method": method, "rho": 0.4, "seed": 0,
+                "dci_disentanglement": dci, "heldout_mse": 1.0}  # fmt: skip
+
+    old = [
+        {"record": "meta", "benchmark": "identifiability", "settings": settings, "note": "old"},
+        fit("sparsevae", 0.5),
+        fit("vae", 0.3),
+    ]
+    new = [
+        {
+            "record": "meta",
+            "benchmark": "identifiability",
+            "note": "new",
+            "settings": {**settings, "methods": ["sparsevae"]},
+        },
+        fit("sparsevae", 0.9),
+    ]
+    merged = merge("identifiability", old, new, {"sparsevae": "sparsevae_corr"})
+    fits = {r["method"]: r["dci_disentanglement"] for r in merged if r["record"] == "fit"}
+    assert fits == {"sparsevae_corr": 0.9, "sparsevae": 0.5, "vae": 0.3}
+    summaries = {r["method"]: r for r in merged if r["record"] == "summary"}
+    assert set(summaries) == set(fits)
+    assert summaries["sparsevae_corr"]["dci_disentanglement_mean"] == 0.9
+    assert "relabelled 'sparsevae_corr'" in merged[0]["note"]
+    bad = [{**new[0], "settings": {**new[0]["settings"], "epochs": 300}}, *new[1:]]
+    try:
+        merge("identifiability", old, bad)
+    except SystemExit as err:
+        assert "epochs" in str(err)
+    else:
+        raise AssertionError("runs with different settings were merged")

@@ -100,14 +100,14 @@ def test_composition_offset_is_one_number_per_cell():
 
 
 def test_correlated_latent_prior():
-    """Masked models learn a correlation matrix R for z ~ N(0, R): unit diagonal, identity at the
-    start (then the KL equals the N(0, I) one), the plain VAE keeps N(0, I)."""
+    """latent_prior="correlated" learns a correlation matrix R for z ~ N(0, R): unit diagonal,
+    identity at the start (then the KL equals the N(0, I) one); the default is N(0, I)."""
     from sparsevae.module import SparseVAEModule
 
     torch.manual_seed(0)
-    corr = SparseVAEModule(6, n_factors=3, n_hidden=8, likelihood="gaussian")
-    normal = SparseVAEModule(6, n_factors=3, n_hidden=8, likelihood="gaussian",
-                             latent_prior="normal")  # fmt: skip
+    corr = SparseVAEModule(6, n_factors=3, n_hidden=8, likelihood="gaussian",
+                           latent_prior="correlated")  # fmt: skip
+    normal = SparseVAEModule(6, n_factors=3, n_hidden=8, likelihood="gaussian")
     assert corr.latent_prior == "correlated" and normal.latent_prior == "normal"
     assert SparseVAEModule(6, n_factors=3, mask=None).latent_prior == "normal"
     with pytest.raises(ValueError, match="latent_prior"):

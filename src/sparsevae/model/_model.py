@@ -647,7 +647,8 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
     def get_latent_correlation(self) -> pd.DataFrame:
         """The factors' prior correlation matrix ``R`` (``z ~ N(0, R)``).
 
-        Learned with ``latent_prior="correlated"`` (the default with a mask); the identity for
+        Learned with the module keyword ``latent_prior="correlated"``
+        (``SparseVAE(adata, latent_prior="correlated")``); the identity with the default
         ``latent_prior="normal"``. Multi-study models: over the shared then the specific factors.
 
         Returns

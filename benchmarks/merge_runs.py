@@ -1,0 +1,100 @@
+"""Merge a re-run of some methods into the last run of a benchmark, as one run (JSON lines).
+
+Usage::
+
+    python benchmarks/merge_runs.py identifiability OLD.jsonl NEW.jsonl [--rename A=B] > out.jsonl
+
+When a code change touches only some methods (say SparseVAE), re-running just those and keeping
+the other methods' fits from the previous run saves hours. The merged run has NEW's meta record
+(its note extended to say which methods come from which run), NEW's fits, OLD's fits of the
+methods NEW did not run, and summaries recomputed from the merged fits by the benchmark's own
+``summarise``. Only ``identifiability`` and ``zeisel`` (per-method fits over seeds) are
+supported. Both runs must use the same settings apart from the methods; this is checked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from make_report import meta_of, read_last_run
+
+# Settings that may differ between the two runs (everything else must match).
+FREE_SETTINGS = {"methods", "out", "note", "threads"}
+
+
+def merge(
+    benchmark: str,
+    old: list[dict[str, Any]],
+    new: list[dict[str, Any]],
+    rename: dict[str, str] | None = None,
+) -> list[dict]:
+    """The merged run's records: meta, fits, summaries.
+
+    ``rename`` relabels NEW's methods (for a re-run made while a method's settings were the
+    package default under another name); the merged meta note says so.
+    """
+    rename = rename or {}
+    if benchmark == "identifiability":
+        from identifiability import summarise
+    elif benchmark == "zeisel":
+        from zeisel import summarise
+    else:
+        raise SystemExit(f"unsupported benchmark {benchmark!r} (identifiability or zeisel)")
+    old_meta, new_meta = meta_of(old), meta_of(new)
+    for meta, name in ((old_meta, "OLD"), (new_meta, "NEW")):
+        if meta.get("benchmark") != benchmark:
+            raise SystemExit(f"{name} is not a {benchmark} run (meta: {meta.get('benchmark')!r})")
+    o_set, n_set = old_meta.get("settings", {}), new_meta.get("settings", {})
+    differ = sorted(k for k in set(o_set) | set(n_set) - FREE_SETTINGS if k not in FREE_SETTINGS
+                    and o_set.get(k) != n_set.get(k))  # fmt: skip
+    if differ:
+        raise SystemExit(f"the runs differ in settings {differ}: not comparable, not merged")
+    new_fits = [
+        {**r, "method": rename.get(r["method"], r["method"])}
+        for r in new
+        if r.get("record") == "fit"
+    ]
+    rerun = sorted({r["method"] for r in new_fits})
+    kept = [r for r in old if r.get("record") == "fit" and r["method"] not in rerun]
+    kept_methods = sorted({r["method"] for r in kept})
+    meta = dict(new_meta)
+    methods = list(dict.fromkeys([*o_set.get("methods", []), *rerun]))
+    meta["settings"] = {**n_set, "methods": methods}
+    renamed = "".join(f"; NEW's {a!r} fits relabelled {b!r}" for a, b in rename.items())
+    meta["note"] = (
+        f"{new_meta.get('note') or ''} [merged: {', '.join(rerun)} from the run started "
+        f"{new_meta.get('started', '?')}; {', '.join(kept_methods)} from the run started "
+        f"{old_meta.get('started', '?')} ({old_meta.get('note') or 'no note'}){renamed}]"
+    ).strip()
+    fits = new_fits + kept
+    return [meta, *fits, *summarise(fits)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the merged run."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("benchmark", choices=["identifiability", "zeisel"])
+    p.add_argument("old", type=Path, help="JSON lines holding the previous run (its last run)")
+    p.add_argument("new", type=Path, help="JSON lines holding the re-run (its last run)")
+    p.add_argument(
+        "--rename",
+        nargs="*",
+        default=[],
+        metavar="OLD=NEW",
+        help="relabel methods of the re-run, e.g. sparsevae=sparsevae_corr",
+    )
+    args = p.parse_args(argv)
+    rename = dict(pair.split("=", 1) for pair in args.rename)
+    for rec in merge(args.benchmark, read_last_run(args.old), read_last_run(args.new), rename):
+        print(json.dumps(rec))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
