@@ -179,8 +179,8 @@ def test_single_study_model_is_unchanged():
 
 
 def test_shared_factors_first():
-    """While specific_on is off (the plan's first epochs) the specific factors do not reach the
-    decoder; train() turns it on for the first 20% of epochs by default and leaves it on."""
+    """While specific_on is off (the plan's first n_epochs_shared_first epochs) the specific
+    factors do not reach the decoder; training leaves it on (off by default)."""
     adata = small_multistudy()
     SparseVAE.setup_anndata(adata, study_key="study")
     model = SparseVAE(adata, n_factors=2, n_specific_factors=1, n_hidden=8)
@@ -201,14 +201,11 @@ def test_shared_factors_first():
     module.specific_on = False
     torch.testing.assert_close(mean(z), mean(z2))
     module.specific_on = True
-    model.train(max_epochs=5, batch_size=64, **QUIET)
-    assert model.trainer.lightning_module.n_epochs_shared_first == 1  # 20% of 5 epochs
+    model.train(max_epochs=3, batch_size=64, n_epochs_shared_first=2, **QUIET)
+    assert model.trainer.lightning_module.n_epochs_shared_first == 2
     assert module.specific_on
-    single = small_multistudy()
-    SparseVAE.setup_anndata(single)
-    m1 = SparseVAE(single, n_factors=2, n_hidden=8)
-    m1.train(max_epochs=5, batch_size=64, **QUIET)
-    assert m1.trainer.lightning_module.n_epochs_shared_first == 0
+    model.train(max_epochs=1, batch_size=64, **QUIET)
+    assert model.trainer.lightning_module.n_epochs_shared_first == 0  # off by default
 
 
 # ----------------------------------------------------------------------------- bad input
