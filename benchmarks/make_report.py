@@ -345,7 +345,7 @@ def identifiability_analysis(
             n_off += int((selected == 0).any())
             n_all += int((selected == np.asarray(r["pstar"]).shape[0]).any())
         lines.append(
-            f"- rho={rho:g}: {len(fits)} Sparse VAE fits; one code switched off (no feature with "
+            f"- rho={rho:g}: {len(fits)} {label} fits; one code switched off (no feature with "
             f"p* > 0.5) in {n_off}; a code selecting every feature in {n_all}."
         )
     if method == "sparsevae":

@@ -33,6 +33,7 @@ def merge(
     old: list[dict[str, Any]],
     new: list[dict[str, Any]],
     rename: dict[str, str] | None = None,
+    note: str | None = None,
 ) -> list[dict]:
     """The merged run's records: meta, fits, summaries.
 
@@ -70,7 +71,9 @@ def merge(
     meta["note"] = (
         f"{new_meta.get('note') or ''} [merged: {', '.join(rerun)} from the run started "
         f"{new_meta.get('started', '?')}; {', '.join(kept_methods)} from the run started "
-        f"{old_meta.get('started', '?')} ({old_meta.get('note') or 'no note'}){renamed}]"
+        f"{old_meta.get('started', '?')} ({old_meta.get('note') or 'no note'}){renamed}"
+        + (f"; {note}" if note else "")
+        + "]"
     ).strip()
     fits = new_fits + kept
     return [meta, *fits, *summarise(fits)]
@@ -89,9 +92,11 @@ def main(argv: list[str] | None = None) -> int:
         metavar="OLD=NEW",
         help="relabel methods of the re-run, e.g. sparsevae=sparsevae_corr",
     )
+    p.add_argument("--note", default=None, help="free text added to the merged meta note")
     args = p.parse_args(argv)
     rename = dict(pair.split("=", 1) for pair in args.rename)
-    for rec in merge(args.benchmark, read_last_run(args.old), read_last_run(args.new), rename):
+    old, new = read_last_run(args.old), read_last_run(args.new)
+    for rec in merge(args.benchmark, old, new, rename, args.note):
         print(json.dumps(rec))
     return 0
 
