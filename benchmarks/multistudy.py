@@ -25,8 +25,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,6 +36,9 @@ import scvi
 import torch
 
 import sparsevae
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import command_line, machine_info
 
 QUIET = {
     "enable_progress_bar": False,
@@ -188,6 +193,23 @@ def main() -> None:
     seeds = args.seeds if args.seeds is not None else seeds
     studies = args.studies if args.studies is not None else studies
     max_epochs = args.max_epochs or max_epochs
+    meta = {
+        "record": "meta",
+        "benchmark": "multistudy",
+        "mode": "quick" if args.quick else "full",
+        "command": command_line(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "settings": {
+            **size,
+            "seeds": seeds,
+            "studies": studies,
+            "max_epochs": max_epochs,
+            "shared_first_epochs": args.shared_first_epochs,
+            "cost": not args.no_cost,
+        },
+        "machine": machine_info(threads=1),
+    }
+    print(json.dumps(meta), flush=True)
     for n_studies in studies:
         for seed in seeds:
             record = fit(n_studies, seed, size, max_epochs, args.shared_first_epochs)
