@@ -710,7 +710,11 @@ def this_machine() -> str:
 def multistudy_section(runs: list[list[dict[str, Any]]]) -> list[str]:
     """Mask recovery and cost of the multi-study model (``benchmarks/multistudy.py``)."""
     out = ["## 4. Multi-study model", ""]
-    fit_runs = [r for r in runs if any(x.get("benchmark") == "multistudy" for x in r)]
+
+    def is_fit(x: dict[str, Any]) -> bool:
+        return x.get("benchmark") == "multistudy" and x.get("record") != "meta"
+
+    fit_runs = [r for r in runs if any(is_fit(x) for x in r)]
     cost_runs = [r for r in runs if any(x.get("benchmark") == "multistudy_cost" for x in r)]
     if not fit_runs and not cost_runs:
         return [
@@ -732,7 +736,7 @@ def multistudy_section(runs: list[list[dict[str, Any]]]) -> list[str]:
     if fit_runs:
         records = fit_runs[-1]
         meta = meta_of(records)
-        fits = [x for x in records if x.get("benchmark") == "multistudy"]
+        fits = [x for x in records if is_fit(x)]
         out += (
             run_header(meta)
             if meta
@@ -766,13 +770,16 @@ def multistudy_section(runs: list[list[dict[str, Any]]]) -> list[str]:
             if min(x["f1_shared"]) >= 0.8
             and min(v for vs in x["f1_specific"].values() for v in vs) >= 0.8
         ]  # fmt: skip
+        bad = [x for x in fits if x not in good]
         out += [
             "",
             f"Fits with every mask's F1 >= 0.8: {len(good)} of {len(fits)}. Of the others, "
-            f"{sum(x['absorbed'] > 0.2 for x in fits if x not in good)} have a shared mask that "
-            "selects more than 20% of the specific programs' genes (`absorbed` > 0.2: a shared "
-            "factor carries the studies' own programs, and the specific masks take a shared "
-            "program or nothing).",
+            f"{sum(x['absorbed'] > 0.2 for x in bad)} are role swaps (`absorbed` > 0.2: the "
+            "shared mask selects more than 20% of the specific programs' genes, a shared "
+            "factor carries the studies' own programs and the specific masks take a shared "
+            "program or nothing) and "
+            f"{sum(max(x['f1_shared']) == 0 and x['absorbed'] == 0 for x in bad)} lost every "
+            "program (no mask matches any program: the prior switched the factors off).",
             "",
         ]
     if cost_runs:
@@ -780,7 +787,7 @@ def multistudy_section(runs: list[list[dict[str, Any]]]) -> list[str]:
         meta = meta_of(records)
         costs = [x for x in records if x.get("benchmark") == "multistudy_cost"]
         out += ["**Cost of the per-cell mask gather**", ""]
-        out += run_header(meta) if meta else []
+        out += [*run_header(meta), ""] if meta else []
         out += [
             "Seconds per training epoch of the multi-study model and of a single-study model "
             "with the same number of factors (same data, width and batch size), measured in the "
