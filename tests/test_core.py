@@ -137,6 +137,27 @@ def test_correlated_latent_prior():
     assert not torch.allclose(kl(corr), kl_corr)  # the KL now uses R
 
 
+def test_posterior_collapse_is_reported():
+    """A model whose encoder outputs the prior for every cell (KL 0) warns after training; a
+    healthy fit does not."""
+    import warnings
+
+    adata = small_counts()
+    SparseVAE.setup_anndata(adata, layer="counts")
+    model = SparseVAE(adata, n_factors=2, n_hidden=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no collapse warning on a healthy fit
+        warnings.filterwarnings("ignore", message="(?!Posterior collapse)")
+        model.train(max_epochs=10, **QUIET)
+    enc = model.module.encoder
+    with torch.no_grad():
+        for layer in (enc.mean_encoder, enc.var_encoder):
+            layer.weight.zero_()
+            layer.bias.zero_()
+    with pytest.warns(UserWarning, match="Posterior collapse.*n_epochs_kl_warmup"):
+        model._warn_if_collapsed()
+
+
 # ----------------------------------------------------------------------------- prior
 def test_em_step_matches_hand_computation():
     W = torch.tensor([[0.0, 0.5], [2.0, -0.05], [-1.0, 30.0]])

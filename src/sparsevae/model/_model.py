@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -34,6 +35,10 @@ __all__ = ["DEFAULT_N_SPECIFIC_FACTORS", "SparseVAE", "default_max_epochs"]
 
 #: Study-specific factors of a multi-study model when ``n_specific_factors`` is not given.
 DEFAULT_N_SPECIFIC_FACTORS = 5
+
+#: Below this KL (nats per cell, summed over factors) at the last epoch, training warns of
+#: posterior collapse. Healthy fits have several nats per cell.
+COLLAPSE_KL = 0.05
 
 
 def default_max_epochs(n_obs: int) -> int:
@@ -480,7 +485,7 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
         }
         # Log the epoch metrics even when an epoch has fewer than Lightning's default 50 steps.
         trainer_kwargs.setdefault("log_every_n_steps", 1)
-        return super().train(
+        result = super().train(
             max_epochs=max_epochs,
             accelerator=accelerator,
             devices=devices,
@@ -491,6 +496,38 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
             plan_kwargs=plan_kwargs,
             **trainer_kwargs,
         )
+        self._warn_if_collapsed()
+        return result
+
+    @torch.no_grad()
+    def _warn_if_collapsed(self, max_cells: int = 2000) -> None:
+        """Warn when the encoder's posterior collapsed to the prior (factors carry no signal).
+
+        The mean KL of ``q(z | x)`` to the prior over up to ``max_cells`` training cells (the
+        training history is not kept when Lightning's logger is off).
+        """
+        n = self.adata.n_obs
+        rng = np.random.default_rng(0)
+        idx = np.sort(rng.choice(n, size=min(n, max_cells), replace=False))
+        self.module.eval()
+        total, count = 0.0, 0
+        for tensors in self._make_data_loader(adata=self.adata, indices=idx, batch_size=512):
+            _, _, losses = self.module(tensors)
+            kl = losses.kl_local
+            kl = sum(kl.values()) if isinstance(kl, dict) else kl
+            total += float(kl.sum())
+            count += int(kl.shape[0])
+        last = total / max(count, 1)
+        if np.isfinite(last) and last < COLLAPSE_KL:
+            msg = (
+                "Posterior collapse: the factors carry almost no information about the cells "
+                f"(KL of the encoder's posterior to the prior: {last:.3g} nats per cell), so "
+                "every factor is noise and the mask prior switches them off. Retrain with a KL "
+                "warm-up, e.g. `model.train(n_epochs_kl_warmup=20)`, or with another seed "
+                "(`scvi.settings.seed`) or fewer factors."
+            )
+            warnings.warn(msg, UserWarning, stacklevel=3)
+            logger.warning(msg)
 
     # ------------------------------------------------------------------------ results
     @property
