@@ -156,6 +156,12 @@ def test_posterior_collapse_is_reported():
             layer.bias.zero_()
     with pytest.warns(UserWarning, match="Posterior collapse.*n_epochs_kl_warmup"):
         model._warn_if_collapsed()
+    # every factor switched off (mask in the spike, no gene selected): warned too
+    with torch.no_grad():
+        model.module.decoder.W.fill_(0.01)
+        model.module.prior.p_star.fill_(0.01)
+    with pytest.warns(UserWarning, match="Every factor was switched off.*n_epochs_kl_warmup"):
+        model._warn_if_collapsed()
 
 
 # ----------------------------------------------------------------------------- prior

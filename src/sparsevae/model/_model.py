@@ -518,6 +518,18 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
             total += float(kl.sum())
             count += int(kl.shape[0])
         last = total / max(count, 1)
+        if self.module.prior is not None and self._all_factors_off():
+            msg = (
+                "Every factor was switched off: no mask entry left the spike (all |w| < "
+                "log(lambda0/lambda1)/(lambda0-lambda1)) and no gene has p* >= 0.5, so the "
+                "factors explain nothing. Usually the encoder collapsed to the prior early in "
+                "training (measured: a KL warm-up, `model.train(n_epochs_kl_warmup=20)`, "
+                "fixed it); otherwise the prior is too strong for these data (try a smaller "
+                "`b` or `lambda0`)."
+            )
+            warnings.warn(msg, UserWarning, stacklevel=3)
+            logger.warning(msg)
+            return
         if np.isfinite(last) and last < COLLAPSE_KL:
             msg = (
                 "Posterior collapse: the factors carry almost no information about the cells "
@@ -528,6 +540,17 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
             )
             warnings.warn(msg, UserWarning, stacklevel=3)
             logger.warning(msg)
+
+    def _all_factors_off(self) -> bool:
+        """Whether every factor of every mask is switched off (unused and unselected)."""
+        for prior in self.module.mask_priors():
+            W = self.module.decoder.W if prior is self.module.prior else None
+            if W is None:
+                W = self.module.decoder.W_specific
+            w_off = np.log(prior.lambda0 / prior.lambda1) / (prior.lambda0 - prior.lambda1)
+            if bool((W.detach().abs() >= w_off).any()) or bool((prior.p_star >= 0.5).any()):
+                return False
+        return True
 
     # ------------------------------------------------------------------------ results
     @property
