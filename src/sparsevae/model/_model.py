@@ -485,6 +485,9 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
         }
         # Log the epoch metrics even when an epoch has fewer than Lightning's default 50 steps.
         trainer_kwargs.setdefault("log_every_n_steps", 1)
+        # Lightning keeps the modules' train/eval state; after inference (eval mode) a further
+        # train() call would otherwise run without dropout.
+        self.module.train()
         result = super().train(
             max_epochs=max_epochs,
             accelerator=accelerator,
@@ -509,6 +512,7 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
         n = self.adata.n_obs
         rng = np.random.default_rng(0)
         idx = np.sort(rng.choice(n, size=min(n, max_cells), replace=False))
+        was_training = self.module.training
         self.module.eval()
         total, count = 0.0, 0
         for tensors in self._make_data_loader(adata=self.adata, indices=idx, batch_size=512):
@@ -518,6 +522,7 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
             total += float(kl.sum())
             count += int(kl.shape[0])
         last = total / max(count, 1)
+        self.module.train(was_training)
         if self.module.prior is not None and self._all_factors_off():
             msg = (
                 "Every factor was switched off: no mask entry left the spike (all |w| < "
