@@ -515,12 +515,14 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
         was_training = self.module.training
         self.module.eval()
         total, count = 0.0, 0
-        for tensors in self._make_data_loader(adata=self.adata, indices=idx, batch_size=512):
-            _, _, losses = self.module(tensors)
-            kl = losses.kl_local
-            kl = sum(kl.values()) if isinstance(kl, dict) else kl
-            total += float(kl.sum())
-            count += int(kl.shape[0])
+        # fork_rng: the check samples z, and must not move the user's random stream.
+        with torch.random.fork_rng():
+            for tensors in self._make_data_loader(adata=self.adata, indices=idx, batch_size=512):
+                _, _, losses = self.module(tensors)
+                kl = losses.kl_local
+                kl = sum(kl.values()) if isinstance(kl, dict) else kl
+                total += float(kl.sum())
+                count += int(kl.shape[0])
         last = total / max(count, 1)
         self.module.train(was_training)
         if self.module.prior is not None and self._all_factors_off():
