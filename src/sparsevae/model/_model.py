@@ -554,8 +554,7 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
             W = self.module.decoder.W if prior is self.module.prior else None
             if W is None:
                 W = self.module.decoder.W_specific
-            w_off = np.log(prior.lambda0 / prior.lambda1) / (prior.lambda0 - prior.lambda1)
-            if bool((W.detach().abs() >= w_off).any()) or bool((prior.p_star >= 0.5).any()):
+            if bool((W.detach().abs() >= prior.w_off).any()) or bool((prior.p_star >= 0.5).any()):
                 return False
         return True
 

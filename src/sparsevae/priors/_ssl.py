@@ -77,6 +77,15 @@ class SpikeSlabLasso(nn.Module):
         self.register_buffer("p_star", torch.full((*lead, n_genes, n_factors), 0.5))
         self.register_buffer("eta", torch.full((*lead, n_factors), 0.5))
 
+    @property
+    def w_off(self) -> float:
+        """Where the spike and slab densities cross (equal weights).
+
+        ``log(lambda0 / lambda1) / (lambda0 - lambda1)``: entries with ``|w|`` below it sit in
+        the spike.
+        """
+        return math.log(self.lambda0 / self.lambda1) / (self.lambda0 - self.lambda1)
+
     def penalty(self, W: torch.Tensor) -> torch.Tensor:
         """Negative expected log prior of ``W``: ``sum_jk (l1 p* + l0 (1 - p*)) |w_jk|``.
 

@@ -485,9 +485,7 @@ def _default_eta_min(model: Any) -> float:
 
 def _default_w_off(model: Any) -> float:
     """``|w|`` where the spike and slab Laplace densities cross (equal weights)."""
-    prior = model.module.prior
-    lam0, lam1 = float(prior.lambda0), float(prior.lambda1)
-    return float(np.log(lam0 / lam1) / (lam0 - lam1))
+    return float(model.module.prior.w_off)
 
 
 def _factor_table(
