@@ -378,6 +378,104 @@ def test_shared_specific_genes(hand_model):
     assert set(truth) == {"shared", *(f"specific to {s}" for s in STUDIES), "none"}
 
 
+def _z_with_confined_factor(model, study="study_2", factor=1, seed=0):
+    """Posterior means where every factor varies in every study, except shared ``factor``,
+    which varies in ``study`` only (pinned near 0 elsewhere)."""
+    codes = model._study_codes()
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((len(codes), len(model.factor_names))).astype(np.float32)
+    inside = codes == model.studies.index(study)
+    z[~inside, factor] *= 0.05
+    return z
+
+
+def test_check_shared_specific_on_a_consistent_fit(hand_model, monkeypatch):
+    codes = hand_model._study_codes()
+    rng = np.random.default_rng(1)
+    z = rng.standard_normal((len(codes), 4)).astype(np.float32)
+    monkeypatch.setattr(hand_model, "get_latent_representation", lambda *a, **k: z)
+    checks = sparsevae.tl.check_shared_specific(hand_model)
+    assert checks.activity.shape == (4, 3)
+    assert checks.activity.index.tolist() == hand_model.factor_names
+    assert checks.activity.columns.tolist() == STUDIES
+    for s, study in enumerate(STUDIES):
+        expected = z[codes == s, 0].std()
+        assert checks.activity.loc["shared_0", study] == pytest.approx(expected, rel=1e-5)
+    # both shared factors select genes; neither is confined; the specific programs differ
+    assert checks.confined.index.tolist() == ["shared_0", "shared_1"]
+    assert not checks.confined["flagged"].any()
+    assert checks.confined["ratio"].between(1.0, 1.5).all()
+    assert (checks.confined["quiet_in"] == "").all()
+    assert checks.repeated.empty
+    assert checks.ok and checks.problems == []
+    assert "Every shared factor in use varies in every study" in checks.summary()
+    with pytest.raises(ValueError, match="min_ratio"):
+        sparsevae.tl.check_shared_specific(hand_model, min_ratio=1.0)
+    with pytest.raises(ValueError, match="min_jaccard"):
+        sparsevae.tl.check_shared_specific(hand_model, min_jaccard=0.0)
+
+
+def test_check_shared_specific_flags_a_confined_shared_factor(hand_model, monkeypatch):
+    z = _z_with_confined_factor(hand_model)
+    monkeypatch.setattr(hand_model, "get_latent_representation", lambda *a, **k: z)
+    checks = sparsevae.tl.check_shared_specific(hand_model)
+    row = checks.confined.loc["shared_1"]
+    assert row["flagged"] and row["ratio"] > 10
+    assert row["varies_in"] == "study_2" and row["quiet_in"] == "study_0;study_1"
+    assert row["n_genes"] == 6
+    assert not checks.confined.loc["shared_0", "flagged"]
+    assert not checks.ok and len(checks.problems) == 1
+    assert "shared_1" in checks.problems[0] and "study_2" in checks.problems[0]
+    assert "Refit with another seed" in checks.summary()
+    # train() reports it: the warning names the factor and the remedy
+    with pytest.warns(UserWarning, match="shared_1 .* varies in study_2 but hardly in study_0"):
+        hand_model._warn_if_misassigned()
+
+
+def test_check_shared_specific_flags_a_program_repeated_in_every_study(hand_model):
+    m = hand_model.module
+    saved = m.prior_specific.p_star.clone()
+    try:
+        with torch.no_grad():
+            # the same 6 genes (a shared program) in every study's specific_1 column, and
+            # study_0 and study_1 share a second set through their specific_0 columns
+            m.prior_specific.p_star[:, :, 1] = 0.01
+            m.prior_specific.p_star[:, 0:6, 1] = 0.99
+            m.prior_specific.p_star[1, 12:18, 0] = 0.99
+        checks = sparsevae.tl.check_shared_specific(hand_model)
+    finally:
+        with torch.no_grad():
+            m.prior_specific.p_star.copy_(saved)
+    rep = checks.repeated.set_index("factors")
+    every = "study_0:specific_1;study_1:specific_1;study_2:specific_1"
+    assert rep.loc[every, "in_all_studies"] and rep.loc[every, "n_genes"] == 6
+    assert rep.loc[every, "jaccard"] == 1.0
+    # study_0's specific_0 (12-17, 30) and study_1's (12-23): Jaccard 6/13 < 0.5, not grouped
+    assert len(rep) == 1
+    assert any("every study" in p for p in checks.problems)
+    looser = sparsevae.tl.check_shared_specific(hand_model, min_jaccard=0.4)
+    assert looser.repeated.empty  # p* restored: the hand masks again
+    with torch.no_grad():
+        m.prior_specific.p_star[1, 12:18, 0] = 0.99
+    try:
+        looser = sparsevae.tl.check_shared_specific(hand_model, min_jaccard=0.4)
+    finally:
+        with torch.no_grad():
+            m.prior_specific.p_star.copy_(saved)
+    pair = looser.repeated.iloc[0]
+    assert pair["factors"] == "study_0:specific_0;study_1:specific_0"
+    assert pair["n_studies"] == 2 and not pair["in_all_studies"]
+    assert "2 studies" in looser.summary() and looser.ok
+
+
+def test_check_shared_specific_needs_a_multistudy_model():
+    adata = small_multistudy(n_cells_per_study=20)
+    SparseVAE.setup_anndata(adata)
+    model = SparseVAE(adata, n_factors=2, n_hidden=8)
+    with pytest.raises(ValueError, match="multi-study model"):
+        sparsevae.tl.check_shared_specific(model)
+
+
 def test_anchors_and_identifiability_per_mask(hand_model):
     model = hand_model
     g = model.adata.var_names

@@ -499,15 +499,16 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
             plan_kwargs=plan_kwargs,
             **trainer_kwargs,
         )
-        self._warn_if_collapsed()
+        if not self._warn_if_collapsed():
+            self._warn_if_misassigned()
         return result
 
     @torch.no_grad()
-    def _warn_if_collapsed(self, max_cells: int = 2000) -> None:
+    def _warn_if_collapsed(self, max_cells: int = 2000) -> bool:
         """Warn when the encoder's posterior collapsed to the prior (factors carry no signal).
 
         The mean KL of ``q(z | x)`` to the prior over up to ``max_cells`` training cells (the
-        training history is not kept when Lightning's logger is off).
+        training history is not kept when Lightning's logger is off). Returns whether it warned.
         """
         n = self.adata.n_obs
         rng = np.random.default_rng(0)
@@ -536,7 +537,7 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
             )
             warnings.warn(msg, UserWarning, stacklevel=3)
             logger.warning(msg)
-            return
+            return True
         if np.isfinite(last) and last < COLLAPSE_KL:
             msg = (
                 "Posterior collapse: the factors carry almost no information about the cells "
@@ -547,6 +548,33 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
             )
             warnings.warn(msg, UserWarning, stacklevel=3)
             logger.warning(msg)
+            return True
+        return False
+
+    def _warn_if_misassigned(self, max_cells: int = 2000) -> None:
+        """Multi-study: warn when the shared and specific masks look swapped.
+
+        A shared factor quiet in some study, or a program in every study's specific
+        mask (see :func:`sparsevae.tl.check_shared_specific`).
+        """
+        if not self.is_multistudy or self.module.prior is None:
+            return
+        from sparsevae.tl import check_shared_specific
+
+        was_training = self.module.training
+        with torch.random.fork_rng():
+            checks = check_shared_specific(self, max_cells=max_cells)
+        self.module.train(was_training)
+        if checks.ok:
+            return
+        msg = (
+            "The multi-study fit looks misassigned: "
+            + "; ".join(checks.problems)
+            + ". Refit with another seed (`scvi.settings.seed`) or fewer shared factors, and "
+            "check the new fit with `sparsevae.tl.check_shared_specific(model)`."
+        )
+        warnings.warn(msg, UserWarning, stacklevel=3)
+        logger.warning(msg)
 
     def _all_factors_off(self) -> bool:
         """Whether every factor of every mask is switched off (unused and unselected)."""

@@ -9,14 +9,22 @@ from ._anchors import (
 )
 from ._enrich import enrich, read_gmt, translate_gene_sets
 from ._metrics import celltype_accuracy, dci
-from ._multistudy import SharedSpecificGenes, mask_f1, shared_specific_genes
+from ._multistudy import (
+    MultiStudyChecks,
+    SharedSpecificGenes,
+    check_shared_specific,
+    mask_f1,
+    shared_specific_genes,
+)
 from ._network import to_network
 
 __all__ = [
     "IdentifiabilityReport",
+    "MultiStudyChecks",
     "SharedSpecificGenes",
     "anchor_genes",
     "celltype_accuracy",
+    "check_shared_specific",
     "covariance_violations",
     "dci",
     "enrich",

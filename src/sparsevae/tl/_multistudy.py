@@ -10,7 +10,13 @@ import pandas as pd
 
 from ._anchors import _check_min_pstar, _require_prior
 
-__all__ = ["SharedSpecificGenes", "mask_f1", "shared_specific_genes"]
+__all__ = [
+    "MultiStudyChecks",
+    "SharedSpecificGenes",
+    "check_shared_specific",
+    "mask_f1",
+    "shared_specific_genes",
+]
 
 
 @dataclass(repr=False)
@@ -220,4 +226,257 @@ def mask_f1(selected: pd.DataFrame | np.ndarray, truth: pd.DataFrame | np.ndarra
         )
     return pd.DataFrame(
         records, columns=["program", "factor", "f1", "precision", "recall", "n_selected"]
+    )
+
+
+@dataclass(repr=False)
+class MultiStudyChecks:
+    """Result of :func:`check_shared_specific`.
+
+    Attributes
+    ----------
+    activity
+        Factors x studies: the standard deviation of each factor's posterior mean over the cells
+        of each study. A shared factor should vary in every study; a specific factor only
+        matters in its own study's column.
+    confined
+        One row per shared factor that selects genes (index ``factor``): ``n_genes``, ``ratio``
+        (its largest spread in a study divided by its smallest), ``varies_in`` (the studies
+        where its spread is within ``min_ratio`` of the largest, ``;``-separated), ``quiet_in``
+        (the others) and ``flagged`` (``ratio >= min_ratio``: it hardly varies in some study,
+        so it probably carries programs of the other studies rather than a shared one).
+    repeated
+        One row per program that specific factors of several studies select (gene sets with
+        Jaccard index >= ``min_jaccard``): ``factors`` (``study:factor``, ``;``-separated),
+        ``n_studies``, ``n_genes`` (genes in their union), ``jaccard`` (the smallest pairwise
+        index) and ``in_all_studies``. A program present in every study belongs in the shared
+        mask.
+    min_ratio, min_jaccard, min_pstar
+        Thresholds used.
+    """
+
+    activity: pd.DataFrame
+    confined: pd.DataFrame
+    repeated: pd.DataFrame
+    min_ratio: float = 3.0
+    min_jaccard: float = 0.5
+    min_pstar: float = 0.5
+
+    @property
+    def problems(self) -> list[str]:
+        """One sentence per likely misassignment (empty when the fit looks consistent)."""
+        out = []
+        for factor, row in self.confined[self.confined["flagged"]].iterrows():
+            varies = row["varies_in"].replace(";", ", ")
+            quiet = row["quiet_in"].replace(";", ", ")
+            out.append(
+                f"shared factor {factor} ({row['n_genes']} genes) varies in {varies} but hardly "
+                f"in {quiet} (spread {row['ratio']:.1f}x smaller): it probably carries a program "
+                f"of {varies} rather than a shared one"
+            )
+        for _, row in self.repeated[self.repeated["in_all_studies"]].iterrows():
+            out.append(
+                f"specific factors {row['factors'].replace(';', ', ')} select the same "
+                f"{row['n_genes']} genes in every study: a shared program split over the "
+                "study-specific masks"
+            )
+        return out
+
+    @property
+    def ok(self) -> bool:
+        """Whether each shared factor in use varies in every study and no program repeats in all."""
+        return not self.problems
+
+    def summary(self) -> str:
+        """Readable summary of the checks.
+
+        Returns
+        -------
+        The summary text.
+        """
+        lines = ["Spread of each factor's posterior mean within each study"]
+        lines.extend("  " + line for line in self.activity.round(2).to_string().splitlines())
+        problems = self.problems
+        if not problems:
+            lines.append(
+                "Every shared factor in use varies in every study and no program repeats in every "
+                "study's specific mask."
+            )
+        else:
+            lines.append("Likely misassignments:")
+            lines.extend(f"  - {p}" for p in problems)
+            lines.append(
+                "Refit with another seed (scvi.settings.seed) or fewer shared factors; a fit "
+                "whose checks pass is the one to interpret."
+            )
+        partial = self.repeated[~self.repeated["in_all_studies"]]
+        for _, row in partial.iterrows():
+            lines.append(
+                f"Note: {row['factors'].replace(';', ', ')} select the same {row['n_genes']} "
+                f"genes in {row['n_studies']} studies (a program shared by some studies only)."
+            )
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return self.summary()
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        p.text(self.summary())
+
+
+def _repeated_programs(
+    sets: list[tuple[str, str, np.ndarray]], n_studies: int, min_jaccard: float
+) -> pd.DataFrame:
+    """Groups of specific factors of different studies whose gene sets overlap."""
+    n = len(sets)
+    parent = list(range(n))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    jac = np.zeros((n, n))
+    for i in range(n):
+        for j in range(i + 1, n):
+            if sets[i][0] == sets[j][0]:
+                continue
+            a, b = sets[i][2], sets[j][2]
+            union = int((a | b).sum())
+            jac[i, j] = jac[j, i] = (a & b).sum() / union if union else 0.0
+            if jac[i, j] >= min_jaccard:
+                parent[root(i)] = root(j)
+    groups: dict[int, list[int]] = {}
+    for i in range(n):
+        groups.setdefault(root(i), []).append(i)
+    rows = []
+    for members in groups.values():
+        studies = {sets[i][0] for i in members}
+        if len(studies) < 2:
+            continue
+        pairs = [jac[i, j] for i in members for j in members if i < j and sets[i][0] != sets[j][0]]
+        rows.append(
+            {
+                "factors": ";".join(f"{sets[i][0]}:{sets[i][1]}" for i in members),
+                "n_studies": len(studies),
+                "n_genes": int(np.logical_or.reduce([sets[i][2] for i in members]).sum()),
+                "jaccard": round(float(min(pairs)), 3),
+                "in_all_studies": len(studies) == n_studies,
+            }
+        )
+    return pd.DataFrame(
+        rows, columns=["factors", "n_studies", "n_genes", "jaccard", "in_all_studies"]
+    )
+
+
+def check_shared_specific(
+    model: Any,
+    adata: Any = None,
+    min_ratio: float = 3.0,
+    min_jaccard: float = 0.5,
+    min_pstar: float = 0.5,
+    max_cells: int | None = None,
+) -> MultiStudyChecks:
+    """Check that a multi-study fit put shared programs in the shared mask and vice versa.
+
+    A multi-study fit can land in a wrong but stable configuration, more often when there are
+    more factors than programs: a surplus *shared* factor can carry the programs of one or
+    some studies (it then varies in those, and is pinned in the others), or each study's
+    *specific* mask can hold a copy of one shared program. Neither changes the fit much, so
+    neither is visible in the loss; both are visible after training:
+
+    - ``confined``: a shared factor that selects genes, whose posterior mean varies ``min_ratio``
+      times less in some study than in another (a shared factor should vary in every study; a
+      shared program that one study truly lacks, such as that of a cell type absent from it, is
+      flagged too, and is worth knowing about);
+    - ``repeated``: specific factors of several studies whose gene sets overlap (Jaccard index
+      >= ``min_jaccard``); a program present in every study belongs in the shared mask.
+
+    Parameters
+    ----------
+    model
+        A trained multi-study :class:`~sparsevae.SparseVAE` with a mask prior.
+    adata
+        AnnData to compute the factors on; default the training data.
+    min_ratio
+        Flag a shared factor whose largest spread in a study is at least this multiple of its
+        smallest (``> 1``).
+    min_jaccard
+        Overlap, in ``(0, 1]``, above which two specific factors hold the same program.
+    min_pstar
+        Selection threshold on ``p*``, in ``(0, 1]``.
+    max_cells
+        Use at most this many cells (a random subset, fixed seed); default all.
+
+    Returns
+    -------
+    A :class:`MultiStudyChecks` with ``activity``, ``confined``, ``repeated``, the list
+    ``problems`` (empty when the fit looks consistent), ``ok`` and a ``summary()``.
+
+    Examples
+    --------
+    >>> checks = sparsevae.tl.check_shared_specific(model)
+    >>> checks.ok
+    >>> print(checks.summary())
+    """
+    _require_prior(model, "check_shared_specific")
+    if not getattr(model, "is_multistudy", False):
+        raise ValueError(
+            "check_shared_specific needs a multi-study model (registered with study_key and "
+            "trained with n_specific_factors)."
+        )
+    min_pstar = _check_min_pstar(min_pstar)
+    if not min_ratio > 1:
+        raise ValueError(f"min_ratio must be > 1, got {min_ratio!r}.")
+    if not 0 < min_jaccard <= 1:
+        raise ValueError(f"min_jaccard must be in (0, 1], got {min_jaccard!r}.")
+    adata = model._validate_anndata(adata)
+    indices = None
+    if max_cells is not None and adata.n_obs > max_cells:
+        rng = np.random.default_rng(0)
+        indices = np.sort(rng.choice(adata.n_obs, size=int(max_cells), replace=False))
+    z = model.get_latent_representation(adata, indices=indices)
+    codes = model._study_codes(adata, indices)
+    studies = list(model.studies)
+    activity = pd.DataFrame(
+        [[float(z[codes == s, k].std()) if (codes == s).sum() > 1 else np.nan
+          for s in range(len(studies))] for k in range(z.shape[1])],
+        index=pd.Index(model.factor_names, name="factor"),
+        columns=pd.Index(studies, name="study"),
+    )  # fmt: skip
+    sel_shared = model.get_inclusion_probabilities("shared") >= min_pstar
+    rows = []
+    for factor in model.shared_factor_names:
+        n_genes = int(sel_shared[factor].sum())
+        if n_genes == 0:
+            continue
+        spread = activity.loc[factor].to_numpy()
+        seen = np.isfinite(spread)
+        top, low = float(spread[seen].max()), float(spread[seen].min())
+        ratio = top / low if low > 0 else np.inf
+        varies = seen & (spread * min_ratio > top)
+        rows.append(
+            {"factor": factor, "n_genes": n_genes, "ratio": round(ratio, 2),
+             "varies_in": ";".join(np.asarray(studies)[varies]),
+             "quiet_in": ";".join(np.asarray(studies)[seen & ~varies]),
+             "flagged": bool(ratio >= min_ratio)}
+        )  # fmt: skip
+    confined = pd.DataFrame(
+        rows, columns=["factor", "n_genes", "ratio", "varies_in", "quiet_in", "flagged"]
+    ).set_index("factor")
+    sets = []
+    for study in studies:
+        sel = model.get_inclusion_probabilities(study) >= min_pstar
+        sets.extend(
+            (study, str(f), sel[f].to_numpy()) for f in sel.columns if int(sel[f].sum()) >= 2
+        )
+    repeated = _repeated_programs(sets, len(studies), min_jaccard)
+    return MultiStudyChecks(
+        activity=activity,
+        confined=confined,
+        repeated=repeated,
+        min_ratio=float(min_ratio),
+        min_jaccard=float(min_jaccard),
+        min_pstar=min_pstar,
     )
