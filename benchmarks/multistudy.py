@@ -8,7 +8,11 @@ programs by the Hungarian algorithm on gene-set F1, :func:`sparsevae.tl.mask_f1`
 ``p* >= 0.5``), ``absorbed`` (the share of study-specific program genes that the shared mask
 selects: 0 when no specific program leaks into the shared factors), the cross-validated
 cell-type accuracy (:func:`sparsevae.tl.celltype_accuracy`) from the shared factors, from all
-factors and, as the ceiling, from the true shared factors, and the training time per epoch.
+factors and, as the ceiling, from the true shared factors, the training time per epoch, and the
+verdict of :func:`sparsevae.tl.check_shared_specific` (``check_ok``, ``check_problems``): whether
+the fit's own checks, which need no truth, flag a misassigned fit. ``--extra-factors 0 1`` also
+fits every configuration with one surplus factor per mask (the usual situation: the numbers of
+programs are not known).
 
 One line per study count (``"benchmark": "multistudy_cost"``): seconds per training epoch of the
 multi-study model and of a single-study model of the same size (``n_shared + n_specific``
@@ -67,15 +71,16 @@ def fit(
     size: dict[str, int],
     max_epochs: int,
     shared_first: int | None = None,
+    extra: int = 0,
 ) -> dict[str, Any]:
-    """Fit one multi-study SparseVAE and score it against the simulation's truth."""
+    """Fit one multi-study SparseVAE (``extra`` surplus factors per mask) and score it."""
     ad = simulate(n_studies, seed, size)
     scvi.settings.seed = seed
     sparsevae.SparseVAE.setup_anndata(ad, study_key="study")
     model = sparsevae.SparseVAE(
         ad,
-        n_factors=size["n_shared"],
-        n_specific_factors=size["n_specific"],
+        n_factors=size["n_shared"] + extra,
+        n_specific_factors=size["n_specific"] + extra,
         n_hidden=size["n_hidden"],
     )
     t0 = time.perf_counter()
@@ -86,6 +91,7 @@ def fit(
         **QUIET,
     )
     seconds = time.perf_counter() - t0
+    checks = sparsevae.tl.check_shared_specific(model)
     shared_sel = model.get_inclusion_probabilities("shared") >= 0.5
     f1_shared = sparsevae.tl.mask_f1(shared_sel, ad.varm["true_mask_shared"])["f1"]
     f1_specific = {
@@ -98,7 +104,7 @@ def fit(
     absorbed = float(shared_sel.to_numpy().any(1)[specific_genes].mean())
     z = model.get_latent_representation()
     labels = ad.obs["cell_type"].to_numpy()
-    acc_shared = sparsevae.tl.celltype_accuracy(z[:, : size["n_shared"]], labels)["mean"]
+    acc_shared = sparsevae.tl.celltype_accuracy(z[:, : size["n_shared"] + extra], labels)["mean"]
     acc_all = sparsevae.tl.celltype_accuracy(z, labels)["mean"]
     z_true = ad.obsm["true_factors"][:, : size["n_shared"]]
     acc_true = sparsevae.tl.celltype_accuracy(z_true, labels)["mean"]
@@ -108,6 +114,7 @@ def fit(
         "n_studies": n_studies,
         "seed": seed,
         **{k: size[k] for k in ("n_genes", "n_shared", "n_specific", "n_cells_per_study")},
+        "extra_factors": extra,
         "max_epochs": max_epochs,
         "n_epochs_shared_first": model.trainer.lightning_module.n_epochs_shared_first,
         "f1_shared_mean": round(float(f1_shared.mean()), 4),
@@ -118,6 +125,9 @@ def fit(
         "celltype_accuracy_shared": round(acc_shared, 4),
         "celltype_accuracy_all": round(acc_all, 4),
         "celltype_accuracy_true_factors": round(acc_true, 4),
+        "check_ok": checks.ok,
+        "check_problems": checks.problems,
+        "shared_spread_ratio": [round(float(r), 2) for r in checks.confined["ratio"]],
         "seconds_per_epoch": round(seconds / max_epochs, 4),
     }
 
@@ -168,6 +178,13 @@ def main() -> None:
     parser.add_argument("--max-epochs", type=int, default=None)
     parser.add_argument("--no-cost", action="store_true", help="skip the cost comparison")
     parser.add_argument(
+        "--extra-factors",
+        type=int,
+        nargs="*",
+        default=[0],
+        help="surplus factors per mask beyond the true numbers, one set of fits per value",
+    )
+    parser.add_argument(
         "--shared-first-epochs",
         type=int,
         default=None,
@@ -205,15 +222,17 @@ def main() -> None:
             "studies": studies,
             "max_epochs": max_epochs,
             "shared_first_epochs": args.shared_first_epochs,
+            "extra_factors": args.extra_factors,
             "cost": not args.no_cost,
         },
         "machine": machine_info(threads=1),
     }
     print(json.dumps(meta), flush=True)
     for n_studies in studies:
-        for seed in seeds:
-            record = fit(n_studies, seed, size, max_epochs, args.shared_first_epochs)
-            print(json.dumps(record), flush=True)
+        for extra in args.extra_factors:
+            for seed in seeds:
+                record = fit(n_studies, seed, size, max_epochs, args.shared_first_epochs, extra)
+                print(json.dumps(record), flush=True)
         if not args.no_cost:
             print(json.dumps(cost(n_studies, size, cost_epochs)), flush=True)
 
