@@ -274,7 +274,7 @@ def test_unknown_study_at_inference_is_refused(hand_model):
     nan = small_multistudy(seed=1)
     nan.obs["study"] = nan.obs["study"].astype(object)
     nan.obs.iloc[0, nan.obs.columns.get_loc("study")] = None
-    with pytest.raises(ValueError, match="missing study"):
+    with pytest.raises(ValueError, match="without a study"):
         model.get_latent_representation(nan)
     # a subset of the known studies is fine
     sub = small_multistudy(seed=1)

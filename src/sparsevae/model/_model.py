@@ -27,6 +27,7 @@ from ._validate import (
     check_study_column,
     get_matrix,
     matrix_stats,
+    refuse_missing_studies,
 )
 
 logger = logging.getLogger(__name__)
@@ -347,13 +348,7 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
                 f"this AnnData lacks. Add it (one of {self.studies})."
             )
         col = adata.obs[key]
-        n_missing = int(col.isna().sum())
-        if n_missing:
-            raise ValueError(
-                f"adata.obs[{key!r}] has {n_missing} cells with a missing study. Drop them "
-                f"(`adata = adata[adata.obs[{key!r}].notna()].copy()`) or set their study to one "
-                f"of {self.studies}."
-            )
+        refuse_missing_studies(col, key, f"set their study to one of {self.studies}")
         unknown = sorted(set(col.astype(str)) - set(self.studies))
         if unknown:
             raise ValueError(

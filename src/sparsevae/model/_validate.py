@@ -119,6 +119,16 @@ def check_counts(stats: MatrixStats, likelihood: str, where: str) -> None:
         )
 
 
+def refuse_missing_studies(col: pd.Series, study_key: str, remedy: str) -> None:
+    """Raise if the study column ``col`` has missing values; ``remedy`` ends the message."""
+    n_missing = int(col.isna().sum())
+    if n_missing:
+        raise ValueError(
+            f"adata.obs[{study_key!r}] has {n_missing} cells without a study (missing values). "
+            f"Drop them (`adata = adata[adata.obs[{study_key!r}].notna()].copy()`) or {remedy}."
+        )
+
+
 def check_study_column(adata: AnnData, study_key: str) -> list[str]:
     """Raise if ``adata.obs[study_key]`` cannot define the studies of a multi-study model.
 
@@ -132,13 +142,11 @@ def check_study_column(adata: AnnData, study_key: str) -> list[str]:
             f"{list(adata.obs.columns)[:10]})."
         )
     col = adata.obs[study_key]
-    n_missing = int(col.isna().sum())
-    if n_missing:
-        raise ValueError(
-            f"adata.obs[{study_key!r}] has {n_missing} cells without a study (missing values). "
-            f"Drop them (`adata = adata[adata.obs[{study_key!r}].notna()].copy()`) or give them a "
-            "study of their own (e.g. 'unknown') before calling setup_anndata."
-        )
+    refuse_missing_studies(
+        col,
+        study_key,
+        "give them a study of their own (e.g. 'unknown') before calling setup_anndata",
+    )
     if isinstance(col.dtype, pd.CategoricalDtype):
         unused = [c for c in col.cat.categories if c not in set(col.unique())]
         if unused:
