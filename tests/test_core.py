@@ -137,6 +137,31 @@ def test_correlated_latent_prior():
     assert not torch.allclose(kl(corr), kl_corr)  # the KL now uses R
 
 
+def test_correlation_is_held_fixed_for_the_first_epochs():
+    """train(n_epochs_fixed_correlation=N) keeps R = I (no update of its parameters) for the first
+    N epochs; with 0 it is learned from the first step."""
+    adata = sparsevae.datasets.simulate_moran2022(n_cells=200, rho=0.6, seed=0)
+    SparseVAE.setup_anndata(adata)
+    kw = {"likelihood": "gaussian", "n_factors": 2, "n_hidden": 8, "latent_prior": "correlated"}
+    torch.manual_seed(0)
+    held = SparseVAE(adata, **kw)
+    held.train(max_epochs=3, n_epochs_fixed_correlation=3, **QUIET)
+    assert torch.count_nonzero(held.module.latent_tril) == 0
+    np.testing.assert_allclose(held.get_latent_correlation().to_numpy(), np.eye(2), atol=1e-6)
+    assert held.module.correlation_on  # R is in use again after training
+    assert held.trainer.lightning_module.n_epochs_fixed_correlation == 3
+    torch.manual_seed(0)
+    learned = SparseVAE(adata, **kw)
+    learned.train(max_epochs=3, n_epochs_fixed_correlation=0, **QUIET)
+    assert torch.count_nonzero(learned.module.latent_tril) > 0
+    torch.manual_seed(0)
+    default = SparseVAE(adata, **kw)
+    default.train(max_epochs=2, **QUIET)
+    assert default.trainer.lightning_module.n_epochs_fixed_correlation == 20
+    with pytest.raises(ValueError, match="n_epochs_fixed_correlation"):
+        default.train(max_epochs=1, n_epochs_fixed_correlation=-1, **QUIET)
+
+
 def test_posterior_collapse_is_reported():
     """A model whose encoder outputs the prior for every cell (KL 0) warns after training; a
     healthy fit does not."""

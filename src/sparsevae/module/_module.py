@@ -187,6 +187,9 @@ class SparseVAEModule(BaseModuleClass):
         # Multi-study: whether the specific factors reach the decoder (off while the training
         # plan fits the shared factors first).
         self.specific_on = True
+        # latent_prior="correlated": whether the learned correlation is used (off, R = I, while
+        # the training plan holds it fixed for the first epochs).
+        self.correlation_on = True
         self.sigma_prior_df = float(sigma_prior_df)
         self.sigma_prior_scale = float(sigma_prior_scale)
 
@@ -394,7 +397,7 @@ class SparseVAEModule(BaseModuleClass):
         ``latent_prior="normal"``).
         """
         n_z = self.n_factors + self.n_specific_factors
-        if self.latent_prior != "correlated":
+        if self.latent_prior != "correlated" or not self.correlation_on:
             return torch.eye(n_z, device=self.decoder.W.device)
         eye = torch.eye(n_z, device=self.latent_tril.device, dtype=self.latent_tril.dtype)
         L = torch.tril(self.latent_tril, -1) + eye

@@ -56,6 +56,9 @@ class SparseVAETrainingPlan(TrainingPlan):
         Multi-study modules: epochs at the start during which the study-specific factors do not
         reach the decoder (``None`` or 0: none), so the shared factors take the programs common
         to all studies first.
+    n_epochs_fixed_correlation
+        Modules with ``latent_prior="correlated"``: epochs at the start during which the prior's
+        correlation stays the identity (``None`` or 0: learned from the first step).
     **kwargs
         Passed to :class:`scvi.train.TrainingPlan`.
     """
@@ -70,6 +73,7 @@ class SparseVAETrainingPlan(TrainingPlan):
         n_epochs_prior_warmup: int | None = None,
         n_epochs_lambda0_ramp: int | None = None,
         n_epochs_shared_first: int | None = None,
+        n_epochs_fixed_correlation: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(
@@ -83,12 +87,14 @@ class SparseVAETrainingPlan(TrainingPlan):
             ("n_epochs_prior_warmup", n_epochs_prior_warmup),
             ("n_epochs_lambda0_ramp", n_epochs_lambda0_ramp),
             ("n_epochs_shared_first", n_epochs_shared_first),
+            ("n_epochs_fixed_correlation", n_epochs_fixed_correlation),
         ):
             if value is not None and value < 0:
                 raise ValueError(f"{name} must be >= 0 or None, got {value}.")
         self.n_epochs_prior_warmup = int(n_epochs_prior_warmup or 0)
         self.n_epochs_lambda0_ramp = int(n_epochs_lambda0_ramp or 0)
         self.n_epochs_shared_first = int(n_epochs_shared_first or 0)
+        self.n_epochs_fixed_correlation = int(n_epochs_fixed_correlation or 0)
         self._em_on = True
         self._update_eta = True
 
@@ -102,12 +108,16 @@ class SparseVAETrainingPlan(TrainingPlan):
         self.module.set_prior_schedule(penalty_on=self._em_on, ramp=t)
         if hasattr(self.module, "specific_on"):
             self.module.specific_on = epoch >= self.n_epochs_shared_first
+        if hasattr(self.module, "correlation_on"):
+            self.module.correlation_on = epoch >= self.n_epochs_fixed_correlation
 
     def on_train_end(self) -> None:
         """Leave the prior at its full strength (matters when training stops early)."""
         self.module.set_prior_schedule(penalty_on=True, ramp=1.0)
         if hasattr(self.module, "specific_on"):
             self.module.specific_on = True
+        if hasattr(self.module, "correlation_on"):
+            self.module.correlation_on = True
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Run scvi-tools' training step and stop on a non-finite loss."""
