@@ -1,6 +1,7 @@
 import logging
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,3 +20,16 @@ QUIET = {
 @pytest.fixture
 def quiet():
     return dict(QUIET)
+
+
+def hand_weights(selection: dict[int, list[int]], n_genes: int, n_factors: int) -> np.ndarray:
+    """A hand-set mask: gene ``j`` of ``selection[k]`` gets a weight on factor ``k``.
+
+    Distinct magnitudes with alternating signs (``2.0, -1.9, 1.8, ...``), so the rank order of a
+    factor's genes is the listed order; every other entry is 0.
+    """
+    W = np.zeros((n_genes, n_factors), dtype=np.float32)
+    for k, genes in selection.items():
+        for rank, j in enumerate(genes):
+            W[j, k] = (-1.0) ** rank * (2.0 - 0.1 * rank)
+    return W

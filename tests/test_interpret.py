@@ -18,13 +18,10 @@ from anndata import AnnData
 
 import sparsevae
 
+from .conftest import QUIET, hand_weights
+
 torch.set_num_threads(1)
 
-QUIET = {
-    "enable_progress_bar": False,
-    "enable_model_summary": False,
-    "enable_checkpointing": False,
-}
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
@@ -46,12 +43,7 @@ ANCHORS = {0: list(range(8)), 1: list(range(9, 16)), 2: [16], 3: []}
 
 
 def _hand_weights() -> np.ndarray:
-    W = np.zeros((40, 4), dtype=np.float32)
-    for k, genes in SELECTION.items():
-        for rank, j in enumerate(genes):
-            # distinct magnitudes, alternating signs: rank order is the listed order
-            W[j, k] = (-1.0) ** rank * (2.0 - 0.1 * rank)
-    return W
+    return hand_weights(SELECTION, n_genes=40, n_factors=4)
 
 
 @pytest.fixture(scope="module")

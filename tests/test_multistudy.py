@@ -16,7 +16,7 @@ from sparsevae import SparseVAE
 from sparsevae.nn import MaskedDecoder
 from sparsevae.priors import SpikeSlabLasso
 
-from .conftest import QUIET
+from .conftest import QUIET, hand_weights
 
 STUDIES = ["study_0", "study_1", "study_2"]
 
@@ -54,11 +54,7 @@ HAND_LABELS = (
 
 
 def _fill(selection: dict[int, list[int]], n_factors: int) -> np.ndarray:
-    W = np.zeros((40, n_factors), dtype=np.float32)
-    for k, genes in selection.items():
-        for rank, j in enumerate(genes):
-            W[j, k] = (-1.0) ** rank * (2.0 - 0.1 * rank)
-    return W
+    return hand_weights(selection, n_genes=40, n_factors=n_factors)
 
 
 @pytest.fixture(scope="module")
