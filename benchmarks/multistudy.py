@@ -20,6 +20,8 @@ factors, same data, hidden width and batch size) and their ratio: the cost of ga
 cell's mask by its study.
 
 ``--quick``: 3 studies, one seed, a smaller simulation (about 1.5 minutes on 2 shared cores).
+``--tutorial-size --extra-factors 1 --no-cost``: the multi-study tutorial's simulation and
+numbers of factors (one surplus per mask), seeds 0-11 (about 15 minutes).
 Full run: 2, 3 and 5 studies x seeds 0-2, 400 genes (3 shared programs and 1 per study, 30 genes
 each), 400 cells per study, 100 epochs (about 20-30 minutes).
 """
@@ -178,6 +180,12 @@ def main() -> None:
     parser.add_argument("--max-epochs", type=int, default=None)
     parser.add_argument("--no-cost", action="store_true", help="skip the cost comparison")
     parser.add_argument(
+        "--tutorial-size",
+        action="store_true",
+        help="the multi-study tutorial's simulation (3 studies, 240 genes, 300 cells per study), "
+        "seeds 0-11",
+    )
+    parser.add_argument(
         "--extra-factors",
         type=int,
         nargs="*",
@@ -195,7 +203,13 @@ def main() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     logging.getLogger("scvi").setLevel(logging.ERROR)
     torch.set_num_threads(1)
-    if args.quick:
+    if args.tutorial_size:
+        size = {
+            "n_genes": 240, "n_shared": 2, "n_specific": 1, "genes_per_program": 30,
+            "n_cells_per_study": 300, "n_hidden": 100, "batch_size": 128,
+        }  # fmt: skip
+        seeds, studies, max_epochs, cost_epochs = list(range(12)), [3], 100, 3
+    elif args.quick:
         size = {
             "n_genes": 200, "n_shared": 2, "n_specific": 1, "genes_per_program": 30,
             "n_cells_per_study": 300, "n_hidden": 100, "batch_size": 128,
