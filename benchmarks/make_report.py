@@ -373,8 +373,11 @@ def identifiability_analysis(
         lines += [
             "",
             "With a learned correlation R the codes may stay correlated, so the fit no longer "
-            "pays for keeping the sparse mask. Its own failure: both codes follow the same "
-            "factor (the prior allows near-duplicate codes) and the other factor is lost. Fits "
+            "pays for keeping the sparse mask. Its failures: both codes can follow the same "
+            "factor (the prior allows near-duplicate codes) and the other factor is lost, seen "
+            "while R was learned from the first step (runs before commit 0bb389b; R is now held "
+            "at the identity for the first 20 epochs, `train(n_epochs_fixed_correlation=)`); "
+            "and at high rho one code is switched off, as with N(0, I) (counts above). Fits "
             "with DCI < 0.5: " + ("; ".join(low) if low else "none") + ".",
             "",
         ]
