@@ -580,8 +580,9 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
         msg = (
             "The multi-study fit looks misassigned: "
             + "; ".join(checks.problems)
-            + ". Refit with another seed (`scvi.settings.seed`) or fewer shared factors, and "
-            "check the new fit with `sparsevae.tl.check_shared_specific(model)`."
+            + ". Refit with another seed (`scvi.settings.seed`) and check the new fit with "
+            "`sparsevae.tl.check_shared_specific(model)`; if the checks keep failing, reconsider "
+            "the numbers of shared and specific factors."
         )
         warnings.warn(msg, UserWarning, stacklevel=3)
         logger.warning(msg)

@@ -306,8 +306,8 @@ class MultiStudyChecks:
             lines.append("Likely misassignments:")
             lines.extend(f"  - {p}" for p in problems)
             lines.append(
-                "Refit with another seed (scvi.settings.seed) or fewer shared factors; a fit "
-                "whose checks pass is the one to interpret."
+                "Refit with another seed (scvi.settings.seed); a fit whose checks pass is the "
+                "one to interpret. If they keep failing, reconsider the numbers of factors."
             )
         partial = self.repeated[~self.repeated["in_all_studies"]]
         for _, row in partial.iterrows():
