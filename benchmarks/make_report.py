@@ -777,17 +777,30 @@ def multistudy_fit_table(records: list[dict[str, Any]], is_fit: Any) -> list[str
     ]
     checked = [x for x in fits if "check_ok" in x]
     if checked:
+        # Lost everything: no factor selects genes, so the check has nothing to look at
+        # (train()'s collapse warning covers it).
+        lost = [
+            x for x in checked
+            if max(x["f1_shared"]) == 0
+            and max(v for vs in x["f1_specific"].values() for v in vs) == 0
+        ]  # fmt: skip
         # Misassigned: a study's program in the shared mask, or a mask that misses its program.
-        wrong = [x for x in checked if x in bad or x["absorbed"] > 0.2]
-        right = [x for x in checked if x not in wrong]
+        wrong = [x for x in checked if (x in bad or x["absorbed"] > 0.2) and x not in lost]
+        right = [x for x in checked if x not in wrong and x not in lost]
         out += [
             "",
             "The fits' own checks (`check_shared_specific`, no truth needed): "
             f"{sum(not x['check_ok'] for x in wrong)} of {len(wrong)} misassigned fits (a "
             "mask F1 < 0.8 or `absorbed` > 0.2) flagged; "
-            f"{sum(not x['check_ok'] for x in right)} of {len(right)} other fits flagged. "
+            f"{sum(not x['check_ok'] for x in right)} of {len(right)} right fits flagged. "
             "Misassignments within one mask (two programs merged into one factor, or one "
-            "lost) are not what the check looks for.",
+            "lost) are not what the check looks for."
+            + (
+                f" Not counted: {len(lost)} fit(s) that lost every program, which the check "
+                "cannot judge (no factor selects a gene; `train()` warns of that instead)."
+                if lost
+                else ""
+            ),
         ]
     return [*out, ""]
 
