@@ -464,6 +464,25 @@ def test_check_shared_specific_flags_a_program_repeated_in_every_study(hand_mode
     assert "2 studies" in looser.summary() and looser.ok
 
 
+def test_check_shared_specific_does_not_group_dense_masks(hand_model):
+    """Dense specific masks overlap by chance (Jaccard > 0.5): not reported as repeated."""
+    m = hand_model.module
+    saved = m.prior_specific.p_star.clone()
+    rng = np.random.default_rng(0)
+    try:
+        with torch.no_grad():
+            for s in range(3):  # 34 random genes of 40 in each study's specific_0
+                dense = torch.zeros(40)
+                dense[torch.as_tensor(rng.choice(40, size=34, replace=False))] = 0.99
+                m.prior_specific.p_star[s, :, 0] = dense
+        checks = sparsevae.tl.check_shared_specific(hand_model)
+    finally:
+        with torch.no_grad():
+            m.prior_specific.p_star.copy_(saved)
+    assert checks.repeated.empty
+    assert not any("every study" in p for p in checks.problems)
+
+
 def test_check_shared_specific_needs_a_multistudy_model():
     adata = small_multistudy(n_cells_per_study=20)
     SparseVAE.setup_anndata(adata)

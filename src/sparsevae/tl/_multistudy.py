@@ -247,10 +247,11 @@ class MultiStudyChecks:
         so it probably carries programs of the other studies rather than a shared one).
     repeated
         One row per program that specific factors of several studies select (gene sets with
-        Jaccard index >= ``min_jaccard``): ``factors`` (``study:factor``, ``;``-separated),
-        ``n_studies``, ``n_genes`` (genes in their union), ``jaccard`` (the smallest pairwise
-        index) and ``in_all_studies``. A program present in every study belongs in the shared
-        mask.
+        Jaccard index >= ``min_jaccard`` and an overlap at least ``MIN_FOLD_OVER_CHANCE`` times
+        what two random sets of their sizes would share): ``factors`` (``study:factor``,
+        ``;``-separated), ``n_studies``, ``n_genes`` (genes in their union), ``jaccard`` (the
+        smallest pairwise index) and ``in_all_studies``. A program present in every study
+        belongs in the shared mask.
     min_ratio, min_jaccard, min_pstar
         Thresholds used.
     """
@@ -324,6 +325,13 @@ class MultiStudyChecks:
         p.text(self.summary())
 
 
+#: Two specific factors hold the same program only if their overlap is at least this many times
+#: the overlap expected of random gene sets of their sizes (``|A| |B| / n_genes``). Dense masks
+#: (hundreds of genes per factor) overlap by chance with a Jaccard index above 0.5; a repeated
+#: 30-gene program of 400 genes overlaps about 10 times more than chance.
+MIN_FOLD_OVER_CHANCE = 2.0
+
+
 def _repeated_programs(
     sets: list[tuple[str, str, np.ndarray]], n_studies: int, min_jaccard: float
 ) -> pd.DataFrame:
@@ -344,8 +352,10 @@ def _repeated_programs(
                 continue
             a, b = sets[i][2], sets[j][2]
             union = int((a | b).sum())
-            jac[i, j] = jac[j, i] = (a & b).sum() / union if union else 0.0
-            if jac[i, j] >= min_jaccard:
+            shared = int((a & b).sum())
+            jac[i, j] = jac[j, i] = shared / union if union else 0.0
+            chance = a.sum() * b.sum() / a.size
+            if jac[i, j] >= min_jaccard and shared >= MIN_FOLD_OVER_CHANCE * chance:
                 parent[root(i)] = root(j)
     groups: dict[int, list[int]] = {}
     for i in range(n):
@@ -391,7 +401,9 @@ def check_shared_specific(
       shared program that one study truly lacks, such as that of a cell type absent from it, is
       flagged too, and is worth knowing about);
     - ``repeated``: specific factors of several studies whose gene sets overlap (Jaccard index
-      >= ``min_jaccard``); a program present in every study belongs in the shared mask.
+      >= ``min_jaccard``, and at least twice the overlap of random sets of their sizes, so that
+      dense masks are not grouped by chance); a program present in every study belongs in the
+      shared mask.
 
     Parameters
     ----------
