@@ -105,3 +105,48 @@ def test_merge_runs_keeps_other_methods_and_recomputes_summaries(tmp_path):
         assert "epochs" in str(err)
     else:
         raise AssertionError("runs with different settings were merged")
+
+
+def test_multistudy_report_shows_the_checks_verdict():
+    """make_report's multi-study section: the last run per simulation size, a check column and
+    the check's hit rate on misassigned and right fits (fits that lost everything apart)."""
+    sys.path.insert(0, str(BENCH))
+    from make_report import check_cell, multistudy_section
+
+    def fit(seed, shared, specific, absorbed, problems, n_genes=240):
+        return {
+            "benchmark": "multistudy", "n_studies": 2, "seed": seed, "n_genes": n_genes,
+            "n_shared": 2, "n_specific": 1, "n_cells_per_study": 300, "max_epochs": 100,
+            "extra_factors": 1, "f1_shared": shared, "f1_specific": specific,
+            "absorbed": absorbed, "check_ok": not problems, "check_problems": problems,
+            "celltype_accuracy_shared": 0.7, "celltype_accuracy_true_factors": 0.8,
+        }  # fmt: skip
+
+    confined = ("shared factor shared_1 (30 genes) varies in study_1 but hardly in study_0 "
+                "(spread 6.0x smaller): it probably carries a program of study_1")  # fmt: skip
+    split = ("specific factors study_0:specific_1, study_1:specific_1 select the same 25 genes "
+             "in every study: a shared program split over the study-specific masks")  # fmt: skip
+    right = {"study_0": [1.0], "study_1": [0.98]}
+    run = [
+        {"record": "meta", "benchmark": "multistudy", "command": "multistudy.py --x"},
+        fit(0, [1.0, 1.0], right, 0.0, []),
+        fit(1, [1.0, 1.0], {"study_0": [1.0], "study_1": [0.0]}, 0.5, [confined]),
+        fit(2, [1.0, 0.0], right, 0.0, [split]),
+        fit(3, [0.5, 0.6], right, 0.0, []),  # merged shared programs: not the check's concern
+        fit(4, [0.0, 0.0], {"study_0": [0.0], "study_1": [0.0]}, 0.0, []),  # lost everything
+    ]
+    older_other_size = [
+        {"record": "meta", "benchmark": "multistudy", "command": "multistudy.py --y"},
+        fit(0, [1.0, 1.0], right, 0.0, [], n_genes=400),
+    ]
+    superseded = [{"record": "meta", "benchmark": "multistudy", "command": "multistudy.py --z"},
+                  fit(0, [0.0, 0.0], right, 0.0, [])]  # fmt: skip
+    assert check_cell(run[1]) == "ok"
+    assert check_cell(run[2]) == "flagged: shared_1"
+    assert check_cell(run[3]) == "flagged: repeated study_0:specific_1, study_1:specific_1"
+    assert check_cell({"f1_shared": [1.0]}) == "-"
+    text = "\n".join(multistudy_section([superseded, older_other_size, run]))
+    assert "multistudy.py --x" in text and "multistudy.py --y" in text
+    assert "multistudy.py --z" not in text  # an older run of the same size is replaced
+    assert "2 of 3 misassigned fits" in text and "0 of 1 right fits flagged" in text
+    assert "Not counted: 1 fit(s) that lost every program" in text

@@ -483,6 +483,23 @@ def test_check_shared_specific_does_not_group_dense_masks(hand_model):
     assert not any("every study" in p for p in checks.problems)
 
 
+def test_check_shared_specific_max_cells_uses_a_subset(hand_model, monkeypatch):
+    seen = {}
+    original = hand_model.get_latent_representation
+
+    def spy(adata=None, indices=None, **kwargs):
+        seen["indices"] = indices
+        return original(adata, indices=indices, **kwargs)
+
+    monkeypatch.setattr(hand_model, "get_latent_representation", spy)
+    checks = sparsevae.tl.check_shared_specific(hand_model, max_cells=60)
+    idx = seen["indices"]
+    assert len(idx) == 60 and len(set(idx)) == 60 and list(idx) == sorted(idx)
+    assert np.isfinite(checks.activity.to_numpy()).all()
+    sparsevae.tl.check_shared_specific(hand_model, max_cells=10_000)
+    assert seen["indices"] is None  # fewer cells than max_cells: all of them
+
+
 def test_check_shared_specific_needs_a_multistudy_model():
     adata = small_multistudy(n_cells_per_study=20)
     SparseVAE.setup_anndata(adata)

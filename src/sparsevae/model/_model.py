@@ -48,6 +48,12 @@ COLLAPSE_KL = 0.05
 FIXED_CORRELATION_EPOCHS = 20
 
 
+def _warn(msg: str) -> None:
+    """A training warning, to both the warnings module and the log (``train()`` -> caller)."""
+    warnings.warn(msg, UserWarning, stacklevel=4)
+    logger.warning(msg)
+
+
 def default_max_epochs(n_obs: int) -> int:
     """Default number of epochs: about 300k cell passes, between 20 and 400 epochs.
 
@@ -520,6 +526,16 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
         The mean KL of ``q(z | x)`` to the prior over up to ``max_cells`` training cells (the
         training history is not kept when Lightning's logger is off). Returns whether it warned.
         """
+        if self.module.prior is not None and self._all_factors_off():
+            _warn(
+                "Every factor was switched off: no mask entry left the spike (all |w| < "
+                "log(lambda0/lambda1)/(lambda0-lambda1)) and no gene has p* >= 0.5, so the "
+                "factors explain nothing. Usually the encoder collapsed to the prior early in "
+                "training (measured: a KL warm-up, `model.train(n_epochs_kl_warmup=20)`, "
+                "fixed it); otherwise the prior is too strong for these data (try a smaller "
+                "`b` or `lambda0`)."
+            )
+            return True
         n = self.adata.n_obs
         rng = np.random.default_rng(0)
         idx = np.sort(rng.choice(n, size=min(n, max_cells), replace=False))
@@ -536,28 +552,14 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
                 count += int(kl.shape[0])
         last = total / max(count, 1)
         self.module.train(was_training)
-        if self.module.prior is not None and self._all_factors_off():
-            msg = (
-                "Every factor was switched off: no mask entry left the spike (all |w| < "
-                "log(lambda0/lambda1)/(lambda0-lambda1)) and no gene has p* >= 0.5, so the "
-                "factors explain nothing. Usually the encoder collapsed to the prior early in "
-                "training (measured: a KL warm-up, `model.train(n_epochs_kl_warmup=20)`, "
-                "fixed it); otherwise the prior is too strong for these data (try a smaller "
-                "`b` or `lambda0`)."
-            )
-            warnings.warn(msg, UserWarning, stacklevel=3)
-            logger.warning(msg)
-            return True
         if np.isfinite(last) and last < COLLAPSE_KL:
-            msg = (
+            _warn(
                 "Posterior collapse: the factors carry almost no information about the cells "
                 f"(KL of the encoder's posterior to the prior: {last:.3g} nats per cell), so "
                 "every factor is noise and the mask prior switches them off. Retrain with a KL "
                 "warm-up, e.g. `model.train(n_epochs_kl_warmup=20)`, or with another seed "
                 "(`scvi.settings.seed`) or fewer factors."
             )
-            warnings.warn(msg, UserWarning, stacklevel=3)
-            logger.warning(msg)
             return True
         return False
 
@@ -577,15 +579,13 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
         self.module.train(was_training)
         if checks.ok:
             return
-        msg = (
+        _warn(
             "The multi-study fit looks misassigned: "
             + "; ".join(checks.problems)
             + ". Refit with another seed (`scvi.settings.seed`) and check the new fit with "
             "`sparsevae.tl.check_shared_specific(model)`; if the checks keep failing, reconsider "
             "the numbers of shared and specific factors."
         )
-        warnings.warn(msg, UserWarning, stacklevel=3)
-        logger.warning(msg)
 
     def _all_factors_off(self) -> bool:
         """Whether every factor of every mask is switched off (unused and unselected)."""
