@@ -74,6 +74,7 @@ def fit(
     max_epochs: int,
     shared_first: int | None = None,
     extra: int = 0,
+    study_balance: float = 0.0,
 ) -> dict[str, Any]:
     """Fit one multi-study SparseVAE (``extra`` surplus factors per mask) and score it."""
     ad = simulate(n_studies, seed, size)
@@ -84,6 +85,7 @@ def fit(
         n_factors=size["n_shared"] + extra,
         n_specific_factors=size["n_specific"] + extra,
         n_hidden=size["n_hidden"],
+        study_balance=study_balance,
     )
     t0 = time.perf_counter()
     model.train(
@@ -117,6 +119,7 @@ def fit(
         "seed": seed,
         **{k: size[k] for k in ("n_genes", "n_shared", "n_specific", "n_cells_per_study")},
         "extra_factors": extra,
+        "study_balance": study_balance,
         "max_epochs": max_epochs,
         "n_epochs_shared_first": model.trainer.lightning_module.n_epochs_shared_first,
         "f1_shared_mean": round(float(f1_shared.mean()), 4),
@@ -198,6 +201,12 @@ def main() -> None:
         default=None,
         help="epochs with only the shared factors (default: the package's, 20%% of epochs)",
     )
+    parser.add_argument(
+        "--study-balance",
+        type=float,
+        default=0.0,
+        help="weight of the module's study_balance penalty on the shared factors (default 0)",
+    )
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -237,6 +246,7 @@ def main() -> None:
             "max_epochs": max_epochs,
             "shared_first_epochs": args.shared_first_epochs,
             "extra_factors": args.extra_factors,
+            "study_balance": args.study_balance,
             "cost": not args.no_cost,
         },
         "machine": machine_info(threads=1),
@@ -245,7 +255,15 @@ def main() -> None:
     for n_studies in studies:
         for extra in args.extra_factors:
             for seed in seeds:
-                record = fit(n_studies, seed, size, max_epochs, args.shared_first_epochs, extra)
+                record = fit(
+                    n_studies,
+                    seed,
+                    size,
+                    max_epochs,
+                    args.shared_first_epochs,
+                    extra,
+                    args.study_balance,
+                )
                 print(json.dumps(record), flush=True)
         if not args.no_cost:
             print(json.dumps(cost(n_studies, size, cost_epochs)), flush=True)
