@@ -74,7 +74,7 @@ def fit(
     max_epochs: int,
     shared_first: int | None = None,
     extra: int = 0,
-    study_balance: float = 0.0,
+    kl_warmup: int | None = None,
 ) -> dict[str, Any]:
     """Fit one multi-study SparseVAE (``extra`` surplus factors per mask) and score it."""
     ad = simulate(n_studies, seed, size)
@@ -85,13 +85,13 @@ def fit(
         n_factors=size["n_shared"] + extra,
         n_specific_factors=size["n_specific"] + extra,
         n_hidden=size["n_hidden"],
-        study_balance=study_balance,
     )
     t0 = time.perf_counter()
     model.train(
         max_epochs=max_epochs,
         batch_size=size["batch_size"],
         n_epochs_shared_first=shared_first,
+        n_epochs_kl_warmup=kl_warmup,
         **QUIET,
     )
     seconds = time.perf_counter() - t0
@@ -119,7 +119,7 @@ def fit(
         "seed": seed,
         **{k: size[k] for k in ("n_genes", "n_shared", "n_specific", "n_cells_per_study")},
         "extra_factors": extra,
-        "study_balance": study_balance,
+        "n_epochs_kl_warmup": kl_warmup,
         "max_epochs": max_epochs,
         "n_epochs_shared_first": model.trainer.lightning_module.n_epochs_shared_first,
         "f1_shared_mean": round(float(f1_shared.mean()), 4),
@@ -202,10 +202,10 @@ def main() -> None:
         help="epochs with only the shared factors (default: the package's, 20%% of epochs)",
     )
     parser.add_argument(
-        "--study-balance",
-        type=float,
-        default=0.0,
-        help="weight of the module's study_balance penalty on the shared factors (default 0)",
+        "--kl-warmup",
+        type=int,
+        default=None,
+        help="epochs of linear KL warm-up (default: the package's)",
     )
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -246,7 +246,7 @@ def main() -> None:
             "max_epochs": max_epochs,
             "shared_first_epochs": args.shared_first_epochs,
             "extra_factors": args.extra_factors,
-            "study_balance": args.study_balance,
+            "kl_warmup": args.kl_warmup,
             "cost": not args.no_cost,
         },
         "machine": machine_info(threads=1),
@@ -262,7 +262,7 @@ def main() -> None:
                     max_epochs,
                     args.shared_first_epochs,
                     extra,
-                    args.study_balance,
+                    args.kl_warmup,
                 )
                 print(json.dumps(record), flush=True)
         if not args.no_cost:

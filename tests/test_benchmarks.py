@@ -150,3 +150,32 @@ def test_multistudy_report_shows_the_checks_verdict():
     assert "multistudy.py --z" not in text  # an older run of the same size is replaced
     assert "2 of 3 misassigned fits" in text and "0 of 1 right fits flagged" in text
     assert "Not counted: 1 fit(s) that lost every program" in text
+
+
+def test_multistudy_script_json_lines():
+    """benchmarks/multistudy.py, cut short (--quick with 3 epochs): a meta line, one fit line with
+    the mask F1s and the check's verdict, and one cost line."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, str(BENCH / "multistudy.py"), "--quick", "--max-epochs", "3"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    assert [r.get("record", r.get("benchmark")) for r in records] == [
+        "meta",
+        "multistudy",
+        "multistudy_cost",
+    ]
+    meta, fit, cost = records
+    assert meta["settings"]["max_epochs"] == 3 and meta["settings"]["studies"] == [3]
+    assert fit["n_studies"] == 3 and fit["max_epochs"] == 3
+    assert len(fit["f1_shared"]) == 2 and set(fit["f1_specific"]) == {
+        "study_0",
+        "study_1",
+        "study_2",
+    }
+    for f in [*fit["f1_shared"], *(f for fs in fit["f1_specific"].values() for f in fs)]:
+        assert 0.0 <= f <= 1.0
+    assert isinstance(fit["check_ok"], bool) and isinstance(fit["check_problems"], list)
+    assert 0.0 <= fit["celltype_accuracy_all"] <= 1.0
+    assert cost["benchmark"] == "multistudy_cost" and cost["n_studies"] == 3

@@ -204,58 +204,6 @@ def test_shared_factors_first():
     assert model.trainer.lightning_module.n_epochs_shared_first == 0  # off by default
 
 
-# ----------------------------------------------------------------------------- study balance
-def test_study_balance_penalty_values():
-    """The penalty is the spread over studies of each shared factor's log variance: 0 when a
-    factor varies alike in every study or is quiet in all, large when it is confined to one
-    study; studies with fewer than 3 cells in the minibatch are left out."""
-    adata = small_multistudy()
-    SparseVAE.setup_anndata(adata, study_key="study")
-    module = SparseVAE(adata, n_factors=2, n_specific_factors=1, n_hidden=8).module
-    gen = torch.Generator().manual_seed(0)
-    study = torch.arange(3).repeat_interleave(200).reshape(-1, 1)
-    even = torch.randn(600, 1, generator=gen)
-    quiet = torch.zeros(600, 1)
-    confined = torch.randn(600, 1, generator=gen) * (study == 2)
-    pen = module.study_balance_penalty
-    assert pen(torch.cat([even, quiet], 1), study).item() < 0.05
-    big = pen(torch.cat([even, confined], 1), study).item()
-    # Log variances about log(1e-3), log(1e-3), log(1 + 1e-3): their spread is ln(1001)^2 times
-    # that of (0, 0, 1).
-    expected = float(np.mean((np.array([0, 0, 1]) - 1 / 3) ** 2) * np.log(1001.0) ** 2)
-    assert big == pytest.approx(expected, rel=0.1)
-    # A confined factor in a study with only 2 cells in the minibatch: that study is skipped.
-    keep = (study.reshape(-1) < 2) | (torch.arange(600) < 402)
-    assert pen(torch.cat([even, confined], 1)[keep], study[keep]).item() < 0.05
-    # Only one study with enough cells: nothing to compare.
-    assert pen(torch.randn(10, 2), torch.zeros(10, 1, dtype=torch.long)).item() == 0.0
-
-
-def test_study_balance_in_the_loss():
-    """study_balance > 0 adds lambda times the penalty to the training loss (and not to the
-    ELBO's parts); it needs a multi-study model and a non-negative weight."""
-    adata = small_multistudy()
-    SparseVAE.setup_anndata(adata, study_key="study")
-    torch.manual_seed(0)
-    model = SparseVAE(adata, n_factors=2, n_specific_factors=1, n_hidden=8, study_balance=5.0)
-    module = model.module
-    module.eval()
-    tensors = next(iter(model._make_data_loader(adata, batch_size=120, shuffle=False)))
-    inf, gen = module.forward(tensors, compute_loss=False)
-    with_pen = module.loss(tensors, inf, gen, n_obs=120)
-    module.study_balance = 0.0
-    without = module.loss(tensors, inf, gen, n_obs=120)
-    extra = 5.0 * module.study_balance_penalty(inf["qz"].loc[:, :2], tensors["study"])
-    assert extra.item() > 0
-    torch.testing.assert_close(with_pen.loss, without.loss + extra)
-    torch.testing.assert_close(with_pen.reconstruction_loss, without.reconstruction_loss)
-    with pytest.raises(ValueError, match="study_balance must be >= 0"):
-        SparseVAE(adata, n_factors=2, n_specific_factors=1, study_balance=-1.0)
-    SparseVAE.setup_anndata(adata)
-    with pytest.raises(ValueError, match="multi-study"):
-        SparseVAE(adata, n_factors=2, study_balance=1.0)
-
-
 # ----------------------------------------------------------------------------- bad input
 def _snapshot(adata):
     return adata.obs.copy(), set(adata.uns), set(adata.obsm), set(adata.varm)

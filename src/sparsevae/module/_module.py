@@ -125,16 +125,6 @@ class SparseVAEModule(BaseModuleClass):
         copy shared ones (measured on ``simulate_multistudy``, 3 studies, 200 genes: every mask
         had mean F1 >= 0.9 in 6 of 6 seeds without it, in 3 of 5 with it). Without it the
         factors are read from expression alone, the same way in every study.
-    study_balance
-        Multi-study: weight ``lambda`` of a penalty that asks each shared factor to vary about
-        as much in every study. In each minibatch, with ``v_sk`` the log variance (plus
-        ``1e-3``) of shared factor ``k``'s posterior mean over the cells of study ``s`` (studies
-        with at least 3 cells in the minibatch), the loss gains ``lambda * sum_k mean_s (v_sk -
-        mean_s' v_s'k)^2``. A shared factor that carries one study's program (active in that
-        study, pinned elsewhere) pays; an unused shared factor, quiet in every study, does not.
-        It is not part of the model's likelihood or prior (the ELBO reported by
-        :meth:`~sparsevae.SparseVAE.get_elbo` leaves it out). Default 0 (off); see the
-        multi-study guide for what it changes.
     """
 
     def __init__(
@@ -165,7 +155,6 @@ class SparseVAEModule(BaseModuleClass):
         encode_study: bool = False,
         composition_offset: bool | None = None,
         latent_prior: Literal["normal", "correlated"] | None = None,
-        study_balance: float = 0.0,
     ) -> None:
         super().__init__()
         if likelihood not in LIKELIHOODS:
@@ -183,15 +172,6 @@ class SparseVAEModule(BaseModuleClass):
         self.n_studies = int(n_studies)
         self.is_multistudy = self.n_specific_factors > 0
         self.encode_study = bool(encode_study) and self.is_multistudy
-        if not study_balance >= 0:
-            raise ValueError(f"study_balance must be >= 0, got {study_balance}.")
-        if study_balance > 0 and not self.is_multistudy:
-            raise ValueError(
-                "study_balance balances the shared factors across studies and needs a "
-                "multi-study model (setup_anndata(..., study_key=...)); leave it out (0) for a "
-                "single-study model."
-            )
-        self.study_balance = float(study_balance)
         self.likelihood = likelihood
         self.mask = mask
         self.kl_weight = float(kl_weight)
@@ -494,39 +474,7 @@ class SparseVAEModule(BaseModuleClass):
             kl = kl_divergence(qz, pz).sum(-1)
         penalty = self.prior_penalty()
         loss = torch.mean(reconst + self.kl_weight * kl_weight * kl) + penalty / n_obs
-        if self.study_balance > 0:
-            balance = self.study_balance_penalty(
-                inference_outputs["qz"].loc[:, : self.n_factors], tensors[STUDY_KEY]
-            )
-            loss = loss + self.study_balance * balance
         return LossOutput(loss=loss, reconstruction_loss=reconst, kl_local=kl, kl_global=penalty)
-
-    def study_balance_penalty(self, mu: torch.Tensor, study: torch.Tensor) -> torch.Tensor:
-        """Spread of the shared factors' log variances across studies (``study_balance``).
-
-        Parameters
-        ----------
-        mu
-            Posterior means of the shared factors, ``(n_cells, n_factors)``.
-        study
-            Each cell's study index, ``(n_cells, 1)`` or ``(n_cells,)``.
-
-        Returns
-        -------
-        Scalar: ``sum_k mean_s (v_sk - mean_s' v_s'k)^2`` over the studies with at least 3
-        cells, ``v_sk`` the log of (the variance of factor ``k`` over study ``s``'s cells plus
-        ``1e-3``); 0 when fewer than two studies qualify.
-        """
-        onehot = nn.functional.one_hot(study.reshape(-1).long(), self.n_studies).to(mu.dtype)
-        n = onehot.sum(0)  # (S,)
-        keep = n >= 3
-        if int(keep.sum()) < 2:
-            return mu.new_zeros(())
-        mean = (onehot.T @ mu) / n.clamp_min(1.0).unsqueeze(-1)  # (S, K)
-        dev = mu - onehot @ mean  # each cell minus its study's mean
-        var = (onehot.T @ dev.square()) / (n - 1.0).clamp_min(1.0).unsqueeze(-1)
-        log_var = torch.log(var[keep] + 1e-3)
-        return (log_var - log_var.mean(0, keepdim=True)).square().mean(0).sum()
 
     def mask_priors(self) -> list[SpikeSlabLasso]:
         """The Spike-and-Slab Lasso priors of the masks (empty for the plain VAE).
