@@ -430,14 +430,18 @@ def zeisel_section(records: list[dict[str, Any]], fig_dir: Path) -> list[str]:
         "| factors with >= 2 anchors | anchors per factor (seed 0) | train s |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for m, rs in groups.items():
+    # PCA with fewer components (pca_k<K>) after the 15-factor methods, by K.
+    pca_k = sorted((m for m in groups if m.startswith("pca_k")), key=lambda m: int(m[5:]))
+    order = [m for m in groups if m not in pca_k] + pca_k
+    for m in order:
+        rs = groups[m]
         anchors = rs[0].get("anchors_per_factor")
         if len(rs) == 1:  # one seed: show the spread over the folds instead of a zero sd
             acc_cell = f"{rs[0]['accuracy']:.3f} (folds: {rs[0].get('accuracy_fold_sd', 0):.3f})"
         else:
             acc_cell = pm(*mean_sd([r["accuracy"] for r in rs]))
         out.append(
-            f"| {Z_LABELS.get(m, m)} | {acc_cell} "
+            f"| {z_label(m)} | {acc_cell} "
             f"| {pm(*mean_sd([r.get('heldout_nll') for r in rs]), digits=1)} "
             f"| {pm(*mean_sd([r.get('heldout_mse_lognorm') for r in rs]))} "
             f"| {fmt(mean_sd([r.get('active_factors') for r in rs])[0], 1)} "
@@ -456,7 +460,7 @@ def zeisel_section(records: list[dict[str, Any]], fig_dir: Path) -> list[str]:
     ours = [m for m in ("sparsevae_nb", "sparsevae_nb_corr", "sparsevae_gaussian") if m in groups]
     if ours:
         best = max(ours, key=acc)
-        others = [m for m in groups if not m.startswith("sparsevae")]
+        others = [m for m in groups if not m.startswith(("sparsevae", "pca_k"))]
         beat = all(acc(best) >= acc(m) for m in others) if others else None
         nll_pairs = [
             (a, b)
@@ -498,7 +502,46 @@ def zeisel_section(records: list[dict[str, Any]], fig_dir: Path) -> list[str]:
             + (f" ({nll_detail})" if nll_detail else ""),
             "",
         ]
+        out += factors_used_lines(groups, ours, acc)
     return out
+
+
+def z_label(method: str) -> str:
+    """Row label of a Zeisel method (``pca_k<K>``: PCA with ``K`` components)."""
+    if method.startswith("pca_k"):
+        return f"PCA, {method[5:]} components"
+    return Z_LABELS.get(method, method)
+
+
+def factors_used_lines(
+    groups: dict[str, list[dict[str, Any]]], ours: list[str], acc: Any
+) -> list[str]:
+    """Accuracy against the number of factors in use: PCA with K components (``pca_k<K>``)
+    next to the Sparse VAE variants' active factors."""
+    pca_k = sorted((m for m in groups if m.startswith("pca_k")), key=lambda m: int(m[5:]))
+    if not pca_k:
+        return []
+    curve = {int(m[5:]): acc(m) for m in pca_k}
+    if "pca" in groups:
+        curve[15] = acc("pca")
+    points = ", ".join(f"{k}: {a:.3f}" for k, a in sorted(curve.items()))
+    lines = [
+        "**Accuracy and the number of factors in use.** PCA's accuracy by number of "
+        f"components: {points}. The baselines use all 15 factors; the Sparse VAE's prior "
+        "switches off the factors the data do not need (`active factors` above: factors "
+        "selecting at least one gene). Each Sparse VAE variant next to PCA with as many "
+        "components as it has active factors (rounded down):"
+    ]
+    for m in ours:
+        active = mean_sd([r.get("active_factors") for r in groups[m]])[0]
+        if math.isnan(active):
+            continue
+        k = math.floor(active)
+        near = f"; PCA with {k} components: {curve[k]:.3f}" if k in curve else ""
+        lines.append(
+            f"- {Z_LABELS.get(m, m)}: {active:.1f} active factors, accuracy {acc(m):.3f}{near}."
+        )
+    return [lines[0], "", *lines[1:], ""]
 
 
 def slopes(cost: dict[str, Any], axis: str) -> str:

@@ -179,3 +179,39 @@ def test_multistudy_script_json_lines():
     assert isinstance(fit["check_ok"], bool) and isinstance(fit["check_problems"], list)
     assert 0.0 <= fit["celltype_accuracy_all"] <= 1.0
     assert cost["benchmark"] == "multistudy_cost" and cost["n_studies"] == 3
+
+
+def test_zeisel_pca_components_methods_and_report_lines():
+    """zeisel.py accepts pca_k<K> (PCA with K components) besides its methods; make_report lists
+    PCA's accuracy by K and sets each Sparse VAE variant beside PCA with as many components as
+    it has active factors, and keeps pca_k<K> out of the baselines the targets compare with."""
+    import argparse
+
+    import pytest
+
+    sys.path.insert(0, str(BENCH))
+    from make_report import factors_used_lines, mean_sd, z_label
+    from zeisel import method_name
+
+    assert method_name("pca_k9") == "pca_k9" and method_name("sparsevae_nb") == "sparsevae_nb"
+    for bad in ("pca_k0", "pca_kx", "pca9", "tsne"):
+        with pytest.raises(argparse.ArgumentTypeError, match="unknown method"):
+            method_name(bad)
+    assert z_label("pca_k9") == "PCA, 9 components" and z_label("pca") == "PCA"
+
+    sv = [{"accuracy": 0.95, "active_factors": 9}, {"accuracy": 0.96, "active_factors": 10}]
+    groups = {
+        "sparsevae_nb": sv,
+        "pca": [{"accuracy": 0.962}],
+        "pca_k9": [{"accuracy": 0.943}],
+        "pca_k3": [{"accuracy": 0.883}],
+    }
+
+    def acc(m):
+        return mean_sd([r["accuracy"] for r in groups[m]])[0]
+
+    lines = factors_used_lines(groups, ["sparsevae_nb"], acc)
+    text = "\n".join(lines)
+    assert "3: 0.883, 9: 0.943, 15: 0.962" in text
+    assert "9.5 active factors, accuracy 0.955; PCA with 9 components: 0.943" in text
+    assert factors_used_lines({"sparsevae_nb": groups["sparsevae_nb"]}, ["sparsevae_nb"], acc) == []
