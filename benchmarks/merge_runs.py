@@ -10,6 +10,11 @@ the other methods' fits from the previous run saves hours. The merged run has NE
 methods NEW did not run, and summaries recomputed from the merged fits by the benchmark's own
 ``summarise``. Only ``identifiability`` and ``zeisel`` (per-method fits over seeds) are
 supported. Both runs must use the same settings apart from the methods; this is checked.
+
+An identifiability re-run may be split by rho over several processes (``--rhos 0 0.2 0.4`` in
+one, ``--rhos 0.6 0.8`` in another, to use both cores): give every part as NEW
+(``... OLD.jsonl PART1.jsonl PART2.jsonl``); the parts are joined into one run first, and must
+agree in every setting but ``rhos``.
 """
 
 from __future__ import annotations
@@ -79,12 +84,52 @@ def merge(
     return [meta, *fits, *summarise(fits)]
 
 
+def join_parts(parts: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One identifiability run from parts that ran different rhos with the same settings.
+
+    The joined meta record is the first part's, with ``rhos`` the union of the parts' rhos and
+    the note extended to say that it ran in parts; its records are the parts' fits.
+    """
+    if len(parts) == 1:
+        return parts[0]
+    metas = [meta_of(p) for p in parts]
+    if any(m.get("benchmark") != "identifiability" for m in metas):
+        raise SystemExit("only identifiability runs can be joined from parts split by rho")
+    first = metas[0].get("settings", {})
+    for m in metas[1:]:
+        st = m.get("settings", {})
+        differ = sorted(
+            k for k in set(first) | set(st)
+            if k not in FREE_SETTINGS | {"rhos"} and first.get(k) != st.get(k)
+        )  # fmt: skip
+        if differ:
+            raise SystemExit(f"the parts differ in settings {differ}: not joined")
+    rhos = [sorted(m.get("settings", {}).get("rhos", [])) for m in metas]
+    union = sorted({r for rs in rhos for r in rs})
+    if sum(len(rs) for rs in rhos) != len(union):
+        raise SystemExit(f"the parts' rhos overlap ({rhos}): not joined")
+    meta = dict(metas[0])
+    meta["settings"] = {**first, "rhos": union}
+    started = ", ".join(
+        f"rhos {rs} started {m.get('started', '?')}" for rs, m in zip(rhos, metas, strict=True)
+    )
+    meta["note"] = f"{meta.get('note') or ''} [run in {len(parts)} parts: {started}]".strip()
+    fits = [r for p in parts for r in p if r.get("record") == "fit"]
+    return [meta, *fits]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Print the merged run."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("benchmark", choices=["identifiability", "zeisel"])
     p.add_argument("old", type=Path, help="JSON lines holding the previous run (its last run)")
-    p.add_argument("new", type=Path, help="JSON lines holding the re-run (its last run)")
+    p.add_argument(
+        "new",
+        type=Path,
+        nargs="+",
+        help="JSON lines holding the re-run (its last run); identifiability: one file per "
+        "part when the re-run was split by rho",
+    )
     p.add_argument(
         "--rename",
         nargs="*",
@@ -95,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--note", default=None, help="free text added to the merged meta note")
     args = p.parse_args(argv)
     rename = dict(pair.split("=", 1) for pair in args.rename)
-    old, new = read_last_run(args.old), read_last_run(args.new)
+    old = read_last_run(args.old)
+    new = join_parts([read_last_run(path) for path in args.new])
     for rec in merge(args.benchmark, old, new, rename, args.note):
         print(json.dumps(rec))
     return 0

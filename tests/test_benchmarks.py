@@ -35,13 +35,21 @@ def test_identifiability_quick_json_lines_and_report(tmp_path):
     records = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
     assert records[0]["record"] == "meta"
     fits = [r for r in records if r["record"] == "fit"]
-    methods = {"sparsevae", "sparsevae_corr", "vae", "beta_vae", "vsc"}
+    methods = {
+        "sparsevae",
+        "sparsevae_corr",
+        "sparsevae_sched",
+        "sparsevae_corr_sched",
+        "vae",
+        "beta_vae",
+        "vsc",
+    }
     assert {r["method"] for r in fits} == methods
     for r in fits:
         assert "error" not in r, r
         assert 0.0 <= r["dci_disentanglement"] <= 1.0
         assert r["heldout_mse"] >= 0
-    assert sum(r["record"] == "summary" for r in records) == 5
+    assert sum(r["record"] == "summary" for r in records) == len(methods)
     # The file holds the same lines, and the report renders from it.
     assert len(out.read_text().splitlines()) == len(records)
     docs = tmp_path / "docs"
@@ -215,3 +223,49 @@ def test_zeisel_pca_components_methods_and_report_lines():
     assert "3: 0.883, 9: 0.943, 15: 0.962" in text
     assert "9.5 active factors, accuracy 0.955; PCA with 9 components: 0.943" in text
     assert factors_used_lines({"sparsevae_nb": groups["sparsevae_nb"]}, ["sparsevae_nb"], acc) == []
+
+
+def test_merge_runs_joins_a_rerun_split_by_rho():
+    """An identifiability re-run split by rho over two processes is joined into one run (rhos
+    the union, fits of both parts) before merging; parts that differ otherwise, or overlap in
+    rho, are refused."""
+    sys.path.insert(0, str(BENCH))
+    from merge_runs import join_parts
+
+    def part(rhos, epochs=5, started="t"):
+        settings = {"rhos": rhos, "seeds": 1, "epochs": epochs, "methods": ["m"]}
+        meta = {"record": "meta", "benchmark": "identifiability", "started": started,
+                "note": "n", "settings": settings}  # fmt: skip
+        fits = [{"record": "fit", "method": "m", "rho": r, "seed": 0} for r in rhos]
+        return [meta, *fits, {"record": "summary", "method": "m"}]
+
+    joined = join_parts([part([0.0, 0.2], started="a"), part([0.8, 0.6], started="b")])
+    assert joined[0]["settings"]["rhos"] == [0.0, 0.2, 0.6, 0.8]
+    assert "run in 2 parts" in joined[0]["note"] and "started b" in joined[0]["note"]
+    assert sorted(r["rho"] for r in joined[1:]) == [0.0, 0.2, 0.6, 0.8]
+    assert all(r["record"] == "fit" for r in joined[1:])
+    for bad in ([part([0.0]), part([0.6], epochs=300)], [part([0.0, 0.2]), part([0.2])]):
+        try:
+            join_parts(bad)
+        except SystemExit:
+            pass
+        else:
+            raise AssertionError("parts that cannot be joined were joined")
+
+
+def test_report_hides_identifiability_runs_carried_forward_by_a_later_merge():
+    """A run whose every fit (method, rho, seed) a later run with the same settings also has is
+    not shown again; a run with other settings, or with fits the later one lacks, is."""
+    sys.path.insert(0, str(BENCH))
+    from make_report import superseded
+
+    def run(methods, epochs=300):
+        meta = {"record": "meta", "settings": {"epochs": epochs, "methods": methods}}
+        return [meta, *({"record": "fit", "method": m, "rho": 0.0, "seed": 0} for m in methods)]
+
+    old, merged = run(["a", "b"]), run(["a", "b", "c"])
+    assert superseded(old, [merged])
+    assert not superseded(merged, [old])
+    assert not superseded(old, [run(["a", "b", "c"], epochs=40)])
+    assert not superseded(run(["a", "d"]), [merged])
+    assert not superseded(merged, [])
