@@ -15,6 +15,10 @@ An identifiability re-run may be split by rho over several processes (``--rhos 0
 one, ``--rhos 0.6 0.8`` in another, to use both cores): give every part as NEW
 (``... OLD.jsonl PART1.jsonl PART2.jsonl``); the parts are joined into one run first, and must
 agree in every setting but ``rhos``.
+
+More seeds for a run (``--more-seeds``): NEW holds runs of the same methods and settings with
+other seeds (``zeisel.py --first-seed 2 --seeds 2``, ...); their fits are added to OLD's and the
+summaries recomputed. Seeds must not repeat.
 """
 
 from __future__ import annotations
@@ -46,12 +50,7 @@ def merge(
     package default under another name); the merged meta note says so.
     """
     rename = rename or {}
-    if benchmark == "identifiability":
-        from identifiability import summarise
-    elif benchmark == "zeisel":
-        from zeisel import summarise
-    else:
-        raise SystemExit(f"unsupported benchmark {benchmark!r} (identifiability or zeisel)")
+    summarise = _summarise(benchmark)
     old_meta, new_meta = meta_of(old), meta_of(new)
     for meta, name in ((old_meta, "OLD"), (new_meta, "NEW")):
         if meta.get("benchmark") != benchmark:
@@ -118,6 +117,58 @@ def join_parts(parts: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     return [meta, *fits]
 
 
+def more_seeds(
+    benchmark: str, old: list[dict[str, Any]], parts: list[list[dict[str, Any]]]
+) -> list[dict[str, Any]]:
+    """OLD's run with the fits of further seeds from ``parts`` (same methods and settings)."""
+    summarise = _summarise(benchmark)
+    old_meta = meta_of(old)
+    o_set = old_meta.get("settings", {})
+    free = FREE_SETTINGS | {"seeds", "first_seed"}
+    methods = set(o_set.get("methods", []))
+    fits = [r for r in old if r.get("record") == "fit"]
+    old_seeds = sorted({r["seed"] for r in fits})
+    notes = []
+    for part in parts:
+        meta = meta_of(part)
+        p_set = meta.get("settings", {})
+        differ = sorted(
+            k for k in set(o_set) | set(p_set) if k not in free and o_set.get(k) != p_set.get(k)
+        )
+        if differ:
+            raise SystemExit(f"the runs differ in settings {differ}: not comparable, not merged")
+        if set(p_set.get("methods", [])) != methods:
+            raise SystemExit("the runs must have the same methods to add seeds")
+        new = [r for r in part if r.get("record") == "fit"]
+        repeated = {r["seed"] for r in new} & {r["seed"] for r in fits}
+        if repeated:
+            raise SystemExit(f"seeds {sorted(repeated)} are in both runs: not merged")
+        fits += new
+        notes.append(
+            f"seeds {sorted({r['seed'] for r in new})} from the run started "
+            f"{meta.get('started', '?')}"
+        )
+    seeds = sorted({r["seed"] for r in fits})
+    merged_meta = dict(old_meta)
+    merged_meta["settings"] = {**o_set, "seeds": len(seeds)}
+    merged_meta["note"] = (
+        f"{old_meta.get('note') or ''} [more seeds: seeds {old_seeds} from the run started "
+        f"{old_meta.get('started', '?')}; {'; '.join(notes)}]"
+    ).strip()
+    return [merged_meta, *fits, *summarise(fits)]
+
+
+def _summarise(benchmark: str) -> Any:
+    """The benchmark's own ``summarise``."""
+    if benchmark == "identifiability":
+        from identifiability import summarise
+    elif benchmark == "zeisel":
+        from zeisel import summarise
+    else:
+        raise SystemExit(f"unsupported benchmark {benchmark!r} (identifiability or zeisel)")
+    return summarise
+
+
 def main(argv: list[str] | None = None) -> int:
     """Print the merged run."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -138,9 +189,18 @@ def main(argv: list[str] | None = None) -> int:
         help="relabel methods of the re-run, e.g. sparsevae=sparsevae_corr",
     )
     p.add_argument("--note", default=None, help="free text added to the merged meta note")
+    p.add_argument(
+        "--more-seeds",
+        action="store_true",
+        help="NEW holds further seeds of OLD's methods: add their fits, do not replace methods",
+    )
     args = p.parse_args(argv)
     rename = dict(pair.split("=", 1) for pair in args.rename)
     old = read_last_run(args.old)
+    if args.more_seeds:
+        for rec in more_seeds(args.benchmark, old, [read_last_run(path) for path in args.new]):
+            print(json.dumps(rec))
+        return 0
     new = join_parts([read_last_run(path) for path in args.new])
     for rec in merge(args.benchmark, old, new, rename, args.note):
         print(json.dumps(rec))

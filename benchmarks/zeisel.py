@@ -328,6 +328,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", type=Path, default=DATA, help="path of zeisel2015.h5ad")
     p.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 5; quick 1)")
     p.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="start the seeds here (first-seed .. first-seed + N - 1): more seeds for a run "
+        "already made, joined to it with merge_runs.py --more-seeds",
+    )
+    p.add_argument(
         "--methods",
         nargs="+",
         default=list(METHODS),
@@ -393,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
         records = []
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             for method in args.methods:
                 rec, ok = guarded_fit(
                     "zeisel",

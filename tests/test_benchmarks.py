@@ -269,3 +269,36 @@ def test_report_hides_identifiability_runs_carried_forward_by_a_later_merge():
     assert not superseded(old, [run(["a", "b", "c"], epochs=40)])
     assert not superseded(run(["a", "d"]), [merged])
     assert not superseded(merged, [])
+
+
+def test_merge_runs_more_seeds():
+    """--more-seeds adds the fits of further seeds of the same methods and settings, recomputes
+    the summaries, and refuses other settings, other methods or repeated seeds."""
+    sys.path.insert(0, str(BENCH))
+    from merge_runs import more_seeds
+
+    def run(seeds, epochs=50, methods=("pca", "fa")):
+        settings = {"seeds": len(seeds), "epochs": epochs, "methods": list(methods)}
+        meta = {"record": "meta", "benchmark": "zeisel", "settings": settings, "started": "s"}
+        fits = [
+            {"record": "fit", "method": m, "seed": sd, "accuracy": 0.9 + 0.01 * sd}
+            for sd in seeds
+            for m in methods
+        ]
+        return [meta, *fits]
+
+    merged = more_seeds("zeisel", run([0, 1]), [run([2, 3]), run([4])])
+    assert merged[0]["settings"]["seeds"] == 5
+    assert "more seeds" in merged[0]["note"]
+    fits = [r for r in merged if r["record"] == "fit"]
+    assert sorted({r["seed"] for r in fits}) == [0, 1, 2, 3, 4] and len(fits) == 10
+    summary = {r["method"]: r for r in merged if r["record"] == "summary"}
+    assert summary["pca"]["n_seeds"] == 5
+    assert abs(summary["pca"]["accuracy_mean"] - 0.92) < 1e-9
+    for bad in (run([2], epochs=100), run([2], methods=("pca",)), run([1])):
+        try:
+            more_seeds("zeisel", run([0, 1]), [bad])
+        except SystemExit:
+            pass
+        else:
+            raise AssertionError("runs that cannot be joined were joined")
