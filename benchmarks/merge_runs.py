@@ -118,7 +118,10 @@ def join_parts(parts: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
 
 
 def more_seeds(
-    benchmark: str, old: list[dict[str, Any]], parts: list[list[dict[str, Any]]]
+    benchmark: str,
+    old: list[dict[str, Any]],
+    parts: list[list[dict[str, Any]]],
+    note: str | None = None,
 ) -> list[dict[str, Any]]:
     """OLD's run with the fits of further seeds from ``parts`` (same methods and settings)."""
     summarise = _summarise(benchmark)
@@ -153,7 +156,7 @@ def more_seeds(
     merged_meta["settings"] = {**o_set, "seeds": len(seeds)}
     merged_meta["note"] = (
         f"{old_meta.get('note') or ''} [more seeds: seeds {old_seeds} from the run started "
-        f"{old_meta.get('started', '?')}; {'; '.join(notes)}]"
+        f"{old_meta.get('started', '?')}; {'; '.join(notes)}" + (f"; {note}" if note else "") + "]"
     ).strip()
     return [merged_meta, *fits, *summarise(fits)]
 
@@ -198,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     rename = dict(pair.split("=", 1) for pair in args.rename)
     old = read_last_run(args.old)
     if args.more_seeds:
-        for rec in more_seeds(args.benchmark, old, [read_last_run(path) for path in args.new]):
+        parts = [read_last_run(path) for path in args.new]
+        for rec in more_seeds(args.benchmark, old, parts, args.note):
             print(json.dumps(rec))
         return 0
     new = join_parts([read_last_run(path) for path in args.new])
