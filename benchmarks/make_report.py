@@ -355,15 +355,26 @@ def identifiability_run(records: list[dict[str, Any]], fig_dir: Path, index: int
     return out
 
 
-def switched_off(fits: list[dict[str, Any]]) -> int:
-    """Number of fits with a code that selects no feature (no ``p* > 0.5``)."""
+def _codes_selecting(fits: list[dict[str, Any]]) -> list[tuple[Any, int]]:
+    """Per fit with ``p*``: the number of features each code selects (``p* > 0.5``) and the
+    number of features."""
     import numpy as np
 
-    return sum(
-        int(((np.asarray(r["pstar"]) > 0.5).sum(axis=0) == 0).any())
+    return [
+        ((np.asarray(r["pstar"]) > 0.5).sum(axis=0), len(r["pstar"]))
         for r in fits
         if r.get("pstar") is not None
-    )
+    ]
+
+
+def switched_off(fits: list[dict[str, Any]]) -> int:
+    """Number of fits with a code that selects no feature (no ``p* > 0.5``)."""
+    return sum(int((n == 0).any()) for n, _ in _codes_selecting(fits))
+
+
+def code_selects_everything(fits: list[dict[str, Any]]) -> int:
+    """Number of fits with a code that selects every feature."""
+    return sum(int((n == g).any()) for n, g in _codes_selecting(fits))
 
 
 def identifiability_analysis(
@@ -372,19 +383,13 @@ def identifiability_analysis(
     method: str = "sparsevae",
 ) -> list[str]:
     """Counts, from the fit records, of the two ways Sparse VAE fits fall short."""
-    import numpy as np
-
     label = ID_LABELS.get(method, method)
     lines = [f"**What the {label} fits show** (counted from the fit records):", ""]
     for rho in rhos:
         fits = [r for r in groups[(method, rho)] if r.get("pstar") is not None]
         if not fits:
             continue
-        n_off = n_all = 0
-        for r in fits:
-            selected = (np.asarray(r["pstar"]) > 0.5).sum(axis=0)
-            n_off += int((selected == 0).any())
-            n_all += int((selected == np.asarray(r["pstar"]).shape[0]).any())
+        n_off, n_all = switched_off(fits), code_selects_everything(fits)
         lines.append(
             f"- rho={rho:g}: {len(fits)} {label} fits; one code switched off (no feature with "
             f"p* > 0.5) in {n_off}; a code selecting every feature in {n_all}."
