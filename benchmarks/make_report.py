@@ -595,15 +595,15 @@ def factors_used_lines(
         "**Accuracy and the number of factors in use.** PCA's accuracy by number of "
         f"components: {points}. The baselines use all 15 factors; the Sparse VAE's prior "
         "switches off the factors the data do not need (`active factors` above: factors "
-        "selecting at least one gene). Each Sparse VAE variant next to PCA with as many "
-        "components as it has active factors (rounded down):"
+        "selecting at least one gene). Each Sparse VAE variant next to PCA with the number of "
+        "components nearest to its mean number of active factors:"
     ]
     for m in ours:
         active = mean_sd([r.get("active_factors") for r in groups[m]])[0]
         if math.isnan(active):
             continue
-        k = math.floor(active)
-        near = f"; PCA with {k} components: {curve[k]:.3f}" if k in curve else ""
+        k = min(curve, key=lambda c: (abs(c - active), c))
+        near = f"; PCA with {k} components: {curve[k]:.3f}"
         lines.append(
             f"- {Z_LABELS.get(m, m)}: {active:.1f} active factors, accuracy {acc(m):.3f}{near}."
         )
