@@ -29,15 +29,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
-ID_METHODS = (
-    "sparsevae",
-    "sparsevae_corr",
-    "sparsevae_sched",
-    "sparsevae_corr_sched",
-    "vae",
-    "beta_vae",
-    "vsc",
-)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from identifiability import METHODS as ID_METHODS  # noqa: E402  (the script's own list)
+
 ID_LABELS = {
     "sparsevae": "Sparse VAE",
     "sparsevae_corr": "Sparse VAE, correlated prior",
