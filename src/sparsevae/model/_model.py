@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import warnings
 from collections.abc import Sequence
 from typing import Any, Literal
 
+import anndata
 import numpy as np
 import pandas as pd
 import torch
@@ -18,16 +20,21 @@ from scvi.data.fields import CategoricalObsField, LayerField, NumericalObsField
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin, VAEMixin
 
 from ..module import LIKELIHOODS, STUDY_KEY, SparseVAEModule
-from ..train import SparseVAETrainingPlan
+from ..train import DivergenceError, SparseVAETrainingPlan
 from ._interpret import InterpretabilityMixin
+from ._save_load import read_model_file
 from ._validate import (
     check_counts,
     check_finite,
+    check_known_studies,
     check_n_cells,
+    check_new_data,
+    check_not_backed,
+    check_registrable,
     check_study_column,
+    data_location,
     get_matrix,
     matrix_stats,
-    refuse_missing_studies,
 )
 
 logger = logging.getLogger(__name__)
@@ -187,7 +194,11 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
                     f"({n_genes}) for a multi-study model, got {n_specific_factors!r}. For shared "
                     "factors only, register the AnnData without study_key."
                 )
-        if not isinstance(n_factors, int | np.integer) or not 1 <= n_factors <= n_genes:
+        if (
+            not isinstance(n_factors, int | np.integer)
+            or isinstance(n_factors, bool)
+            or not 1 <= n_factors <= n_genes
+        ):
             raise ValueError(
                 f"n_factors must be an integer between 1 and the number of genes ({n_genes}), "
                 f"got {n_factors!r}."
@@ -202,7 +213,7 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
         stats = matrix_stats(X)
         if likelihood == "auto":
             likelihood = "nb" if stats.is_integer and not stats.has_negative else "gaussian"
-        where = self._data_description()
+        where = data_location(self.adata_manager.registry["setup_args"].get("layer"))
         data_kwargs: dict[str, torch.Tensor] = {}
         if likelihood != "gaussian":
             check_counts(stats, likelihood, where)
@@ -234,6 +245,12 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
             ),
             **module_kwargs,
         )
+        bad = self.module.non_finite_parameters()
+        if bad:
+            raise ValueError(
+                f"The model's initial parameters are not finite ({', '.join(bad[:5])}), so it "
+                f"cannot be trained. Check {where} for extreme values."
+            )
         self.likelihood = likelihood
         factors = f"{n_factors} factors"
         if n_specific_factors:
@@ -288,10 +305,15 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
         None. ``adata`` is registered with the model class (scvi-tools records an identifier in
         ``adata.uns``); the data themselves are not changed.
         """
-        check_n_cells(adata)
-        X = get_matrix(adata, layer)
-        where = f"adata.layers[{layer!r}]" if layer is not None else "adata.X"
-        check_finite(X, where)
+        setup_method_args = cls._get_setup_method_args(**locals())
+        # scvi-tools' load() calls setup_anndata with the saved registry (``source_registry``);
+        # SparseVAE.load has then checked the data against the trained model already.
+        loading = "source_registry" in kwargs
+        check_not_backed(adata)
+        check_registrable(adata)
+        if not loading:
+            check_n_cells(adata)
+        check_finite(get_matrix(adata, layer), data_location(layer))
         if size_factor_key is not None:
             if size_factor_key not in adata.obs:
                 raise KeyError(f"size_factor_key {size_factor_key!r} is not a column of adata.obs.")
@@ -300,9 +322,8 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
                 raise ValueError(
                     f"adata.obs[{size_factor_key!r}] must hold finite positive size factors."
                 )
-        if study_key is not None:
+        if study_key is not None and not loading:
             check_study_column(adata, study_key)
-        setup_method_args = cls._get_setup_method_args(**locals())
         anndata_fields = [
             LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=False),
             NumericalObsField(REGISTRY_KEYS.SIZE_FACTOR_KEY, size_factor_key, required=False),
@@ -313,15 +334,15 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
         adata_manager.register_fields(adata, **kwargs)
         cls.register_manager(adata_manager)
 
-    def _data_description(self) -> str:
-        layer = self.adata_manager.registry["setup_args"].get("layer")
-        return f"adata.layers[{layer!r}]" if layer is not None else "adata.X"
-
     def _validate_anndata(self, adata: AnnData | None = None, copy_if_view: bool = True):
         if adata is not None and adata is not self.adata:
+            # New data get the checks of training data, before scvi-tools registers them.
+            check_not_backed(adata)
             self._check_var_names(adata.var_names)
+            layer = self.adata_manager.registry["setup_args"].get("layer")
+            check_new_data(adata, layer, self.likelihood)
             if self.is_multistudy:
-                self._check_studies(adata)
+                check_known_studies(adata, self.study_key, self.studies)
         return super()._validate_anndata(adata, copy_if_view=copy_if_view)
 
     # ------------------------------------------------------------------------ studies
@@ -350,25 +371,6 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
     def mask_kinds(self) -> list[str]:
         """Valid ``kind`` values of :meth:`get_mask`: ``"shared"`` and, multi-study, each study."""
         return ["shared", *self.studies]
-
-    def _check_studies(self, adata: AnnData) -> None:
-        """Raise a clear error when ``adata``'s studies cannot be mapped to the model's."""
-        key = self.study_key
-        if key not in adata.obs:
-            raise ValueError(
-                f"This multi-study model needs each cell's study in adata.obs[{key!r}], which "
-                f"this AnnData lacks. Add it (one of {self.studies})."
-            )
-        col = adata.obs[key]
-        refuse_missing_studies(col, key, f"set their study to one of {self.studies}")
-        unknown = sorted(set(col.astype(str)) - set(self.studies))
-        if unknown:
-            raise ValueError(
-                f"adata.obs[{key!r}] has studies the model never saw: {unknown[:5]} (it was "
-                f"trained on {self.studies}). A study's specific mask is learned from its cells, "
-                "so new studies need a model trained with them; restrict the AnnData to the "
-                f"known studies (`adata[adata.obs[{key!r}].astype(str).isin(model.studies)]`)."
-            )
 
     def _kind_index(self, kind: str | None) -> int | None:
         """``None`` for the shared mask, else the position of study ``kind``."""
@@ -431,6 +433,9 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
             Minibatch size.
         early_stopping
             Stop when the validation ELBO stops improving (holds out ``1 - train_size`` cells).
+            It starts watching once the mask prior is at full strength (after
+            ``n_epochs_prior_warmup + n_epochs_lambda0_ramp`` epochs), because the schedule
+            itself moves the ELBO; pass ``early_stopping_warmup_epochs`` to change that.
         train_size
             Fraction of cells used for training; default 1.0, or 0.9 with early stopping.
         validation_size
@@ -480,6 +485,7 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
         -------
         The result of scvi-tools' train runner.
         """
+        check_n_cells(self.adata)
         if max_epochs is None:
             max_epochs = default_max_epochs(self.adata.n_obs)
         if train_size is None:
@@ -506,6 +512,16 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
         }
         # Log the epoch metrics even when an epoch has fewer than Lightning's default 50 steps.
         trainer_kwargs.setdefault("log_every_n_steps", 1)
+        # The epoch from which the mask prior is at full strength (EM for eta on).
+        full_prior_epoch = n_epochs_prior_warmup + n_epochs_lambda0_ramp
+        if early_stopping:
+            # The schedule moves the validation ELBO; early stopping must not act before it ends.
+            trainer_kwargs.setdefault("early_stopping_warmup_epochs", full_prior_epoch)
+        datasplitter_kwargs = dict(trainer_kwargs.pop("datasplitter_kwargs", None) or {})
+        if "drop_last" not in datasplitter_kwargs and self._lone_last_cell(train_size, batch_size):
+            # A minibatch of one cell breaks the encoder's BatchNorm; drop it (another cell at
+            # random each epoch, as the loader shuffles).
+            datasplitter_kwargs["drop_last"] = True
         # Lightning keeps the modules' train/eval state; after inference (eval mode) a further
         # train() call would otherwise run without dropout.
         self.module.train()
@@ -518,11 +534,33 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
             batch_size=batch_size,
             early_stopping=early_stopping,
             plan_kwargs=plan_kwargs,
+            datasplitter_kwargs=datasplitter_kwargs,
             **trainer_kwargs,
         )
+        bad = self.module.non_finite_parameters()
+        if bad:
+            raise DivergenceError(
+                f"Training diverged: parameters are NaN or infinite after training "
+                f"({', '.join(bad[:3])}). Lower the learning rate (e.g. `model.train(lr=1e-3)`) "
+                "or check the data for extreme values."
+            )
+        epochs_run = int(self.trainer.current_epoch)
+        if self.module.prior is not None and epochs_run <= full_prior_epoch:
+            _warn(
+                f"Training ended after {epochs_run} epochs, before the mask prior reached full "
+                f"strength (epoch {full_prior_epoch + 1}: warm-up {n_epochs_prior_warmup} and "
+                f"spike ramp {n_epochs_lambda0_ramp} epochs), so eta was never fitted and the "
+                "inclusion probabilities do not select genes. Train for more epochs, or shorten "
+                "n_epochs_prior_warmup / n_epochs_lambda0_ramp."
+            )
         if not self._warn_if_collapsed():
             self._warn_if_misassigned()
         return result
+
+    def _lone_last_cell(self, train_size: float, batch_size: int) -> bool:
+        """Whether the training cells would leave a last minibatch of a single cell."""
+        n_train = int(np.ceil(train_size * self.adata.n_obs))
+        return n_train > batch_size and n_train % batch_size == 1
 
     @torch.no_grad()
     def _warn_if_collapsed(self, max_cells: int = 2000) -> bool:
@@ -911,30 +949,65 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
 
     # ------------------------------------------------------------------------ save / load
     @classmethod
-    def load(cls, dir_path: str, adata: AnnData | None = None, **kwargs: Any) -> SparseVAE:
-        """Load a saved model, checking that ``adata`` has the genes it was trained on.
+    def load(
+        cls,
+        dir_path: str | os.PathLike,
+        adata: AnnData | None = None,
+        *,
+        prefix: str | None = None,
+        **kwargs: Any,
+    ) -> SparseVAE:
+        """Load a saved model, checking ``adata`` like training data.
+
+        The model file is read with a restricted unpickler that builds only the data types a
+        genuine file holds, so a crafted file cannot run code; anything else raises
+        :class:`~sparsevae.model.UnsafeModelFileError`. Still, load model files only from
+        trusted sources.
 
         Parameters
         ----------
         dir_path
             Folder written by :meth:`save`.
         adata
-            AnnData to attach; default the AnnData saved with the model.
+            AnnData to attach; default the AnnData saved with the model (``save_anndata=True``).
+            It must have the model's genes and, multi-study, cells of the trained studies only
+            (any subset of them); its data get the checks of training data.
+        prefix
+            Prefix of the saved file names, as given to :meth:`save`.
         **kwargs
-            Passed to :meth:`scvi.model.base.BaseModelClass.load`.
+            Passed to :meth:`scvi.model.base.BaseModelClass.load` (e.g. ``accelerator``).
 
         Returns
         -------
         The loaded model.
         """
-        if adata is not None:
-            prefix = kwargs.get("prefix") or ""
-            path = os.path.join(dir_path, f"{prefix}model.pt")
-            if not os.path.exists(path):
-                raise FileNotFoundError(f"No saved SparseVAE at {path}.")
-            saved = torch.load(path, map_location="cpu", weights_only=False)
+        file_name = f"{prefix or ''}model.pt"
+        saved = read_model_file(os.path.join(dir_path, file_name))
+        registry = saved["attr_dict"].get("registry_", {})
+        if registry.get("model_name", cls.__name__) != cls.__name__:
+            raise ValueError(
+                f"{dir_path} holds a {registry['model_name']} model, not a {cls.__name__}."
+            )
+        if adata is None:
+            adata_path = os.path.join(dir_path, f"{prefix or ''}adata.h5ad")
+            if os.path.exists(adata_path):
+                adata = anndata.read_h5ad(adata_path)
+        else:
+            check_not_backed(adata)
             _compare_var_names(pd.Index(saved["var_names"]), pd.Index(adata.var_names))
-        return super().load(dir_path, adata=adata, **kwargs)
+            setup_args = registry.get("setup_args", {})
+            likelihood = saved["attr_dict"]["init_params_"]["non_kwargs"]["likelihood"]
+            check_new_data(adata, setup_args.get("layer"), likelihood)
+            study_key = setup_args.get("study_key")
+            if study_key is not None:
+                state = registry["field_registries"][STUDY_KEY]["state_registry"]
+                studies = [str(c) for c in state["categorical_mapping"]]
+                check_known_studies(adata, study_key, studies)
+        # scvi-tools reads the file again, with pickle's full powers: give it a copy written
+        # from the objects the restricted reader built, never the original bytes.
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.save(saved, os.path.join(tmp, file_name))
+            return super().load(tmp, adata=adata, prefix=prefix, **kwargs)
 
 
 def _check_no_clash(adata: AnnData, keys: dict[str, list[str]]) -> None:

@@ -47,11 +47,24 @@ def _values(X) -> np.ndarray:
     return np.asarray(X)
 
 
+def check_not_backed(adata: AnnData) -> None:
+    """Raise if ``adata`` is backed by a file (``read_h5ad(..., backed="r")``)."""
+    if adata.isbacked:
+        raise ValueError(
+            f"This AnnData is backed by the file {adata.filename} (read with backed='r'); "
+            "SparseVAE does not train on or read from backed AnnData yet (out-of-core data is not "
+            "supported). Load it into memory first: `adata = adata.to_memory()`."
+        )
+
+
 def check_finite(X, where: str) -> None:
-    """Raise if ``X`` contains NaN or infinite values."""
+    """Raise if ``X`` is not numeric or contains NaN or infinite values."""
     v = _values(X)
-    if not np.issubdtype(v.dtype, np.number):
-        raise TypeError(f"{where} must be numeric, got dtype {v.dtype}.")
+    if not np.issubdtype(v.dtype, np.number) or np.issubdtype(v.dtype, np.complexfloating):
+        raise TypeError(
+            f"{where} must hold real numbers, got dtype {v.dtype}. Convert it, e.g. "
+            "`adata.X = adata.X.astype(np.float32)`."
+        )
     bad = ~np.isfinite(v)
     if bad.any():
         n_nan = int(np.isnan(v).sum())
@@ -60,6 +73,22 @@ def check_finite(X, where: str) -> None:
             f"{where} contains {n_nan} NaN and {n_inf} infinite values. Remove or impute them "
             "(e.g. `adata = adata[:, np.isfinite(adata.X).all(0)]` to drop affected genes) before "
             "calling setup_anndata."
+        )
+
+
+def check_registrable(adata: AnnData) -> None:
+    """Raise if ``adata`` cannot be registered as it is (a view, or duplicated gene names)."""
+    if adata.is_view:
+        raise ValueError(
+            "adata is a view of another AnnData (e.g. `adata[cells]`); setup_anndata registers "
+            "the AnnData in place, so it needs one of its own: `adata = adata[cells].copy()`."
+        )
+    duplicated = adata.var_names[adata.var_names.duplicated()]
+    if len(duplicated):
+        raise ValueError(
+            f"adata.var_names are not unique ({len(duplicated)} duplicates, e.g. "
+            f"{list(duplicated[:3])}), so genes could not be told apart in the results. Make "
+            "them unique first: `adata.var_names_make_unique()`."
         )
 
 
@@ -74,18 +103,34 @@ def check_n_cells(adata: AnnData) -> None:
         raise ValueError("adata has no genes.")
 
 
+#: Rows summed at once by :func:`matrix_stats` (bounds the float64 copy it makes).
+_STATS_CHUNK_ROWS = 8192
+
+
 def matrix_stats(X) -> MatrixStats:
-    """Compute the statistics needed to choose and check a likelihood."""
-    v = _values(X)
-    is_integer = bool(np.all(np.mod(v, 1) == 0)) if v.size else True
-    has_negative = bool((v < 0).any()) if v.size else False
-    row_sums = np.asarray(X.sum(axis=1)).ravel()
-    col_sums = np.asarray(X.sum(axis=0), dtype=np.float64).ravel()
-    n_obs = X.shape[0]
+    """Compute the statistics needed to choose and check a likelihood.
+
+    Sums run in float64 over chunks of rows, so float16 or float32 data with large library sizes
+    do not overflow and the copy stays small.
+    """
+    n_obs, n_vars = X.shape
+    is_integer, has_negative = True, False
+    row_sums = np.zeros(n_obs, dtype=np.float64)
+    col_sums = np.zeros(n_vars, dtype=np.float64)
+    col_sq = np.zeros(n_vars, dtype=np.float64)
+    for start in range(0, n_obs, _STATS_CHUNK_ROWS):
+        chunk = X[start : start + _STATS_CHUNK_ROWS]
+        chunk = chunk.astype(np.float64) if sp.issparse(chunk) else np.asarray(chunk, np.float64)
+        v = _values(chunk)
+        if v.size:
+            is_integer = is_integer and bool(np.all(np.mod(v, 1) == 0))
+            has_negative = has_negative or bool((v < 0).any())
+        row_sums[start : start + chunk.shape[0]] = np.asarray(chunk.sum(axis=1)).ravel()
+        col_sums += np.asarray(chunk.sum(axis=0)).ravel()
+        sq = chunk.multiply(chunk) if sp.issparse(chunk) else np.square(chunk)
+        col_sq += np.asarray(sq.sum(axis=0)).ravel()
     col_means = col_sums / max(n_obs, 1)
-    sq = X.multiply(X) if hasattr(X, "multiply") else np.square(X)
-    col_sq = np.asarray(sq.sum(axis=0), dtype=np.float64).ravel() / max(n_obs, 1)
-    col_stds = np.sqrt(np.clip(col_sq - col_means**2, 0.0, None))
+    col_stds = np.sqrt(np.clip(col_sq / max(n_obs, 1) - col_means**2, 0.0, None))
     return MatrixStats(
         is_integer=is_integer,
         has_negative=has_negative,
@@ -116,6 +161,54 @@ def check_counts(stats: MatrixStats, likelihood: str, where: str) -> None:
             f"{where} has {stats.n_empty_cells} cells with zero total counts, which carry no "
             "information for a count likelihood. Remove them first, e.g. "
             "`sc.pp.filter_cells(adata, min_counts=1)`."
+        )
+
+
+def data_location(layer: str | None) -> str:
+    """How error messages name the registered data: ``adata.X`` or ``adata.layers[...]``."""
+    return f"adata.layers[{layer!r}]" if layer is not None else "adata.X"
+
+
+def check_new_data(adata: AnnData, layer: str | None, likelihood: str) -> None:
+    """Run the checks of training data on an AnnData given to a trained model.
+
+    Parameters
+    ----------
+    adata
+        The new AnnData.
+    layer
+        The layer the model was registered with (``None``: ``adata.X``).
+    likelihood
+        The model's likelihood; count likelihoods also refuse negative, non-integer and empty
+        cells.
+    """
+    check_not_backed(adata)
+    X = get_matrix(adata, layer)
+    where = data_location(layer)
+    check_finite(X, where)
+    if likelihood != "gaussian":
+        check_counts(matrix_stats(X), likelihood, where)
+
+
+def check_known_studies(adata: AnnData, study_key: str, studies: list[str]) -> None:
+    """Raise if the cells of ``adata`` are not all from the trained ``studies``.
+
+    A subset of the studies is fine (a study without cells is simply not used).
+    """
+    if study_key not in adata.obs:
+        raise ValueError(
+            f"This multi-study model needs each cell's study in adata.obs[{study_key!r}], which "
+            f"this AnnData lacks. Add it (one of {studies})."
+        )
+    col = adata.obs[study_key]
+    refuse_missing_studies(col, study_key, f"set their study to one of {studies}")
+    unknown = sorted(set(col.astype(str)) - set(studies))
+    if unknown:
+        raise ValueError(
+            f"adata.obs[{study_key!r}] has studies the model was not trained on: {unknown[:5]} "
+            f"(it was trained on {studies}). A study's specific mask is learned from its cells, "
+            "so a new study needs a model trained with it; restrict the AnnData to the known "
+            f"studies (`adata[adata.obs[{study_key!r}].astype(str).isin(model.studies)]`)."
         )
 
 

@@ -270,6 +270,17 @@ class SparseVAEModule(BaseModuleClass):
             self.register_buffer("gene_loc", loc.to(torch.float32).clone())
             self.register_buffer("gene_scale", scale.to(torch.float32).clone())
 
+    @torch.no_grad()
+    def non_finite_parameters(self) -> list[str]:
+        """Names of the parameters and buffers that hold NaN or infinite values.
+
+        Returns
+        -------
+        List of names (empty when every value is finite).
+        """
+        named = [*self.named_parameters(), *self.named_buffers()]
+        return [name for name, t in named if t.is_floating_point() and not bool(t.isfinite().all())]
+
     @property
     def is_count(self) -> bool:
         """Whether the likelihood models counts."""

@@ -63,17 +63,30 @@ def read_gmt(path: str | os.PathLike) -> dict[str, list[str]]:
     if not path.is_file():
         raise FileNotFoundError(f"No GMT file at {path}.")
     sets: dict[str, list[str]] = {}
-    with open(path, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
-            parts = line.rstrip("\r\n").split("\t")
-            if not parts[0].strip():
-                continue
-            if len(parts) < 2:
-                raise ValueError(
-                    f"{path}:{line_no} is not a GMT line (name<TAB>description<TAB>genes...)."
-                )
-            genes = [g.strip() for g in parts[2:] if g.strip()]
-            sets[parts[0].strip()] = genes
+    first_line: dict[str, int] = {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{path} is not UTF-8 text (byte {err.start}: {err.object[err.start:err.end]!r}). "
+            "GMT files are UTF-8; convert it, e.g. `iconv -f latin1 -t utf-8 IN > OUT`."
+        ) from None
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        parts = line.split("\t")
+        name = parts[0].strip()
+        if not name:
+            continue
+        if len(parts) < 2:
+            raise ValueError(
+                f"{path}:{line_no} is not a GMT line (name<TAB>description<TAB>genes...)."
+            )
+        if name in sets:
+            raise ValueError(
+                f"{path}:{line_no} repeats the gene set name {name!r} (first on line "
+                f"{first_line[name]}). Set names must be unique; rename or merge the sets."
+            )
+        first_line[name] = line_no
+        sets[name] = [g.strip() for g in parts[2:] if g.strip()]
     return sets
 
 
@@ -117,6 +130,12 @@ def _load_libraries(gene_sets: GeneSetsInput) -> list[tuple[str, dict[str, list[
             raise TypeError(
                 f"Each gene set library must be a GMT path or a dict, got {type(item).__name__}."
             )
+    empty = [name for name, sets in libraries if not sets]
+    if empty:
+        raise ValueError(
+            f"No gene sets in {', '.join(empty)}: the dict or GMT file is empty. Pass at least "
+            "one gene set ({name: [genes]} or a GMT file with one set per line)."
+        )
     names = [n for n, _ in libraries]
     if len(set(names)) < len(names):  # same file name twice: make them unique
         libraries = [(f"{n}_{i}", s) for i, (n, s) in enumerate(libraries)]

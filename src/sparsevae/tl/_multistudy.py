@@ -224,9 +224,13 @@ def mask_f1(selected: pd.DataFrame | np.ndarray, truth: pd.DataFrame | np.ndarra
                 "n_selected": n_sel,
             }
         )
-    return pd.DataFrame(
+    table = pd.DataFrame(
         records, columns=["program", "factor", "f1", "precision", "recall", "n_selected"]
     )
+    # Object dtype keeps None for unmatched programs (pandas 3 would infer a string column and
+    # turn None into NaN).
+    table["factor"] = pd.Series([r["factor"] for r in records], index=table.index, dtype=object)
+    return table
 
 
 @dataclass(repr=False)

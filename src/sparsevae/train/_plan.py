@@ -119,17 +119,43 @@ class SparseVAETrainingPlan(TrainingPlan):
         if hasattr(self.module, "correlation_on"):
             self.module.correlation_on = True
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        """Run scvi-tools' training step and stop on a non-finite loss."""
-        loss = super().training_step(batch, batch_idx)
-        if not torch.isfinite(loss):
-            raise DivergenceError(
-                f"Training diverged: the loss became {loss.item()} at epoch {self.current_epoch} "
-                f"(step {self.global_step}). Lower the learning rate (e.g. "
-                "`model.train(lr=1e-3)`), check the data for extreme values, or use a likelihood "
-                "that suits the data (counts: 'nb'; normalised values: 'gaussian')."
-            )
+    def _divergence(self, what: str) -> DivergenceError:
+        return DivergenceError(
+            f"Training diverged: {what} at epoch {self.current_epoch} (step {self.global_step}). "
+            "Lower the learning rate (e.g. `model.train(lr=1e-3)`), check the data for extreme "
+            "values, or use a likelihood that suits the data (counts: 'nb'; normalised values: "
+            "'gaussian')."
+        )
+
+    def _checked_step(self, step: Any, batch: dict[str, torch.Tensor], batch_idx: int) -> Any:
+        """Run a training or validation step; non-finite parameters or loss raise DivergenceError.
+
+        Non-finite parameters, or finite ones so large that the network's outputs overflow,
+        make ``torch.distributions`` refuse its arguments (a ValueError) before any loss exists;
+        that error is turned into a DivergenceError too.
+        """
+        try:
+            loss = step(batch, batch_idx)
+        except ValueError as err:
+            bad = self.module.non_finite_parameters()
+            if bad:
+                raise self._divergence(
+                    f"parameters became NaN or infinite ({', '.join(bad[:3])})"
+                ) from err
+            if str(err).startswith("Expected parameter"):  # torch.distributions' validation
+                raise self._divergence("the network's outputs became NaN or infinite") from err
+            raise
+        if loss is not None and not torch.isfinite(loss):
+            raise self._divergence(f"the loss became {loss.item()}")
         return loss
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """Run scvi-tools' training step and stop on divergence."""
+        return self._checked_step(super().training_step, batch, batch_idx)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> Any:
+        """Run scvi-tools' validation step and stop on divergence."""
+        return self._checked_step(super().validation_step, batch, batch_idx)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """EM update of the mask prior after the optimiser step."""

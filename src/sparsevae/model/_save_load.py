@@ -1,0 +1,175 @@
+"""Reading a saved model file without running code from it.
+
+``torch.save`` writes a pickle, and unpickling can call any function the file names. A model
+file is therefore read with a restricted unpickler (the "restricting globals" recipe of Python's
+``pickle`` documentation): it builds tensors, plain containers and the few data types a genuine
+SparseVAE file holds (numpy arrays, the pandas tables of the training history, scipy sparse
+matrices of files written by 0.1.0) and refuses any other function or class before calling it.
+(torch's own ``weights_only=True`` reader cannot be used: it refuses the ``defaultdict`` that
+scvi-tools stores in every file.)
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import os
+import pickle
+import types
+from typing import Any
+
+import torch
+
+__all__ = ["UnsafeModelFileError", "read_model_file"]
+
+#: Legacy setup arguments: files written by 0.1.0 recorded local variables of
+#: ``setup_anndata`` (the data matrix and a message fragment) as if they were arguments.
+LEGACY_SETUP_ARGS = ("X", "where")
+
+#: Globals a genuine model file may name, as ``(module, name)`` in the pickle -> where to find
+#: them in the installed packages (several candidates where packages moved them).
+_ALLOWED: dict[tuple[str, str], tuple[str, ...]] = {
+    ("collections", "OrderedDict"): ("collections.OrderedDict",),
+    ("collections", "defaultdict"): ("collections.defaultdict",),
+    ("builtins", "dict"): ("builtins.dict",),
+    ("builtins", "list"): ("builtins.list",),
+    ("builtins", "set"): ("builtins.set",),
+    ("builtins", "frozenset"): ("builtins.frozenset",),
+    ("builtins", "slice"): ("builtins.slice",),
+    ("builtins", "bytes"): ("builtins.bytes",),
+    ("builtins", "bytearray"): ("builtins.bytearray",),
+    ("builtins", "complex"): ("builtins.complex",),
+    ("_codecs", "encode"): ("_codecs.encode",),
+    ("torch._utils", "_rebuild_tensor_v2"): ("torch._utils._rebuild_tensor_v2",),
+    ("torch._utils", "_rebuild_parameter"): ("torch._utils._rebuild_parameter",),
+    ("torch", "Size"): ("torch.Size",),
+    ("torch", "device"): ("torch.device",),
+    ("numpy", "ndarray"): ("numpy.ndarray",),
+    ("numpy", "dtype"): ("numpy.dtype",),
+    ("numpy.core.multiarray", "_reconstruct"): (
+        "numpy._core.multiarray._reconstruct",
+        "numpy.core.multiarray._reconstruct",
+    ),
+    ("numpy._core.multiarray", "_reconstruct"): (
+        "numpy._core.multiarray._reconstruct",
+        "numpy.core.multiarray._reconstruct",
+    ),
+    ("numpy.core.multiarray", "scalar"): (
+        "numpy._core.multiarray.scalar",
+        "numpy.core.multiarray.scalar",
+    ),
+    ("numpy._core.multiarray", "scalar"): (
+        "numpy._core.multiarray.scalar",
+        "numpy.core.multiarray.scalar",
+    ),
+    ("pandas.core.frame", "DataFrame"): ("pandas.core.frame.DataFrame",),
+    ("pandas.core.series", "Series"): ("pandas.core.series.Series",),
+    ("pandas.core.internals.managers", "BlockManager"): (
+        "pandas.core.internals.managers.BlockManager",
+    ),
+    ("pandas.core.internals.managers", "SingleBlockManager"): (
+        "pandas.core.internals.managers.SingleBlockManager",
+    ),
+    ("pandas._libs.internals", "_unpickle_block"): ("pandas._libs.internals._unpickle_block",),
+    ("pandas.core.indexes.base", "_new_Index"): ("pandas.core.indexes.base._new_Index",),
+    ("pandas.core.indexes.base", "Index"): ("pandas.core.indexes.base.Index",),
+    ("pandas.core.indexes.range", "RangeIndex"): ("pandas.core.indexes.range.RangeIndex",),
+    ("scipy.sparse._csr", "csr_matrix"): ("scipy.sparse._csr.csr_matrix",),
+    ("scipy.sparse._csc", "csc_matrix"): ("scipy.sparse._csc.csc_matrix",),
+    ("scipy.sparse._csr", "csr_array"): ("scipy.sparse._csr.csr_array",),
+    ("scipy.sparse._csc", "csc_array"): ("scipy.sparse._csc.csc_array",),
+}
+
+
+class UnsafeModelFileError(ValueError):
+    """Raised when a model file holds objects that a genuine SparseVAE file does not."""
+
+
+def _resolve(dotted: str) -> Any | None:
+    module, _, name = dotted.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None
+
+
+class _ForbiddenGlobalError(pickle.UnpicklingError):
+    """A pickle named a function or class outside the allow-list."""
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that builds only the allowed globals (``find_class`` is its only way to them)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        module = "builtins" if module == "__builtin__" else module
+        candidates = _ALLOWED.get((module, name))
+        obj = next((o for o in map(_resolve, candidates or ()) if o is not None), None)
+        if obj is None and module == "numpy.dtypes" and name.endswith("DType"):
+            obj = _resolve(f"numpy.dtypes.{name}")  # numpy's dtype classes, e.g. Float32DType
+        if obj is None and module == "torch" and isinstance(_resolve(f"torch.{name}"), torch.dtype):
+            obj = _resolve(f"torch.{name}")  # torch's dtypes, e.g. torch.float32
+        if obj is None:
+            raise _ForbiddenGlobalError(f"forbidden global {module}.{name}")
+        return obj
+
+
+#: What ``torch.load(pickle_module=...)`` needs of a pickle module.
+_restricted_pickle = types.ModuleType("sparsevae_restricted_pickle")
+_restricted_pickle.Unpickler = _RestrictedUnpickler  # type: ignore[attr-defined]
+_restricted_pickle.load = lambda f, **kw: _RestrictedUnpickler(f, **kw).load()  # type: ignore[attr-defined]
+_restricted_pickle.UnpicklingError = pickle.UnpicklingError  # type: ignore[attr-defined]
+
+
+def read_model_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a file written by :meth:`~sparsevae.SparseVAE.save`, running no code from it.
+
+    Parameters
+    ----------
+    path
+        The ``model.pt`` file.
+
+    Returns
+    -------
+    The saved dict (``model_state_dict``, ``var_names``, ``attr_dict``), with legacy setup
+    arguments removed from the registry.
+
+    Raises
+    ------
+    FileNotFoundError
+        No file at ``path``.
+    UnsafeModelFileError
+        The file names a function or class outside the allow-list, or is not a model file.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No saved SparseVAE at {path} (expected the file save() writes).")
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    try:
+        saved = torch.load(
+            io.BytesIO(raw), map_location="cpu", pickle_module=_restricted_pickle,
+            weights_only=False,
+        )  # fmt: skip
+    except _ForbiddenGlobalError as err:
+        raise UnsafeModelFileError(
+            f"{path} holds objects that are not allowed in a SparseVAE model file ({err}), so it "
+            "was not loaded and nothing in it was run. A model file can carry code: load model "
+            "files only from trusted sources."
+        ) from None
+    except Exception as err:  # a damaged or foreign file: torch raises many kinds
+        raise UnsafeModelFileError(
+            f"{path} is not a SparseVAE model file (it could not be read: {err})."
+        ) from None
+    if not isinstance(saved, dict) or not {"model_state_dict", "var_names", "attr_dict"} <= set(
+        saved
+    ):
+        raise UnsafeModelFileError(
+            f"{path} is not a SparseVAE model file (it lacks the model_state_dict, var_names and "
+            "attr_dict entries that save() writes)."
+        )
+    attr_dict = saved["attr_dict"]
+    registry = attr_dict.get("registry_", {}) if isinstance(attr_dict, dict) else {}
+    setup_args = registry.get("setup_args") if isinstance(registry, dict) else None
+    if isinstance(setup_args, dict):
+        for key in LEGACY_SETUP_ARGS:
+            setup_args.pop(key, None)
+    return saved
