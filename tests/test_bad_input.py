@@ -255,7 +255,9 @@ NEW_DATA_CASES = {
     "negative": (_negative, ValueError, "negative values"),
     "empty_cell": (_empty_cell, ValueError, "zero total counts"),
     "genes_reordered": (
-        lambda a: a._inplace_subset_var(np.arange(a.n_vars)[::-1]), ValueError, "different order"
+        lambda a: a._inplace_subset_var(np.arange(a.n_vars)[::-1]),
+        ValueError,
+        "different order",
     ),
     "genes_missing": (lambda a: a._inplace_subset_var(np.arange(30)), ValueError, "missing"),
 }

@@ -49,7 +49,7 @@ def test_payload_file_runs_nothing(tmp_path: Path, where: str, with_adata: bool)
     assert marker.exists()
     marker.unlink()
     adata = anndata.read_h5ad(LEGACY / "single" / "adata.h5ad") if with_adata else None
-    with pytest.raises(UnsafeModelFileError, match="not allowed.*trusted sources"):
+    with pytest.raises(UnsafeModelFileError, match=r"not allowed.*trusted sources"):
         SparseVAE.load(tmp_path / "m", adata=adata)
     assert not marker.exists()
 
@@ -82,4 +82,3 @@ def test_new_files_round_trip_exactly(tmp_path: Path) -> None:
     assert set(saved["attr_dict"]["registry_"]["setup_args"]) == {
         "layer", "size_factor_key", "study_key"
     }  # fmt: skip
-

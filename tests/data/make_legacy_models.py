@@ -32,8 +32,13 @@ def main() -> None:
     np.save(OUT / "single" / "latent.npy", model.get_latent_representation())
 
     multi = sparsevae.datasets.simulate_multistudy(
-        n_studies=2, n_genes=24, n_shared=1, n_specific=1, n_cells_per_study=30,
-        genes_per_program=6, seed=0,
+        n_studies=2,
+        n_genes=24,
+        n_shared=1,
+        n_specific=1,
+        n_cells_per_study=30,
+        genes_per_program=6,
+        seed=0,
     )
     SparseVAE.setup_anndata(multi, study_key="study")
     model = SparseVAE(multi, n_factors=2, n_specific_factors=1, n_hidden=8)

@@ -68,7 +68,7 @@ def read_gmt(path: str | os.PathLike) -> dict[str, list[str]]:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise ValueError(
-            f"{path} is not UTF-8 text (byte {err.start}: {err.object[err.start:err.end]!r}). "
+            f"{path} is not UTF-8 text (byte {err.start}: {err.object[err.start : err.end]!r}). "
             "GMT files are UTF-8; convert it, e.g. `iconv -f latin1 -t utf-8 IN > OUT`."
         ) from None
     for line_no, line in enumerate(text.splitlines(), start=1):
