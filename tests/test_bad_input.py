@@ -499,3 +499,35 @@ def test_training_that_ends_before_the_full_prior_warns():
     model = SparseVAE(adata, n_factors=2, n_hidden=8)
     with pytest.warns(UserWarning, match="before the mask prior reached full strength"):
         model.train(max_epochs=4, n_epochs_prior_warmup=2, n_epochs_lambda0_ramp=4, **QUIET)
+
+
+# --------------------------------------------------------------------------- gene sets, metrics
+def test_gmt_with_a_repeated_set_name(tmp_path):
+    path = tmp_path / "sets.gmt"
+    path.write_text("A\tdesc\tg1\tg2\nB\tdesc\tg3\nA\tdesc\tg4\n")
+    with pytest.raises(ValueError, match=r"repeats the gene set name 'A' \(first on line 1\)"):
+        sparsevae.tl.read_gmt(path)
+
+
+def test_gmt_that_is_not_utf8(tmp_path):
+    path = tmp_path / "sets.gmt"
+    path.write_bytes("A\tdesc\tg\xe9ne1\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="not UTF-8 text"):
+        sparsevae.tl.read_gmt(path)
+
+
+@pytest.mark.parametrize("empty", [{}, [{}]])
+def test_enrich_without_gene_sets(trained, empty):
+    model, _ = trained
+    with pytest.raises(ValueError, match="No gene sets"):
+        sparsevae.tl.enrich(model, empty)
+
+
+def test_mask_f1_reports_none_for_unmatched_programs():
+    selected = np.zeros((10, 1), dtype=bool)
+    selected[:3, 0] = True
+    truth = np.zeros((10, 2), dtype=bool)
+    truth[:3, 0] = truth[5:8, 1] = True
+    res = sparsevae.tl.mask_f1(selected, truth)
+    assert res.loc[1, "factor"] is None and res["factor"].dtype == object
+    assert res.loc[0, "factor"] == "0" and res.loc[0, "f1"] == 1.0

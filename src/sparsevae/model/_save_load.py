@@ -62,6 +62,17 @@ _ALLOWED: dict[tuple[str, str], tuple[str, ...]] = {
         "numpy._core.multiarray.scalar",
         "numpy.core.multiarray.scalar",
     ),
+    # pandas 3 pickles its public names
+    ("pandas", "DataFrame"): ("pandas.DataFrame",),
+    ("pandas", "Series"): ("pandas.Series",),
+    ("pandas", "Index"): ("pandas.Index",),
+    ("pandas", "RangeIndex"): ("pandas.RangeIndex",),
+    ("pandas", "StringDtype"): ("pandas.StringDtype",),
+    ("pandas.arrays", "StringArray"): ("pandas.arrays.StringArray",),
+    ("pandas._libs.arrays", "__pyx_unpickle_NDArrayBacked"): (
+        "pandas._libs.arrays.__pyx_unpickle_NDArrayBacked",
+    ),
+    # pandas 2 pickles the defining modules
     ("pandas.core.frame", "DataFrame"): ("pandas.core.frame.DataFrame",),
     ("pandas.core.series", "Series"): ("pandas.core.series.Series",),
     ("pandas.core.internals.managers", "BlockManager"): (
