@@ -324,7 +324,7 @@ def test_unseen_study_is_named(multi):
     new.obs["study"] = pd.Categorical(np.where(np.arange(new.n_obs) % 3, "A", "C"))
     for call in (lambda: model.get_latent_representation(new),
                  lambda: SparseVAE.load(path, adata=new)):  # fmt: skip
-        expect_error(new, call, ValueError, r"not trained on: \['C'\]")
+        expect_error(new, call, ValueError, r"never saw: \['C'\]")
 
 
 def test_missing_study_column_and_values(multi):

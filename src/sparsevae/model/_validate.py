@@ -205,7 +205,7 @@ def check_known_studies(adata: AnnData, study_key: str, studies: list[str]) -> N
     unknown = sorted(set(col.astype(str)) - set(studies))
     if unknown:
         raise ValueError(
-            f"adata.obs[{study_key!r}] has studies the model was not trained on: {unknown[:5]} "
+            f"adata.obs[{study_key!r}] has studies the model never saw: {unknown[:5]} "
             f"(it was trained on {studies}). A study's specific mask is learned from its cells, "
             "so a new study needs a model trained with it; restrict the AnnData to the known "
             f"studies (`adata[adata.obs[{study_key!r}].astype(str).isin(model.studies)]`)."
