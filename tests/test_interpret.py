@@ -231,10 +231,6 @@ def test_gene_effects_match_autograd(hand_model):
     np.testing.assert_allclose(got.to_numpy(), expected, rtol=1e-4, atol=1e-7)
     link = model.get_gene_effects(indices=idx, scale="link")
     np.testing.assert_allclose(link.to_numpy(), J.mean(0).numpy(), rtol=1e-4, atol=1e-7)
-    # the unbound function works on a model without the mixin
-    from sparsevae.model._interpret import compute_gene_effects
-
-    np.testing.assert_allclose(compute_gene_effects(model, indices=idx).to_numpy(), got)
     with pytest.raises(ValueError, match="scale"):
         model.get_gene_effects(scale="log")
 

@@ -8,7 +8,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -17,8 +17,6 @@ if TYPE_CHECKING:
     from .model import SparseVAE
 
 __all__ = ["main"]
-
-_SELECT_THRESHOLD = 0.5
 
 
 class _CLIError(Exception):
@@ -118,35 +116,12 @@ def _use_agg() -> None:
     matplotlib.use("Agg", force=True)
 
 
-def _selected(model: SparseVAE, kind: str | None = None) -> pd.DataFrame:
-    """Boolean genes x factors table of the mask entries selected by the model (mask ``kind``)."""
-    if model.module.prior is not None:
-        return model.get_inclusion_probabilities(kind=kind) > _SELECT_THRESHOLD
-    return model.get_mask(kind=kind).abs() > _SELECT_THRESHOLD
+def _top_genes(adata: AnnData, key: str, n_top: int = 20) -> pd.DataFrame:
+    """Top selected genes of each factor by ``|W|`` (:func:`sparsevae.tl.anchor_genes`)."""
+    from . import tl
 
-
-def _top_genes(model: SparseVAE, n_top: int = 20) -> pd.DataFrame:
-    """Top selected genes of each factor by ``|W|``."""
-    import pandas as pd
-
-    W = model.get_mask()
-    pstar = model.get_inclusion_probabilities() if model.module.prior is not None else None
-    selected = _selected(model)
-    rows: list[dict[str, Any]] = []
-    for factor in W.columns:
-        genes = W.index[selected[factor].to_numpy()]
-        order = W.loc[genes, factor].abs().sort_values(ascending=False).head(n_top).index
-        for rank, gene in enumerate(order, start=1):
-            rows.append(
-                {
-                    "factor": factor,
-                    "rank": rank,
-                    "gene": gene,
-                    "weight": float(W.loc[gene, factor]),
-                    "pstar": float(pstar.loc[gene, factor]) if pstar is not None else float("nan"),
-                }
-            )
-    return pd.DataFrame(rows, columns=["factor", "rank", "gene", "weight", "pstar"])
+    columns = ["factor", "rank", "gene", "weight", "pstar"]
+    return tl.anchor_genes(adata, n_top=n_top, key=key)[columns]
 
 
 def _train(model: SparseVAE, max_epochs: int | None, batch_size: int = 128) -> tuple[int, float]:
@@ -188,9 +163,9 @@ def _run_demo(args: argparse.Namespace) -> None:
     epochs, seconds = _train(model, args.max_epochs)
 
     model.write_results(adata, key_added="sparsevae", overwrite=True)
-    _top_genes(model, n_top=20).to_csv(out / "top_genes.csv", index=False)
+    _top_genes(adata, "sparsevae", n_top=20).to_csv(out / "top_genes.csv", index=False)
 
-    ax = pl.mask_heatmap(model, n_top=10, show=False, save=out / "mask_heatmap.png")
+    ax = pl.mask_heatmap(adata, n_top=10, show=False, save=out / "mask_heatmap.png")
     plt.close(ax.figure)
 
     sc.pp.neighbors(adata, use_rep="X_sparsevae", random_state=args.seed)
@@ -206,21 +181,23 @@ def _run_demo(args: argparse.Namespace) -> None:
     labels = adata.obs["bulk_labels"]
     n_splits = int(min(5, labels.value_counts().min()))
     acc = tl.celltype_accuracy(adata.obsm["X_sparsevae"], labels, n_splits=n_splits)
-    n_selected = _selected(model).sum(axis=0)
-    n_any = int(_selected(model).any(axis=1).sum())
+    from .priors import DEFAULT_MIN_PSTAR
+
+    selected = tl.read_results(adata).selected("shared")
+    n_selected, n_any = selected.sum(axis=0), int(selected.any(axis=1).sum())
 
     lines = [
         "SparseVAE demo: pbmc68k_reduced (approximate counts)",
         f"  cells: {adata.n_obs}  genes: {adata.n_vars}  factors: {model.module.n_factors}",
         f"  likelihood: {model.likelihood}  epochs: {epochs}  training time: {seconds:.1f} s",
-        f"  selected genes per factor (p* > {_SELECT_THRESHOLD}), {n_any} genes in total:",
+        f"  selected genes per factor (p* >= {DEFAULT_MIN_PSTAR}), {n_any} genes in total:",
     ]
     width = max(len(str(f)) for f in n_selected.index)
     lines += [f"    {f!s:<{width}}  {int(n):4d}" for f, n in n_selected.items()]
     if n_any == 0:
         lines.append(
-            "  note: no mask entry has p* > 0.5, so top_genes.csv is empty; mask_heatmap.png "
-            "shows the largest |W| instead."
+            f"  note: no mask entry has p* >= {DEFAULT_MIN_PSTAR}, so top_genes.csv is empty; "
+            "mask_heatmap.png shows the largest |W| instead."
         )
     lines += [
         f"  cell-type prediction from the factors (bulk_labels, {acc['n_splits']}-fold logistic "
@@ -292,7 +269,10 @@ def _run_fit(args: argparse.Namespace) -> None:
     adata.write_h5ad(args.output)
     if args.save_model is not None:
         model.save(args.save_model, overwrite=True)
-    selected = {kind: _selected(model, kind).sum(axis=0) for kind in model.mask_kinds}
+    from . import tl
+
+    results = tl.read_results(adata, args.key_added)
+    selected = {kind: results.selected(kind).sum(axis=0) for kind in results.kinds}
     counts = "; ".join(
         (f"{kind}: " if model.is_multistudy else "") + ", ".join(str(int(n)) for n in n_sel)
         for kind, n_sel in selected.items()

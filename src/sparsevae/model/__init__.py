@@ -1,6 +1,13 @@
 """User-facing model classes."""
 
+from ._checks import MultiStudyChecks, shared_specific_checks
 from ._model import SparseVAE, default_max_epochs
 from ._save_load import UnsafeModelFileError
 
-__all__ = ["SparseVAE", "UnsafeModelFileError", "default_max_epochs"]
+__all__ = [
+    "MultiStudyChecks",
+    "SparseVAE",
+    "UnsafeModelFileError",
+    "default_max_epochs",
+    "shared_specific_checks",
+]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
@@ -12,115 +12,9 @@ import torch
 if TYPE_CHECKING:
     from anndata import AnnData
 
-__all__ = ["InterpretabilityMixin", "compute_gene_effects"]
+__all__ = ["InterpretabilityMixin"]
 
 EffectScale = Literal["expression", "link"]
-
-
-def compute_gene_effects(
-    model: Any,
-    adata: AnnData | None = None,
-    indices: Sequence[int] | None = None,
-    batch_size: int = 1024,
-    scale: EffectScale = "expression",
-    kind: str | None = None,
-) -> pd.DataFrame:
-    """Average effect of each factor on each gene's expected expression.
-
-    The function behind :meth:`InterpretabilityMixin.get_gene_effects` (see there); it also works
-    on a model class that does not include the mixin.
-
-    Parameters
-    ----------
-    model
-        A trained :class:`~sparsevae.SparseVAE`.
-    adata
-        AnnData with the model's genes; default the training data.
-    indices
-        Cells to average over; default all.
-    batch_size
-        Cells decoded at once.
-    scale
-        ``"expression"`` or ``"link"``, see :meth:`InterpretabilityMixin.get_gene_effects`.
-    kind
-        Multi-study: ``None``/``"shared"`` or a study name, see
-        :meth:`InterpretabilityMixin.get_gene_effects`.
-
-    Returns
-    -------
-    DataFrame genes x factors.
-    """
-    if scale not in ("expression", "link"):
-        raise ValueError(f"scale must be 'expression' or 'link', got {scale!r}.")
-    if not isinstance(batch_size, int | np.integer) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
-    module = model.module
-    likelihood = getattr(module, "likelihood", getattr(model, "likelihood", "gaussian"))
-    z_all = model.get_latent_representation(adata=adata, indices=indices, batch_size=batch_size)
-    z_all = np.asarray(z_all, dtype=np.float32)
-    n_cells, n_factors = z_all.shape
-    if n_cells == 0:
-        raise ValueError("No cells to average over: indices is empty.")
-    # Multi-study: each cell is decoded with its own study's mask; the shared factors are
-    # averaged over all cells, study s's specific factors over the cells of study s.
-    study_codes = model._study_codes(adata, indices) if hasattr(model, "_study_codes") else None
-    factor_idx = list(range(n_factors))
-    names = list(model.factor_names)
-    if study_codes is not None:
-        s = model._kind_index(kind)
-        n_shared = len(model.shared_factor_names)
-        if s is None:
-            factor_idx = list(range(n_shared))
-        else:
-            keep = np.flatnonzero(study_codes == s)
-            if len(keep) == 0:
-                raise ValueError(f"No cells of study {kind!r} to average over.")
-            z_all, study_codes = z_all[keep], study_codes[keep]
-            n_cells = len(keep)
-            factor_idx = list(range(n_shared, n_factors))
-        names = [names[k] for k in factor_idx]
-    elif kind not in (None, "shared"):
-        raise ValueError(f"Unknown mask kind {kind!r}: this model has only the shared mask.")
-    device = next(module.parameters()).device
-    decoder = module.decoder
-    study_all = None if study_codes is None else torch.as_tensor(study_codes, device=device)
-    study_batch: torch.Tensor | None = None
-
-    def linear_predictor(z: torch.Tensor) -> torch.Tensor:
-        if study_batch is None:
-            return decoder(z)[..., 0]
-        return decoder(z, study=study_batch)[..., 0]
-
-    total = torch.zeros(decoder.n_genes, len(factor_idx), dtype=torch.float64, device=device)
-    was_training = module.training
-    module.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, n_cells, batch_size):
-                zb = torch.as_tensor(z_all[start : start + batch_size], device=device)
-                if study_all is not None:
-                    study_batch = study_all[start : start + batch_size]
-                for col, k in enumerate(factor_idx):
-                    # Forward mode: the tangent e_k in every cell gives d out_ij / d z_ik for all
-                    # cells and genes at once (cells are decoded independently).
-                    tangent = torch.zeros_like(zb)
-                    tangent[:, k] = 1.0
-                    out, d_out = torch.func.jvp(linear_predictor, (zb,), (tangent,))
-                    if scale == "expression" and likelihood != "gaussian":
-                        d_out = d_out * torch.exp(out)  # d exp(f) / dz = exp(f) df / dz
-                    total[:, col] += d_out.sum(0, dtype=torch.float64)
-    finally:
-        module.train(was_training)
-    if scale == "expression" and likelihood == "gaussian":
-        gene_scale = getattr(module, "gene_scale", None)
-        if gene_scale is not None:
-            total *= gene_scale.to(total).unsqueeze(1)
-    effects = (total / n_cells).cpu().numpy()
-    return pd.DataFrame(
-        effects,
-        index=pd.Index(np.asarray(model.adata.var_names).astype(str), name="gene"),
-        columns=names,
-    )
 
 
 class InterpretabilityMixin:
@@ -177,6 +71,72 @@ class InterpretabilityMixin:
         >>> effects = model.get_gene_effects()
         >>> effects["factor_0"].sort_values().tail(10)  # genes that factor_0 turns up most
         """
-        return compute_gene_effects(
-            self, adata=adata, indices=indices, batch_size=batch_size, scale=scale, kind=kind
+        if scale not in ("expression", "link"):
+            raise ValueError(f"scale must be 'expression' or 'link', got {scale!r}.")
+        if not isinstance(batch_size, int | np.integer) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        module = self.module
+        likelihood = module.likelihood
+        z_all = self.get_latent_representation(adata=adata, indices=indices, batch_size=batch_size)
+        z_all = np.asarray(z_all, dtype=np.float32)
+        n_cells, n_factors = z_all.shape
+        if n_cells == 0:
+            raise ValueError("No cells to average over: indices is empty.")
+        # Multi-study: each cell is decoded with its own study's mask; the shared factors are
+        # averaged over all cells, study s's specific factors over the cells of study s.
+        study_codes = self._study_codes(adata, indices)
+        factor_idx = list(range(n_factors))
+        names = list(self.factor_names)
+        if study_codes is not None:
+            s = self._kind_index(kind)
+            n_shared = len(self.shared_factor_names)
+            if s is None:
+                factor_idx = list(range(n_shared))
+            else:
+                keep = np.flatnonzero(study_codes == s)
+                if len(keep) == 0:
+                    raise ValueError(f"No cells of study {kind!r} to average over.")
+                z_all, study_codes = z_all[keep], study_codes[keep]
+                n_cells = len(keep)
+                factor_idx = list(range(n_shared, n_factors))
+            names = [names[k] for k in factor_idx]
+        elif kind not in (None, "shared"):
+            raise ValueError(f"Unknown mask kind {kind!r}: this model has only the shared mask.")
+        device = next(module.parameters()).device
+        decoder = module.decoder
+        study_all = None if study_codes is None else torch.as_tensor(study_codes, device=device)
+        study_batch: torch.Tensor | None = None
+
+        def linear_predictor(z: torch.Tensor) -> torch.Tensor:
+            if study_batch is None:
+                return decoder(z)[..., 0]
+            return decoder(z, study=study_batch)[..., 0]
+
+        total = torch.zeros(decoder.n_genes, len(factor_idx), dtype=torch.float64, device=device)
+        was_training = module.training
+        module.eval()
+        try:
+            with torch.no_grad():
+                for start in range(0, n_cells, batch_size):
+                    zb = torch.as_tensor(z_all[start : start + batch_size], device=device)
+                    if study_all is not None:
+                        study_batch = study_all[start : start + batch_size]
+                    for col, k in enumerate(factor_idx):
+                        # Forward mode: the tangent e_k in every cell gives d out_ij / d z_ik
+                        # for all cells and genes at once (cells are decoded independently).
+                        tangent = torch.zeros_like(zb)
+                        tangent[:, k] = 1.0
+                        out, d_out = torch.func.jvp(linear_predictor, (zb,), (tangent,))
+                        if scale == "expression" and likelihood != "gaussian":
+                            d_out = d_out * torch.exp(out)  # d exp(f) / dz = exp(f) df / dz
+                        total[:, col] += d_out.sum(0, dtype=torch.float64)
+        finally:
+            module.train(was_training)
+        if scale == "expression" and likelihood == "gaussian":
+            total *= module.gene_scale.to(total).unsqueeze(1)
+        effects = (total / n_cells).cpu().numpy()
+        return pd.DataFrame(
+            effects,
+            index=pd.Index(np.asarray(self.adata.var_names).astype(str), name="gene"),
+            columns=names,
         )

@@ -20,7 +20,9 @@ from scvi.data.fields import CategoricalObsField, LayerField, NumericalObsField
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin, VAEMixin
 
 from ..module import LIKELIHOODS, STUDY_KEY, SparseVAEModule
+from ..priors import factor_use, is_selected
 from ..train import DivergenceError, SparseVAETrainingPlan
+from ._checks import shared_specific_checks
 from ._interpret import InterpretabilityMixin
 from ._save_load import read_model_file
 from ._validate import (
@@ -614,12 +616,17 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
         """
         if not self.is_multistudy or self.module.prior is None:
             return
-        from sparsevae.tl import check_shared_specific
-
+        n = self.adata.n_obs
+        idx = np.sort(np.random.default_rng(0).choice(n, size=min(n, max_cells), replace=False))
         was_training = self.module.training
         with torch.random.fork_rng():
-            checks = check_shared_specific(self, max_cells=max_cells)
+            z = self.get_latent_representation(indices=idx)
         self.module.train(was_training)
+        codes = pd.Categorical(
+            self.adata.obs[self.study_key].astype(str).to_numpy()[idx], categories=self.studies
+        ).codes
+        selections = {k: is_selected(self.get_inclusion_probabilities(k)) for k in self.mask_kinds}
+        checks = shared_specific_checks(z, codes, self.factor_names, selections)
         if checks.ok:
             return
         _warn(
@@ -632,11 +639,12 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
 
     def _all_factors_off(self) -> bool:
         """Whether every factor of every mask is switched off (unused and unselected)."""
-        for prior in self.module.mask_priors():
-            W = self.module.decoder.W if prior is self.module.prior else None
-            if W is None:
-                W = self.module.decoder.W_specific
-            if bool((W.detach().abs() >= prior.w_off).any()) or bool((prior.p_star >= 0.5).any()):
+        prior = self.module.prior
+        for kind in self.mask_kinds:
+            W, eta = self.get_mask(kind), self.get_eta(kind)
+            n_selected = is_selected(self.get_inclusion_probabilities(kind)).sum(axis=0)
+            off, _ = factor_use(W.abs().max(axis=0), n_selected, eta, prior.w_off, prior.eta_off)
+            if not off.all():
                 return False
         return True
 
@@ -821,7 +829,9 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
         Writes ``obsm[f"X_{key_added}"]`` (factors), ``varm[f"{key_added}_W"]`` (mask),
         ``varm[f"{key_added}_pstar"]`` (inclusion probabilities; not for ``mask=None``),
         ``varm[f"{key_added}_effect"]`` (signed gene effects, see :meth:`get_gene_effects`; with
-        ``effects=True``) and ``uns[key_added]`` (``eta``, factor names and settings).
+        ``effects=True``) and ``uns[key_added]`` (``eta``, factor names, the layout
+        ``mask_kinds``, ``W_keys``, ``pstar_keys``, ``effect_keys``, the prior's thresholds
+        ``prior`` and the settings). :mod:`sparsevae.tl` and :mod:`sparsevae.pl` read them back.
 
         Multi-study models write, instead of the single mask: ``varm[f"{key_added}_W_shared"]``,
         ``varm[f"{key_added}_pstar_shared"]``, ``varm[f"{key_added}_effect_shared"]`` and, for
@@ -853,48 +863,13 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
         """
         adata = self.adata if adata is None else adata
         self._check_var_names(adata.var_names)
-        if self.is_multistudy:
-            return self._write_results_multistudy(adata, key_added, overwrite, effects)
-        keys = {
-            "obsm": [f"X_{key_added}"],
-            "varm": [f"{key_added}_W"]
-            + ([f"{key_added}_pstar"] if self.module.prior else [])
-            + ([f"{key_added}_effect"] if effects else []),
-            "uns": [key_added],
-        }
-        if not overwrite:
-            _check_no_clash(adata, keys)
-        z = self.get_latent_representation(adata)
-        adata.obsm[f"X_{key_added}"] = z
-        effect = self.get_gene_effects(adata).to_numpy() if effects else None
-        adata.varm[f"{key_added}_W"] = self.get_mask().to_numpy()
-        if effect is not None:
-            adata.varm[f"{key_added}_effect"] = effect
-        uns: dict[str, Any] = {
-            "factor_names": self.factor_names,
-            "params": {
-                k: (v if v is not None else "None")
-                for k, v in self.init_params_["non_kwargs"].items()
-            },
-            "likelihood": self.likelihood,
-        }
-        uns["params"]["likelihood"] = self.likelihood
-        if self.module.prior is not None:
-            adata.varm[f"{key_added}_pstar"] = self.get_inclusion_probabilities().to_numpy()
-            uns["eta"] = self.get_eta().to_numpy()
-        adata.uns[key_added] = uns
-        return adata
-
-    def _write_results_multistudy(
-        self, adata: AnnData, key_added: str, overwrite: bool, effects: bool
-    ) -> AnnData:
-        """:meth:`write_results` for a multi-study model."""
         kinds = self.mask_kinds
-        suffix = [k.replace("/", "_") for k in kinds]
         has_prior = self.module.prior is not None
-        W_keys = [f"{key_added}_W_{x}" for x in suffix]
-        pstar_keys = [f"{key_added}_pstar_{x}" for x in suffix] if has_prior else []
-        effect_keys = [f"{key_added}_effect_{x}" for x in suffix] if effects else []
+        # Single-study: f"{key}_W"; multi-study: one key per mask, f"{key}_W_{kind}".
+        suffix = [f"_{k.replace('/', '_')}" for k in kinds] if self.is_multistudy else [""]
+        W_keys = [f"{key_added}_W{x}" for x in suffix]
+        pstar_keys = [f"{key_added}_pstar{x}" for x in suffix] if has_prior else []
+        effect_keys = [f"{key_added}_effect{x}" for x in suffix] if effects else []
         keys = {
             "obsm": [f"X_{key_added}"],
             "varm": W_keys + pstar_keys + effect_keys,
@@ -908,15 +883,7 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
             _check_no_clash(adata, keys)
         # Compute everything first, so that a failure writes nothing.
         z = self.get_latent_representation(adata)
-        codes = self._study_codes(adata)
-        effect_values = []
-        if effects:
-            for s, kind in enumerate(kinds):
-                if s > 0 and not np.any(codes == s - 1):
-                    n_spec = len(self.specific_factor_names)
-                    effect_values.append(np.full((adata.n_vars, n_spec), np.nan))
-                    continue
-                effect_values.append(self.get_gene_effects(adata, kind=kind).to_numpy())
+        effect_values = [self._effects_or_nan(adata, kind) for kind in kinds] if effects else []
         adata.obsm[f"X_{key_added}"] = z
         for kind, key in zip(kinds, W_keys, strict=True):
             adata.varm[key] = self.get_mask(kind).to_numpy()
@@ -926,10 +893,6 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
             adata.varm[key] = value
         uns: dict[str, Any] = {
             "factor_names": self.factor_names,
-            "shared_factor_names": self.shared_factor_names,
-            "specific_factor_names": self.specific_factor_names,
-            "study_key": self.study_key,
-            "studies": self.studies,
             "mask_kinds": kinds,
             "W_keys": W_keys,
             "pstar_keys": pstar_keys,
@@ -941,11 +904,28 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
             "likelihood": self.likelihood,
         }
         uns["params"]["likelihood"] = self.likelihood
+        if self.is_multistudy:
+            uns["shared_factor_names"] = self.shared_factor_names
+            uns["specific_factor_names"] = self.specific_factor_names
+            uns["study_key"] = self.study_key
+            uns["studies"] = self.studies
         if has_prior:
-            uns["eta_shared"] = self.get_eta("shared").to_numpy()
-            uns["eta_specific"] = np.stack([self.get_eta(s).to_numpy() for s in self.studies])
+            uns["prior"] = self.module.prior.thresholds()
+            if self.is_multistudy:
+                uns["eta_shared"] = self.get_eta("shared").to_numpy()
+                uns["eta_specific"] = np.stack([self.get_eta(s).to_numpy() for s in self.studies])
+            else:
+                uns["eta"] = self.get_eta().to_numpy()
         adata.uns[key_added] = uns
         return adata
+
+    def _effects_or_nan(self, adata: AnnData, kind: str) -> np.ndarray:
+        """Gene effects of mask ``kind``; NaN for a study without cells in ``adata``."""
+        if kind != "shared":
+            cells = adata.obs[self.study_key].astype(str)
+            if not (cells == kind).any():
+                return np.full((adata.n_vars, len(self.specific_factor_names)), np.nan)
+        return self.get_gene_effects(adata, kind=kind).to_numpy()
 
     # ------------------------------------------------------------------------ save / load
     @classmethod

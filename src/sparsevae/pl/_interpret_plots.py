@@ -9,6 +9,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 
+from ..tl import FitData, anchor_genes, check_min_pstar, read_results
+from ..tl import top_genes as tl_top_genes
+from ._base import ANCHOR_COLOR, OTHER_COLOR, SELECTED_COLOR, check_positive_int, finish
 from ._plots import mask_heatmap
 
 if TYPE_CHECKING:
@@ -23,30 +26,6 @@ __all__ = [
     "top_genes",
     "training_history",
 ]
-
-_ANCHOR_COLOR = "tab:red"
-_SELECTED_COLOR = "tab:blue"
-_OTHER_COLOR = "lightgray"
-
-
-def _finish(fig: Figure, show: bool | None, save: str | os.PathLike | None) -> None:
-    """Save and/or show a figure, following scanpy's ``autoshow`` when ``show`` is None."""
-    import matplotlib.pyplot as plt
-
-    if save is not None:
-        fig.savefig(os.fspath(save), dpi=150, bbox_inches="tight")
-    if show is None:
-        import scanpy as sc
-
-        show = bool(sc.settings.autoshow) and save is None
-    if show:
-        plt.show()
-
-
-def _check_positive_int(name: str, value: Any) -> int:
-    if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-    return int(value)
 
 
 def _grid(n_panels: int, ncols: int, panel_size: tuple[float, float]) -> tuple[Figure, np.ndarray]:
@@ -68,7 +47,7 @@ def _grid(n_panels: int, ncols: int, panel_size: tuple[float, float]) -> tuple[F
 
 # ---------------------------------------------------------------------------- anchors
 def anchor_heatmap(
-    model: Any,
+    data: FitData,
     *,
     n_top: int = 10,
     values: Literal["W", "pstar"] = "W",
@@ -77,6 +56,7 @@ def anchor_heatmap(
     show: bool | None = None,
     save: str | os.PathLike | None = None,
     kind: str | None = None,
+    key: str = "sparsevae",
 ) -> Axes:
     """Mask heatmap (:func:`~sparsevae.pl.mask_heatmap`) with the anchor genes marked.
 
@@ -85,8 +65,9 @@ def anchor_heatmap(
 
     Parameters
     ----------
-    model
-        A trained :class:`~sparsevae.SparseVAE` with a mask prior.
+    data
+        An AnnData with results (``model.write_results(adata)``) or a trained
+        :class:`~sparsevae.SparseVAE`; with a mask prior.
     n_top
         Maximum number of genes shown per factor.
     values
@@ -103,6 +84,8 @@ def anchor_heatmap(
     kind
         Multi-study models: which mask, ``None``/``"shared"`` (default) or a study name; anchors
         as defined by :func:`sparsevae.tl.anchor_genes` for that mask.
+    key
+        The ``key_added`` the results were written with (AnnData only).
 
     Returns
     -------
@@ -112,11 +95,10 @@ def anchor_heatmap(
     --------
     >>> sparsevae.pl.anchor_heatmap(model, n_top=8, show=False)
     """
-    from ..tl import anchor_genes
-
-    anchors = anchor_genes(model, min_pstar=min_pstar, anchors_only=True, kind=kind)
+    res = read_results(data, key)
+    anchors = anchor_genes(res, min_pstar=min_pstar, anchors_only=True, kind=kind)
     ax = mask_heatmap(
-        model, n_top=n_top, values=values, threshold=min_pstar, ax=ax, show=False, kind=kind
+        res, n_top=n_top, values=values, threshold=min_pstar, ax=ax, show=False, kind=kind
     )
     factor_pos = {str(t.get_text()): i for i, t in enumerate(ax.get_xticklabels())}
     anchor_of = dict(zip(anchors["gene"], anchors["factor"], strict=True))
@@ -124,20 +106,20 @@ def anchor_heatmap(
     for row, label in enumerate(ax.get_yticklabels()):
         gene = str(label.get_text())
         if gene in anchor_of:
-            label.set_color(_ANCHOR_COLOR)
+            label.set_color(ANCHOR_COLOR)
             label.set_fontweight("bold")
             if anchor_of[gene] in factor_pos:
                 xs.append(factor_pos[anchor_of[gene]])
                 ys.append(row)
     if xs:
-        ax.scatter(xs, ys, marker="*", s=30, color=_ANCHOR_COLOR, edgecolors="white", lw=0.3)
+        ax.scatter(xs, ys, marker="*", s=30, color=ANCHOR_COLOR, edgecolors="white", lw=0.3)
     ax.set_title(f"{ax.get_title()}\nanchor genes in red ({len(anchors)} in all)", fontsize=9)
-    _finish(ax.figure, show, save)
+    finish(ax.figure, show, save)
     return ax
 
 
 def top_genes(
-    model: Any,
+    data: FitData,
     *,
     n: int = 10,
     factors: Sequence[str | int] | str | int | None = None,
@@ -148,6 +130,7 @@ def top_genes(
     show: bool | None = None,
     save: str | os.PathLike | None = None,
     kind: str | None = None,
+    key: str = "sparsevae",
 ) -> Figure:
     """Bar plot of each factor's top genes (ranked by ``p*`` then ``|W|``).
 
@@ -156,8 +139,8 @@ def top_genes(
 
     Parameters
     ----------
-    model
-        A trained :class:`~sparsevae.SparseVAE` with a mask prior.
+    data
+        An AnnData with results or a trained model, see :func:`anchor_heatmap`.
     n
         Genes per factor.
     factors
@@ -166,7 +149,8 @@ def top_genes(
         Bar length: the signed mask entry ``W``, the inclusion probability ``p*``, or the signed
         gene effect (``model.get_gene_effects()``).
     effects
-        Precomputed genes x factors effects for ``values="effect"``.
+        Precomputed genes x factors effects for ``values="effect"``; default the stored ones
+        (AnnData) or computed (model).
     min_pstar
         Selection threshold on ``p*`` for the colours.
     ncols
@@ -178,6 +162,8 @@ def top_genes(
         Path to save the figure to.
     kind
         Multi-study models: which mask, ``None``/``"shared"`` (default) or a study name.
+    key
+        The ``key_added`` the results were written with (AnnData only).
 
     Returns
     -------
@@ -190,37 +176,33 @@ def top_genes(
     from matplotlib.patches import Patch
     from matplotlib.ticker import MaxNLocator
 
-    from ..tl import top_genes as tl_top_genes
-    from ..tl._anchors import _check_min_pstar, _gene_effects, _kind_kwargs, _other_selections
-
-    n = _check_positive_int("n", n)
-    ncols = _check_positive_int("ncols", ncols)
-    min_pstar = _check_min_pstar(min_pstar)
+    n = check_positive_int("n", n)
+    ncols = check_positive_int("ncols", ncols)
+    min_pstar = check_min_pstar(min_pstar)
     if values not in ("W", "pstar", "effect"):
         raise ValueError(f"values must be 'W', 'pstar' or 'effect', got {values!r}.")
-    table = tl_top_genes(model, n=n, factors=factors, kind=kind)
-    pstar = model.get_inclusion_probabilities(**_kind_kwargs(kind))
+    res = read_results(data, key)
+    table = tl_top_genes(res, n=n, factors=factors, kind=kind)
+    pstar = res.mask(kind).pstar
     if values == "W":
-        shown, xlabel = model.get_mask(**_kind_kwargs(kind)), "W"
+        shown, xlabel = res.mask(kind).W, "W"
     elif values == "pstar":
         shown, xlabel = pstar, "p*"
     else:
         # precomputed effects may be on either scale (expression or link): label them plainly
         xlabel = "gene effect" if effects is not None else "effect on expected expression"
-        if effects is None:
-            effects = _gene_effects(model, kind)
-        shown = effects
-    selected = pstar >= min_pstar
-    n_selecting = selected.sum(axis=1) + _other_selections(model, min_pstar, kind)
+        shown = res.effects(kind) if effects is None else effects
+    selected = res.selected(kind, min_pstar)
+    is_anchor = res.anchors(kind, min_pstar)
 
     fig, axes = _grid(table.shape[1], ncols, (3.0, 0.25 * len(table) + 1.2))
     for ax, factor in zip(axes, table.columns, strict=True):
         genes = table[factor].tolist()
         vals = shown.loc[genes, factor].to_numpy(dtype=float)
         colors = [
-            (_ANCHOR_COLOR if n_selecting[g] == 1 else _SELECTED_COLOR)
+            (ANCHOR_COLOR if is_anchor.loc[g, factor] else SELECTED_COLOR)
             if selected.loc[g, factor]
-            else _OTHER_COLOR
+            else OTHER_COLOR
             for g in genes
         ]
         y = np.arange(len(genes))
@@ -234,13 +216,13 @@ def top_genes(
         ax.tick_params(axis="x", labelsize=7)
         ax.xaxis.set_major_locator(MaxNLocator(nbins=4))
     handles = [
-        Patch(color=_ANCHOR_COLOR, label="anchor"),
-        Patch(color=_SELECTED_COLOR, label="selected"),
-        Patch(color=_OTHER_COLOR, label="not selected"),
+        Patch(color=ANCHOR_COLOR, label="anchor"),
+        Patch(color=SELECTED_COLOR, label="selected"),
+        Patch(color=OTHER_COLOR, label="not selected"),
     ]
     fig.legend(handles=handles, loc="upper right", fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, 0, 0.9, 1))
-    _finish(fig, show, save)
+    finish(fig, show, save)
     return fig
 
 
@@ -294,7 +276,7 @@ def enrichment_dotplot(
     """
     import matplotlib.pyplot as plt
 
-    n_terms = _check_positive_int("n_terms", n_terms)
+    n_terms = check_positive_int("n_terms", n_terms)
     needed = {"factor", "term", "pvalue", "fdr"}
     if not isinstance(enrich_df, pd.DataFrame) or not needed <= set(enrich_df.columns):
         raise ValueError(
@@ -325,7 +307,7 @@ def enrichment_dotplot(
     if df.empty:
         ax.text(0.5, 0.5, "no enrichment results to show", ha="center", va="center")
         ax.set_axis_off()
-        _finish(fig, show, save)
+        finish(fig, show, save)
         return ax
 
     factor_order = list(factors) if factors is not None else list(enrich_df["factor"])
@@ -369,7 +351,7 @@ def enrichment_dotplot(
         ax.scatter([], [], s=20 + 180 * frac, color="gray", label=f"{size} {frac * smax:.3g}")
     ax.legend(loc="upper left", bbox_to_anchor=(1.3, 1.0), fontsize=7, frameon=False)
     ax.set_title("Gene-set enrichment per factor", fontsize=9)
-    _finish(fig, show, save)
+    finish(fig, show, save)
     return ax
 
 
@@ -429,7 +411,7 @@ def factors_embedding(
     import matplotlib.pyplot as plt
     import scanpy as sc
 
-    ncols = _check_positive_int("ncols", ncols)
+    ncols = check_positive_int("ncols", ncols)
     basis_key = f"X_{basis}" if f"X_{basis}" in adata.obsm else basis
     if basis_key not in adata.obsm:
         raise KeyError(
@@ -475,7 +457,7 @@ def factors_embedding(
     )
     if fig is None:  # pragma: no cover - older scanpy versions
         fig = plt.gcf()
-    _finish(fig, show, save)
+    finish(fig, show, save)
     return fig
 
 
@@ -546,7 +528,7 @@ def training_history(
     """
     import matplotlib.pyplot as plt
 
-    ncols = _check_positive_int("ncols", ncols)
+    ncols = check_positive_int("ncols", ncols)
     history = getattr(model, "history", None) or {}
     groups = _history_groups(dict(history))
     if keys is not None:
@@ -565,7 +547,7 @@ def training_history(
             fontsize=9,
         )
         ax.set_axis_off()
-        _finish(fig, show, save)
+        finish(fig, show, save)
         return fig
     fig, axes = _grid(len(groups), ncols, (3.6, 2.8))
     for ax, (metric, splits) in zip(axes, groups.items(), strict=True):
@@ -578,5 +560,5 @@ def training_history(
         if len(splits) > 1 or "" not in splits:
             ax.legend(fontsize=7, frameon=False)
     fig.tight_layout()
-    _finish(fig, show, save)
+    finish(fig, show, save)
     return fig

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
+
+from ..tl import FitData, read_results
+from ._base import finish
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -15,42 +18,34 @@ __all__ = ["mask_heatmap"]
 
 
 def _mask_tables(
-    model_or_df: Any,
+    data: FitData | pd.DataFrame,
     values: Literal["W", "pstar"],
     threshold: float | None,
-    kind: str | None = None,
+    kind: str | None,
+    key: str,
 ) -> tuple[pd.DataFrame, pd.DataFrame, str]:
     """Values to plot, boolean selection and the colorbar label."""
-    if isinstance(model_or_df, pd.DataFrame):
-        df = model_or_df.astype(float)
-        shown = df.abs()
-        selected = shown > (0.5 if threshold is None else threshold)
-        return shown, selected, "value"
-    if not hasattr(model_or_df, "get_mask"):
-        raise TypeError(
-            "mask_heatmap expects a SparseVAE model or a genes x factors DataFrame, "
-            f"got {type(model_or_df).__name__}."
-        )
-    model = model_or_df
-    kind_kwargs = {} if kind is None else {"kind": kind}
-    W = model.get_mask(**kind_kwargs).abs()
-    has_prior = getattr(model.module, "prior", None) is not None
-    if has_prior:
-        pstar = model.get_inclusion_probabilities(**kind_kwargs)
-        selected = pstar >= (0.5 if threshold is None else threshold)  # as tl.anchor_genes
-    else:
-        if values == "pstar":
-            raise ValueError("This model has no mask prior (mask=None), so it has no p*.")
-        selected = W > (0.5 if threshold is None else threshold)
-    if values == "pstar":
-        return pstar, selected, "inclusion probability p*"
-    if values != "W":
+    threshold = 0.5 if threshold is None else threshold
+    if isinstance(data, pd.DataFrame):
+        shown = data.astype(float).abs()
+        return shown, shown > threshold, "value"
+    if values not in ("W", "pstar"):
         raise ValueError(f"values must be 'W' or 'pstar', got {values!r}.")
-    return W, selected, "|W|"
+    res = read_results(data, key)
+    mask = res.mask(kind)
+    if not res.has_prior:
+        if values == "pstar":
+            raise ValueError("This fit has no mask prior (mask=None), so it has no p*.")
+        W = mask.W.abs()
+        return W, W > threshold, "|W|"
+    selected = res.selected(kind, threshold)
+    if values == "pstar":
+        return mask.pstar, selected, "inclusion probability p*"
+    return mask.W.abs(), selected, "|W|"
 
 
 def mask_heatmap(
-    model_or_df: Any,
+    data: FitData | pd.DataFrame,
     *,
     n_top: int = 10,
     values: Literal["W", "pstar"] = "W",
@@ -59,6 +54,7 @@ def mask_heatmap(
     show: bool | None = None,
     save: str | os.PathLike | None = None,
     kind: str | None = None,
+    key: str = "sparsevae",
 ) -> Axes:
     """Heatmap of the decoder mask for the genes it selects, ordered by their main factor.
 
@@ -70,9 +66,10 @@ def mask_heatmap(
 
     Parameters
     ----------
-    model_or_df
-        A trained :class:`~sparsevae.SparseVAE`, or a genes x factors DataFrame of values (e.g.
-        ``model.get_mask()``).
+    data
+        An AnnData with results (``model.write_results(adata)``, or the output of ``sparsevae
+        fit``), a trained :class:`~sparsevae.SparseVAE`, or a genes x factors DataFrame of
+        values (e.g. ``model.get_mask()``).
     n_top
         Maximum number of genes shown per factor.
     values
@@ -90,6 +87,8 @@ def mask_heatmap(
     kind
         For a multi-study model: which mask, ``None``/``"shared"`` (default) or a study name
         (see :meth:`~sparsevae.SparseVAE.get_mask`); the title names it.
+    key
+        The ``key_added`` the results were written with (AnnData only).
 
     Returns
     -------
@@ -103,7 +102,7 @@ def mask_heatmap(
 
     if not isinstance(n_top, int | np.integer) or n_top < 1:
         raise ValueError(f"n_top must be a positive integer, got {n_top!r}.")
-    shown, selected, label = _mask_tables(model_or_df, values, threshold, kind)
+    shown, selected, label = _mask_tables(data, values, threshold, kind, key)
     note = ""
     if not selected.to_numpy().any():
         note = " (no gene passes the threshold: top genes by value)"
@@ -151,12 +150,5 @@ def mask_heatmap(
     ax.set_title(f"SparseVAE mask{which}{note}", fontsize=9)
     fig.colorbar(im, ax=ax, label=label, shrink=0.6)
 
-    if save is not None:
-        fig.savefig(os.fspath(save), dpi=150, bbox_inches="tight")
-    if show is None:
-        import scanpy as sc
-
-        show = bool(sc.settings.autoshow) and save is None
-    if show:
-        plt.show()
+    finish(fig, show, save)
     return ax

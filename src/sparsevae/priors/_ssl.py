@@ -86,6 +86,23 @@ class SpikeSlabLasso(nn.Module):
         """
         return math.log(self.lambda0 / self.lambda1) / (self.lambda0 - self.lambda1)
 
+    @property
+    def eta_off(self) -> float:
+        """The ``eta`` that the EM update gives a factor whose ``p*`` sum to half a gene.
+
+        ``(0.5 + a - 1) / (a + b + G - 2)``: a factor below it selects no gene.
+        """
+        return (0.5 + self.a - 1.0) / (self.a + self.b + self.n_genes - 2.0)
+
+    def thresholds(self) -> dict[str, float]:
+        """The thresholds that read a fitted mask, as stored with the results.
+
+        Returns
+        -------
+        ``{"w_off": ..., "eta_off": ...}``, see :attr:`w_off` and :attr:`eta_off`.
+        """
+        return {"w_off": float(self.w_off), "eta_off": float(self.eta_off)}
+
     def penalty(self, W: torch.Tensor) -> torch.Tensor:
         """Negative expected log prior of ``W``: ``sum_jk (l1 p* + l0 (1 - p*)) |w_jk|``.
 

@@ -1,6 +1,7 @@
 """Tools on trained models."""
 
 from ._anchors import (
+    FitData,
     IdentifiabilityReport,
     anchor_genes,
     covariance_violations,
@@ -17,13 +18,18 @@ from ._multistudy import (
     shared_specific_genes,
 )
 from ._network import to_network
+from ._results import FactorMask, Results, check_min_pstar, read_results
 
 __all__ = [
+    "FactorMask",
+    "FitData",
     "IdentifiabilityReport",
     "MultiStudyChecks",
+    "Results",
     "SharedSpecificGenes",
     "anchor_genes",
     "celltype_accuracy",
+    "check_min_pstar",
     "check_shared_specific",
     "covariance_violations",
     "dci",
@@ -31,6 +37,7 @@ __all__ = [
     "identifiability_report",
     "mask_f1",
     "read_gmt",
+    "read_results",
     "shared_specific_genes",
     "to_network",
     "top_genes",

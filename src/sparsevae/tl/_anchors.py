@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
+from anndata import AnnData
 
-if TYPE_CHECKING:
-    from anndata import AnnData
+from ..model import SparseVAE
+from ._results import DEFAULT_KEY, Results, check_min_pstar, read_results
 
 __all__ = [
     "IdentifiabilityReport",
@@ -20,115 +21,20 @@ __all__ = [
     "top_genes",
 ]
 
-
-# ---------------------------------------------------------------------------- helpers
-def _check_min_pstar(min_pstar: float) -> float:
-    if not isinstance(min_pstar, int | float | np.floating) or not 0.0 < min_pstar <= 1.0:
-        raise ValueError(f"min_pstar must be a number in (0, 1], got {min_pstar!r}.")
-    return float(min_pstar)
-
-
-def _require_prior(model: Any, what: str) -> None:
-    if not hasattr(model, "get_mask") or not hasattr(model, "module"):
-        raise TypeError(f"{what} expects a trained SparseVAE model, got {type(model).__name__}.")
-    if getattr(model.module, "prior", None) is None:
-        raise ValueError(
-            f"{what} needs the mask's inclusion probabilities p*, but this model has no mask prior "
-            "(mask=None, the plain VAE). Train with mask='ssl', or rank genes by "
-            "model.get_gene_effects()."
-        )
-
-
-def _kind_kwargs(kind: str | None) -> dict[str, str]:
-    """``{"kind": kind}``, or nothing for the default mask (so duck-typed models work too)."""
-    return {} if kind is None else {"kind": kind}
-
-
-def _gene_effects(model: Any, kind: str | None) -> Any:
-    """Signed gene effects of mask ``kind``: the model's getter, else computed from the model."""
-    getter = getattr(model, "get_gene_effects", None)
-    if getter is not None:
-        return getter(**_kind_kwargs(kind))
-    from ..model._interpret import compute_gene_effects
-
-    return compute_gene_effects(model, kind=kind)
-
-
-def _kind_names(model: Any, kind: str | None) -> list[str]:
-    """Factor names of mask ``kind`` (all factors of a single-study model)."""
-    getter = getattr(model, "kind_factor_names", None)
-    if getter is None:
-        if kind not in (None, "shared"):
-            raise ValueError(f"Unknown mask kind {kind!r}: this model has only the shared mask.")
-        return list(model.factor_names)
-    return list(getter(kind))
-
-
-def _is_multistudy(model: Any) -> bool:
-    return bool(getattr(model, "is_multistudy", False))
-
-
-def _resolve_factors(
-    model: Any, factors: Sequence[str | int] | str | int | None, kind: str | None = None
-) -> list[str]:
-    """Factor names from names or integer positions; default all factors of mask ``kind``."""
-    names = _kind_names(model, kind)
-    if factors is None:
-        return names
-    if isinstance(factors, str | int | np.integer):
-        factors = [factors]
-    out: list[str] = []
-    for f in factors:
-        if isinstance(f, int | np.integer) and not isinstance(f, bool):
-            if not 0 <= f < len(names):
-                raise ValueError(f"Factor index {f} is out of range for {len(names)} factors.")
-            out.append(names[int(f)])
-        elif f in names:
-            out.append(str(f))
-        else:
-            raise ValueError(f"Unknown factor {f!r}; the model's factors are {names}.")
-    return out
-
-
-def _selection(
-    model: Any, min_pstar: float, kind: str | None = None
-) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """Mask ``W``, inclusion probabilities ``p*`` and the selection ``p* >= min_pstar``."""
-    W = model.get_mask(**_kind_kwargs(kind))
-    pstar = model.get_inclusion_probabilities(**_kind_kwargs(kind))
-    return W, pstar, pstar >= min_pstar
-
-
-def _other_selections(model: Any, min_pstar: float, kind: str | None = None) -> np.ndarray:
-    """Per gene, the selections outside mask ``kind`` that a gene of that kind also decodes from.
-
-    Zero for a single-study model. Multi-study: for a study's mask, the number of shared factors
-    that select the gene (in that study the gene sees both masks); for the shared mask, the
-    largest number of specific factors selecting the gene in any one study (an anchor of a
-    shared factor must be an anchor in every study). An integer array in the order of the genes
-    (positional, so duplicated gene names do no harm).
-    """
-    n_genes = len(model.adata.var_names)
-    if not _is_multistudy(model):
-        return np.zeros(n_genes, dtype=int)
-    if kind is None or kind == "shared":
-        counts = [
-            (model.get_inclusion_probabilities(kind=s) >= min_pstar).to_numpy().sum(axis=1)
-            for s in model.studies
-        ]
-        return np.max(counts, axis=0).astype(int)
-    shared = model.get_inclusion_probabilities(kind="shared") >= min_pstar
-    return shared.to_numpy().sum(axis=1).astype(int)
+#: What the functions of ``tl`` and ``pl`` accept: an AnnData with results, or a model.
+FitData = AnnData | SparseVAE | Results
 
 
 # ---------------------------------------------------------------------------- anchors
 def anchor_genes(
-    model: Any,
+    data: FitData,
     min_pstar: float = 0.5,
     factors: Sequence[str | int] | str | int | None = None,
     anchors_only: bool = False,
     n_top: int | None = None,
     kind: str | None = None,
+    *,
+    key: str = DEFAULT_KEY,
 ) -> pd.DataFrame:
     """Genes selected by each factor's mask, ranked, with their anchor status.
 
@@ -143,8 +49,9 @@ def anchor_genes(
 
     Parameters
     ----------
-    model
-        A trained :class:`~sparsevae.SparseVAE` with a mask prior (``mask="ssl"``).
+    data
+        An AnnData with results (``model.write_results(adata)``, or the output of ``sparsevae
+        fit``) or a trained :class:`~sparsevae.SparseVAE`; with a mask prior (``mask="ssl"``).
     min_pstar
         Selection threshold on ``p*``, in ``(0, 1]``.
     factors
@@ -156,6 +63,8 @@ def anchor_genes(
     kind
         Which mask: ``None`` (default) or ``"shared"``: the shared mask (the only one of a
         single-study model); a study name: that study's specific mask.
+    key
+        The ``key_added`` the results were written with (AnnData only).
 
     Returns
     -------
@@ -169,22 +78,24 @@ def anchor_genes(
     >>> anchors = sparsevae.tl.anchor_genes(model)
     >>> anchors[anchors.is_anchor].groupby("factor").head(5)
     """
-    _require_prior(model, "anchor_genes")
-    min_pstar = _check_min_pstar(min_pstar)
+    res = read_results(data, key)
+    res.require_prior("anchor_genes")
+    min_pstar = check_min_pstar(min_pstar)
     if n_top is not None and (not isinstance(n_top, int | np.integer) or n_top < 1):
         raise ValueError(f"n_top must be a positive integer or None, got {n_top!r}.")
-    W, pstar, selected = _selection(model, min_pstar, kind)
-    n_selecting = selected.sum(axis=1) + _other_selections(model, min_pstar, kind)
+    mask = res.mask(kind)
+    W, pstar, selected = mask.W, mask.pstar, res.selected(kind, min_pstar)
+    is_anchor = res.anchors(kind, min_pstar)
     frames = []
-    for factor in _resolve_factors(model, factors, kind):
-        genes = selected.index[selected[factor].to_numpy()]
+    for factor in res.resolve_factors(factors, kind):
+        rows = selected[factor].to_numpy()
         df = pd.DataFrame(
             {
                 "factor": factor,
-                "gene": genes.astype(str),
-                "weight": W.loc[genes, factor].to_numpy(dtype=float),
-                "pstar": pstar.loc[genes, factor].to_numpy(dtype=float),
-                "is_anchor": (n_selecting.loc[genes] == 1).to_numpy(),
+                "gene": selected.index[rows].astype(str),
+                "weight": W[factor].to_numpy(dtype=float)[rows],
+                "pstar": pstar[factor].to_numpy(dtype=float)[rows],
+                "is_anchor": is_anchor[factor].to_numpy()[rows],
             }
         )
         order = np.argsort(-np.abs(df["weight"].to_numpy()), kind="stable")
@@ -205,17 +116,19 @@ def anchor_genes(
 
 
 def top_genes(
-    model: Any,
+    data: FitData,
     n: int = 20,
     factors: Sequence[str | int] | str | int | None = None,
     kind: str | None = None,
+    *,
+    key: str = DEFAULT_KEY,
 ) -> pd.DataFrame:
     """The ``n`` top genes of each factor, ranked by ``p*`` then by ``|W|``.
 
     Parameters
     ----------
-    model
-        A trained :class:`~sparsevae.SparseVAE` with a mask prior (``mask="ssl"``).
+    data
+        An AnnData with results or a trained model, see :func:`anchor_genes`.
     n
         Number of genes per factor (at most the number of genes).
     factors
@@ -223,6 +136,8 @@ def top_genes(
     kind
         Which mask: ``None``/``"shared"`` or a study name (multi-study), see
         :func:`anchor_genes`.
+    key
+        The ``key_added`` the results were written with (AnnData only).
 
     Returns
     -------
@@ -234,14 +149,15 @@ def top_genes(
     --------
     >>> sparsevae.tl.top_genes(model, n=10)
     """
-    _require_prior(model, "top_genes")
+    res = read_results(data, key)
+    res.require_prior("top_genes")
     if not isinstance(n, int | np.integer) or n < 1:
         raise ValueError(f"n must be a positive integer, got {n!r}.")
-    W, pstar, _ = _selection(model, 0.5, kind)
+    W, pstar = res.mask(kind).W, res.mask(kind).pstar
     n = min(int(n), W.shape[0])
     genes = np.asarray(W.index).astype(str)
     table = {}
-    for factor in _resolve_factors(model, factors, kind):
+    for factor in res.resolve_factors(factors, kind):
         # lexsort: last key is the primary one.
         order = np.lexsort((-np.abs(W[factor].to_numpy()), -pstar[factor].to_numpy()))
         table[factor] = genes[order[:n]]
@@ -474,64 +390,16 @@ class IdentifiabilityReport:
         }
 
 
-def _default_eta_min(model: Any) -> float:
-    """The ``eta`` of a factor whose inclusion probabilities sum to half a gene."""
-    prior = model.module.prior
-    a = float(getattr(prior, "a", 1.0))
-    n_genes = int(getattr(prior, "n_genes", model.adata.n_vars))
-    b = float(getattr(prior, "b", n_genes))
-    return float((0.5 + a - 1.0) / (a + b + n_genes - 2.0))
-
-
-def _default_w_off(model: Any) -> float:
-    """``|w|`` where the spike and slab Laplace densities cross (equal weights)."""
-    return float(model.module.prior.w_off)
-
-
-def _factor_table(
-    model: Any,
-    min_pstar: float,
-    eta_min: float,
-    min_anchors: int,
-    kind: str | None,
-    w_off: float = 0.0,
-) -> pd.DataFrame:
-    """Per-factor selection, anchors, eta, mask size and status of mask ``kind``."""
-    _, _, selected = _selection(model, min_pstar, kind)
-    names = _kind_names(model, kind)
-    eta = model.get_eta(**_kind_kwargs(kind)).reindex(names).to_numpy(dtype=float)
-    n_selected = selected.sum(axis=0).reindex(names).to_numpy(dtype=int)
-    single = (selected.sum(axis=1) + _other_selections(model, min_pstar, kind)) == 1
-    n_anchors = selected[single].sum(axis=0).reindex(names).to_numpy(dtype=int)
-    W = model.get_mask(**_kind_kwargs(kind))
-    max_abs_w = W.abs().max(axis=0).reindex(names).to_numpy(dtype=float)
-    not_selected = (eta < eta_min) | (n_selected == 0)
-    in_use = max_abs_w >= w_off
-    switched_off = not_selected & ~in_use
-    unselected = not_selected & in_use
-    identifiable = (n_anchors >= min_anchors) & ~not_selected
-    return pd.DataFrame(
-        {
-            "factor": names,
-            "n_selected": n_selected,
-            "n_anchors": n_anchors,
-            "eta": eta,
-            "max_abs_w": max_abs_w,
-            "switched_off": switched_off,
-            "unselected": unselected,
-            "identifiable": identifiable,
-        }
-    )
-
-
 def identifiability_report(
-    model: Any,
+    data: FitData,
     adata: AnnData | None = None,
     min_pstar: float = 0.5,
     eta_min: float | None = None,
     min_anchors: int = 2,
     z: np.ndarray | None = None,
     kind: str | None = None,
+    *,
+    key: str = DEFAULT_KEY,
 ) -> IdentifiabilityReport:
     """Check the conditions of the Sparse VAE's identifiability theorem on a trained model.
 
@@ -548,10 +416,11 @@ def identifiability_report(
 
     Parameters
     ----------
-    model
-        A trained :class:`~sparsevae.SparseVAE` with a mask prior (``mask="ssl"``).
+    data
+        An AnnData with results or a trained model, see :func:`anchor_genes`.
     adata
-        AnnData on which the factors' covariance is computed; default the training data.
+        Model only: AnnData on which the factors' covariance is computed; default the training
+        data.
     min_pstar
         Selection threshold on ``p*``, in ``(0, 1]``.
     eta_min
@@ -570,6 +439,8 @@ def identifiability_report(
         selected by a shared factor is not an anchor of a specific factor, see
         :func:`anchor_genes`), and the covariance condition is checked on the study's cells for
         every pair of the study's factors (shared and specific) that involves a specific one.
+    key
+        The ``key_added`` the results were written with (AnnData only).
 
     Returns
     -------
@@ -582,40 +453,45 @@ def identifiability_report(
     >>> print(report)
     >>> report.factors.query("identifiable")
     """
-    _require_prior(model, "identifiability_report")
-    min_pstar = _check_min_pstar(min_pstar)
+    res = read_results(data, key, adata=adata)
+    res.require_prior("identifiability_report")
+    min_pstar = check_min_pstar(min_pstar)
     if not isinstance(min_anchors, int | np.integer) or min_anchors < 1:
         raise ValueError(f"min_anchors must be a positive integer, got {min_anchors!r}.")
-    eta_min = _default_eta_min(model) if eta_min is None else float(eta_min)
+    eta_min = res.eta_off if eta_min is None else float(eta_min)
     if not np.isfinite(eta_min) or eta_min < 0:
         raise ValueError(f"eta_min must be a finite number >= 0, got {eta_min!r}.")
-    w_off = _default_w_off(model)
-    factors = _factor_table(model, min_pstar, eta_min, int(min_anchors), kind, w_off)
+    w_off = float(res.w_off)
+
+    def table(kind: str | None) -> pd.DataFrame:
+        t = res.factor_status(kind, min_pstar, eta_min)
+        selects = ~(t["switched_off"] | t["unselected"])
+        t["identifiable"] = (t["n_anchors"] >= int(min_anchors)) & selects
+        return t
+
+    factors = table(kind)
     names = factors["factor"].tolist()
-    study = model._kind_index(kind) if _is_multistudy(model) else None
+    study = res.mask(kind).kind if res.is_multistudy else "shared"
     # The factors whose covariance is checked: a study's factors include the shared ones.
     context = factors
-    if study is not None:
-        shared = _factor_table(model, min_pstar, eta_min, int(min_anchors), "shared", w_off)
-        context = pd.concat([shared, factors], ignore_index=True)
+    if study != "shared":
+        context = pd.concat([table("shared"), factors], ignore_index=True)
     context_names = context["factor"].tolist()
-    all_names = list(model.factor_names)
-    if z is None:
-        z = model.get_latent_representation(adata=adata)
-    z = np.asarray(z, dtype=np.float64)
+    all_names = res.factor_names
+    z = res.latent if z is None else np.asarray(z, dtype=np.float64)
     if z.ndim != 2 or z.shape[1] != len(all_names):
         raise ValueError(f"z must have shape (n_cells, {len(all_names)}), got {z.shape}.")
-    if study is not None:
-        codes = model._study_codes(adata)
+    if study != "shared":
+        codes = res.study_codes
         if len(codes) != z.shape[0]:
             raise ValueError(
                 f"z has {z.shape[0]} rows but the AnnData has {len(codes)} cells: pass the z of "
                 "the cells of `adata` (default: the training data)."
             )
-        z = z[codes == study]
+        z = z[codes == res.studies.index(study)]
     z = z[:, [all_names.index(f) for f in context_names]]
     violations = covariance_violations(z, context_names)
-    if study is not None:
+    if study != "shared":
         keep = violations["factor_1"].isin(names) | violations["factor_2"].isin(names)
         violations = violations[keep].reset_index(drop=True)
     off = set(context.loc[context["switched_off"], "factor"])

@@ -11,7 +11,8 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from ._anchors import _check_min_pstar, _kind_kwargs, _require_prior, _resolve_factors
+from ._anchors import FitData
+from ._results import DEFAULT_KEY, check_min_pstar, read_results
 
 __all__ = ["enrich", "read_gmt", "translate_gene_sets"]
 
@@ -420,7 +421,7 @@ def _prerank_factor(
 
 
 def enrich(
-    model: Any,
+    data: FitData,
     gene_sets: GeneSetsInput,
     method: Literal["ora", "prerank"] = "ora",
     factors: Sequence[str | int] | str | int | None = None,
@@ -430,9 +431,11 @@ def enrich(
     permutation_num: int = 1000,
     seed: int = 0,
     effects: pd.DataFrame | None = None,
-    effect_scale: Literal["link", "expression"] = "link",
+    effect_scale: Literal["link", "expression"] | None = None,
     threads: int = 1,
     kind: str | None = None,
+    *,
+    key: str = DEFAULT_KEY,
     **kwargs: Any,
 ) -> pd.DataFrame:
     """Gene-set enrichment of each factor, offline with gseapy.
@@ -440,16 +443,16 @@ def enrich(
     ``method="ora"``: over-representation (hypergeometric test, :func:`gseapy.enrich`) of the
     genes that the factor's mask selects (``p* >= min_pstar``) against all the model's genes as
     background. ``method="prerank"``: GSEA preranked (:func:`gseapy.prerank`) on all genes ranked
-    by their signed effect from the factor (``model.get_gene_effects()``, see
-    :class:`~sparsevae.model._interpret.InterpretabilityMixin`).
+    by their signed effect from the factor (:meth:`~sparsevae.SparseVAE.get_gene_effects`).
 
     Gene names of the sets are matched to the model's genes case-insensitively; gene sets are
     restricted to the model's genes before the size filter.
 
     Parameters
     ----------
-    model
-        A trained :class:`~sparsevae.SparseVAE` (with a mask prior for ``"ora"``).
+    data
+        An AnnData with results (``model.write_results(adata)``) or a trained
+        :class:`~sparsevae.SparseVAE`; with a mask prior for ``"ora"``.
     gene_sets
         A local GMT path, a ``{name: [genes]}`` dict, or a list of them. For data of another
         species, translate the sets first with :func:`translate_gene_sets`.
@@ -469,15 +472,18 @@ def enrich(
         ``"prerank"``: precomputed genes x factors effects (e.g. ``model.get_gene_effects()``);
         computed when ``None``.
     effect_scale
-        ``"prerank"``, when ``effects`` is ``None``: scale of the computed effects, see
-        ``get_gene_effects``. The default ``"link"`` ranks counts by log fold change per unit of
-        the factor (expression-scale effects favour highly expressed genes).
+        ``"prerank"``, when ``effects`` is ``None``: scale of the effects, see
+        ``get_gene_effects``. Default: ``"link"`` from a model (counts ranked by log fold change
+        per unit of the factor; expression-scale effects favour highly expressed genes), the
+        stored effects (``"expression"``) from an AnnData.
     threads
         ``"prerank"``: threads used by gseapy.
     kind
         Multi-study models: which mask's factors to test, ``None``/``"shared"`` (default) or a
         study name (its specific factors; effects averaged over its cells), see
         :meth:`~sparsevae.SparseVAE.get_mask`.
+    key
+        The ``key_added`` the results were written with (AnnData only).
     **kwargs
         Passed to :func:`gseapy.prerank` (e.g. ``weight``).
 
@@ -506,15 +512,14 @@ def enrich(
     """
     if method not in ("ora", "prerank"):
         raise ValueError(f"method must be 'ora' or 'prerank', got {method!r}.")
-    if not hasattr(model, "get_mask") or not hasattr(model, "factor_names"):
-        raise TypeError(f"enrich expects a trained SparseVAE model, got {type(model).__name__}.")
+    res = read_results(data, key)
     for name, value in (("min_size", min_size), ("max_size", max_size)):
         if not isinstance(value, int | np.integer) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     if min_size > max_size:
         raise ValueError(f"min_size ({min_size}) must not exceed max_size ({max_size}).")
-    factor_list = _resolve_factors(model, factors, kind)
-    index = _GeneIndex(list(model.adata.var_names))
+    factor_list = res.resolve_factors(factors, kind)
+    index = _GeneIndex(list(res.genes))
     libraries = _matched_libraries(_load_libraries(gene_sets), index)
     libraries = [(n, _size_filter(s, int(min_size), int(max_size))) for n, s in libraries]
     if not any(sets for _, sets in libraries):
@@ -524,9 +529,8 @@ def enrich(
         )
     frames: list[pd.DataFrame] = []
     if method == "ora":
-        _require_prior(model, "enrich(method='ora')")
-        min_pstar = _check_min_pstar(min_pstar)
-        selected = model.get_inclusion_probabilities(**_kind_kwargs(kind)) >= min_pstar
+        res.require_prior("enrich(method='ora')")
+        selected = res.selected(kind, check_min_pstar(min_pstar))
         for factor in factor_list:
             query = np.flatnonzero(selected[factor].to_numpy()).tolist()
             if not query:
@@ -539,14 +543,15 @@ def enrich(
             raise ValueError(
                 f"permutation_num must be a positive integer, got {permutation_num!r}."
             )
-        if effects is None:
-            from ..model._interpret import compute_gene_effects
-
-            getter = getattr(model, "get_gene_effects", None)
-            if getter is not None:
-                effects = getter(scale=effect_scale, **_kind_kwargs(kind))
-            else:
-                effects = compute_gene_effects(model, scale=effect_scale, kind=kind)
+        if effects is None and res.model is not None:
+            effects = res.model.get_gene_effects(scale=effect_scale or "link", kind=kind)
+        elif effects is None:
+            if effect_scale == "link":
+                raise ValueError(
+                    "The stored gene effects are on the expression scale; link-scale effects "
+                    "need the network. Pass the model, or effect_scale=None for the stored ones."
+                )
+            effects = res.effects(kind)
         if not isinstance(effects, pd.DataFrame):
             raise TypeError("effects must be a genes x factors DataFrame.")
         missing = [f for f in factor_list if f not in effects.columns]

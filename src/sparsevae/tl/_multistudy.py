@@ -7,8 +7,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from anndata import AnnData
 
-from ._anchors import _check_min_pstar, _require_prior
+from ..model import MultiStudyChecks, shared_specific_checks
+from ._anchors import FitData
+from ._results import DEFAULT_KEY, check_min_pstar, read_results
 
 __all__ = [
     "MultiStudyChecks",
@@ -80,7 +83,9 @@ def _joined(selected: pd.DataFrame) -> pd.Series:
     return pd.Series([";".join(cols[row]) for row in values], index=selected.index, dtype=object)
 
 
-def shared_specific_genes(model: Any, min_pstar: float = 0.5) -> SharedSpecificGenes:
+def shared_specific_genes(
+    data: FitData, min_pstar: float = 0.5, *, key: str = DEFAULT_KEY
+) -> SharedSpecificGenes:
     """Which genes a multi-study model assigns to shared programs and which to one study.
 
     A factor selects gene ``j`` when the inclusion probability of its mask entry is at least
@@ -89,11 +94,14 @@ def shared_specific_genes(model: Any, min_pstar: float = 0.5) -> SharedSpecificG
 
     Parameters
     ----------
-    model
-        A trained multi-study :class:`~sparsevae.SparseVAE` (registered with ``study_key``)
-        with a mask prior (``mask="ssl"``).
+    data
+        An AnnData with the results of a multi-study fit (``model.write_results(adata)``) or a
+        trained multi-study :class:`~sparsevae.SparseVAE` (registered with ``study_key``); with
+        a mask prior (``mask="ssl"``).
     min_pstar
         Selection threshold on ``p*``, in ``(0, 1]``.
+    key
+        The ``key_added`` the results were written with (AnnData only).
 
     Returns
     -------
@@ -107,16 +115,12 @@ def shared_specific_genes(model: Any, min_pstar: float = 0.5) -> SharedSpecificG
     >>> res.genes.query("label == 'specific to donor_A'")
     >>> res.factors
     """
-    _require_prior(model, "shared_specific_genes")
-    if not getattr(model, "is_multistudy", False):
-        raise ValueError(
-            "shared_specific_genes needs a multi-study model: register the AnnData with "
-            "`SparseVAE.setup_anndata(adata, ..., study_key='<obs column>')` and train a model "
-            "with n_specific_factors. For a single-study model use sparsevae.tl.anchor_genes."
-        )
-    min_pstar = _check_min_pstar(min_pstar)
-    studies = list(model.studies)
-    sel_shared = model.get_inclusion_probabilities("shared") >= min_pstar
+    res = read_results(data, key)
+    res.require_prior("shared_specific_genes")
+    res.require_multistudy("shared_specific_genes")
+    min_pstar = check_min_pstar(min_pstar)
+    studies = res.studies
+    sel_shared = res.selected("shared", min_pstar)
     genes = pd.DataFrame(index=sel_shared.index)
     genes["shared"] = _joined(sel_shared)
     genes["n_shared"] = sel_shared.sum(axis=1).astype(int)
@@ -124,17 +128,17 @@ def shared_specific_genes(model: Any, min_pstar: float = 0.5) -> SharedSpecificG
     in_study = np.zeros((len(genes), len(studies)), dtype=bool)
     factor_rows = [
         {"kind": "shared", "factor": f, "n_genes": int(sel_shared[f].sum()), "eta": float(e)}
-        for f, e in model.get_eta("shared").items()
+        for f, e in res.mask("shared").eta.items()
     ]
     for s, study in enumerate(studies):
-        sel = model.get_inclusion_probabilities(study) >= min_pstar
+        sel = res.selected(study, min_pstar)
         genes[f"specific_in_{study}"] = _joined(sel)
         counts = sel.sum(axis=1).to_numpy(dtype=int)
         n_specific += counts
         in_study[:, s] = counts > 0
         factor_rows.extend(
             {"kind": study, "factor": f, "n_genes": int(sel[f].sum()), "eta": float(e)}
-            for f, e in model.get_eta(study).items()
+            for f, e in res.mask(study).eta.items()
         )
     genes["n_specific"] = n_specific
     names = np.asarray(studies, dtype=object)
@@ -233,164 +237,15 @@ def mask_f1(selected: pd.DataFrame | np.ndarray, truth: pd.DataFrame | np.ndarra
     return table
 
 
-@dataclass(repr=False)
-class MultiStudyChecks:
-    """Result of :func:`check_shared_specific`.
-
-    Attributes
-    ----------
-    activity
-        Factors x studies: the standard deviation of each factor's posterior mean over the cells
-        of each study. A shared factor should vary in every study; a specific factor only
-        matters in its own study's column.
-    confined
-        One row per shared factor that selects genes (index ``factor``): ``n_genes``, ``ratio``
-        (its largest spread in a study divided by its smallest), ``varies_in`` (the studies
-        where its spread is within ``min_ratio`` of the largest, ``;``-separated), ``quiet_in``
-        (the others) and ``flagged`` (``ratio >= min_ratio``: it hardly varies in some study,
-        so it probably carries programs of the other studies rather than a shared one).
-    repeated
-        One row per program that specific factors of several studies select (gene sets with
-        Jaccard index >= ``min_jaccard`` and an overlap at least ``MIN_FOLD_OVER_CHANCE`` times
-        what two random sets of their sizes would share): ``factors`` (``study:factor``,
-        ``;``-separated), ``n_studies``, ``n_genes`` (genes in their union), ``jaccard`` (the
-        smallest pairwise index) and ``in_all_studies``. A program present in every study
-        belongs in the shared mask.
-    min_ratio, min_jaccard, min_pstar
-        Thresholds used.
-    """
-
-    activity: pd.DataFrame
-    confined: pd.DataFrame
-    repeated: pd.DataFrame
-    min_ratio: float = 3.0
-    min_jaccard: float = 0.5
-    min_pstar: float = 0.5
-
-    @property
-    def problems(self) -> list[str]:
-        """One sentence per likely misassignment (empty when the fit looks consistent)."""
-        out = []
-        for factor, row in self.confined[self.confined["flagged"]].iterrows():
-            varies = row["varies_in"].replace(";", ", ")
-            quiet = row["quiet_in"].replace(";", ", ")
-            out.append(
-                f"shared factor {factor} ({row['n_genes']} genes) varies in {varies} but hardly "
-                f"in {quiet} (spread {row['ratio']:.1f}x smaller): it probably carries a program "
-                f"of {varies} rather than a shared one"
-            )
-        for _, row in self.repeated[self.repeated["in_all_studies"]].iterrows():
-            out.append(
-                f"specific factors {row['factors'].replace(';', ', ')} select the same "
-                f"{row['n_genes']} genes in every study: a shared program split over the "
-                "study-specific masks"
-            )
-        return out
-
-    @property
-    def ok(self) -> bool:
-        """Whether each shared factor in use varies in every study and no program repeats in all."""
-        return not self.problems
-
-    def summary(self) -> str:
-        """Readable summary of the checks.
-
-        Returns
-        -------
-        The summary text.
-        """
-        lines = ["Spread of each factor's posterior mean within each study"]
-        lines.extend("  " + line for line in self.activity.round(2).to_string().splitlines())
-        problems = self.problems
-        if not problems:
-            lines.append(
-                "Every shared factor in use varies in every study and no program repeats in every "
-                "study's specific mask."
-            )
-        else:
-            lines.append("Likely misassignments:")
-            lines.extend(f"  - {p}" for p in problems)
-            lines.append(
-                "Refit with another seed (scvi.settings.seed); a fit whose checks pass is the "
-                "one to interpret. If they keep failing, reconsider the numbers of factors."
-            )
-        partial = self.repeated[~self.repeated["in_all_studies"]]
-        for _, row in partial.iterrows():
-            lines.append(
-                f"Note: {row['factors'].replace(';', ', ')} select the same {row['n_genes']} "
-                f"genes in {row['n_studies']} studies (a program shared by some studies only)."
-            )
-        return "\n".join(lines)
-
-    def __repr__(self) -> str:
-        return self.summary()
-
-    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
-        p.text(self.summary())
-
-
-#: Two specific factors hold the same program only if their overlap is at least this many times
-#: the overlap expected of random gene sets of their sizes (``|A| |B| / n_genes``). Dense masks
-#: (hundreds of genes per factor) overlap by chance with a Jaccard index above 0.5; a repeated
-#: 30-gene program of 400 genes overlaps about 10 times more than chance.
-MIN_FOLD_OVER_CHANCE = 2.0
-
-
-def _repeated_programs(
-    sets: list[tuple[str, str, np.ndarray]], n_studies: int, min_jaccard: float
-) -> pd.DataFrame:
-    """Groups of specific factors of different studies whose gene sets overlap."""
-    n = len(sets)
-    parent = list(range(n))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    jac = np.zeros((n, n))
-    for i in range(n):
-        for j in range(i + 1, n):
-            if sets[i][0] == sets[j][0]:
-                continue
-            a, b = sets[i][2], sets[j][2]
-            union = int((a | b).sum())
-            shared = int((a & b).sum())
-            jac[i, j] = jac[j, i] = shared / union if union else 0.0
-            chance = a.sum() * b.sum() / a.size
-            if jac[i, j] >= min_jaccard and shared >= MIN_FOLD_OVER_CHANCE * chance:
-                parent[root(i)] = root(j)
-    groups: dict[int, list[int]] = {}
-    for i in range(n):
-        groups.setdefault(root(i), []).append(i)
-    rows = []
-    for members in groups.values():
-        studies = {sets[i][0] for i in members}
-        if len(studies) < 2:
-            continue
-        pairs = [jac[i, j] for i in members for j in members if i < j and sets[i][0] != sets[j][0]]
-        rows.append(
-            {
-                "factors": ";".join(f"{sets[i][0]}:{sets[i][1]}" for i in members),
-                "n_studies": len(studies),
-                "n_genes": int(np.logical_or.reduce([sets[i][2] for i in members]).sum()),
-                "jaccard": round(float(min(pairs)), 3),
-                "in_all_studies": len(studies) == n_studies,
-            }
-        )
-    return pd.DataFrame(
-        rows, columns=["factors", "n_studies", "n_genes", "jaccard", "in_all_studies"]
-    )
-
-
 def check_shared_specific(
-    model: Any,
-    adata: Any = None,
+    data: FitData,
+    adata: AnnData | None = None,
     min_ratio: float = 3.0,
     min_jaccard: float = 0.5,
     min_pstar: float = 0.5,
     max_cells: int | None = None,
+    *,
+    key: str = DEFAULT_KEY,
 ) -> MultiStudyChecks:
     """Check that a multi-study fit put shared programs in the shared mask and vice versa.
 
@@ -411,10 +266,11 @@ def check_shared_specific(
 
     Parameters
     ----------
-    model
-        A trained multi-study :class:`~sparsevae.SparseVAE` with a mask prior.
+    data
+        An AnnData with the results of a multi-study fit, or a trained multi-study
+        :class:`~sparsevae.SparseVAE`; with a mask prior.
     adata
-        AnnData to compute the factors on; default the training data.
+        Model only: AnnData to compute the factors on; default the training data.
     min_ratio
         Flag a shared factor whose largest spread in a study is at least this multiple of its
         smallest (``> 1``).
@@ -424,6 +280,8 @@ def check_shared_specific(
         Selection threshold on ``p*``, in ``(0, 1]``.
     max_cells
         Use at most this many cells (a random subset, fixed seed); default all.
+    key
+        The ``key_added`` the results were written with (AnnData only).
 
     Returns
     -------
@@ -436,63 +294,22 @@ def check_shared_specific(
     >>> checks.ok
     >>> print(checks.summary())
     """
-    _require_prior(model, "check_shared_specific")
-    if not getattr(model, "is_multistudy", False):
-        raise ValueError(
-            "check_shared_specific needs a multi-study model (registered with study_key and "
-            "trained with n_specific_factors)."
-        )
-    min_pstar = _check_min_pstar(min_pstar)
+    res = read_results(data, key, adata=adata)
+    res.require_prior("check_shared_specific")
+    res.require_multistudy("check_shared_specific")
+    min_pstar = check_min_pstar(min_pstar)
     if not min_ratio > 1:
         raise ValueError(f"min_ratio must be > 1, got {min_ratio!r}.")
     if not 0 < min_jaccard <= 1:
         raise ValueError(f"min_jaccard must be in (0, 1], got {min_jaccard!r}.")
-    adata = model._validate_anndata(adata)
-    indices = None
-    if max_cells is not None and adata.n_obs > max_cells:
+    codes = res.study_codes
+    if max_cells is not None and len(codes) > max_cells:
         rng = np.random.default_rng(0)
-        indices = np.sort(rng.choice(adata.n_obs, size=int(max_cells), replace=False))
-    z = model.get_latent_representation(adata, indices=indices)
-    codes = model._study_codes(adata, indices)
-    studies = list(model.studies)
-    activity = pd.DataFrame(
-        [[float(z[codes == s, k].std()) if (codes == s).sum() > 1 else np.nan
-          for s in range(len(studies))] for k in range(z.shape[1])],
-        index=pd.Index(model.factor_names, name="factor"),
-        columns=pd.Index(studies, name="study"),
-    )  # fmt: skip
-    sel_shared = model.get_inclusion_probabilities("shared") >= min_pstar
-    rows = []
-    for factor in model.shared_factor_names:
-        n_genes = int(sel_shared[factor].sum())
-        if n_genes == 0:
-            continue
-        spread = activity.loc[factor].to_numpy()
-        seen = np.isfinite(spread)
-        top, low = float(spread[seen].max()), float(spread[seen].min())
-        ratio = top / low if low > 0 else np.inf
-        varies = seen & (spread * min_ratio > top)
-        rows.append(
-            {"factor": factor, "n_genes": n_genes, "ratio": round(ratio, 2),
-             "varies_in": ";".join(np.asarray(studies)[varies]),
-             "quiet_in": ";".join(np.asarray(studies)[seen & ~varies]),
-             "flagged": bool(ratio >= min_ratio)}
-        )  # fmt: skip
-    confined = pd.DataFrame(
-        rows, columns=["factor", "n_genes", "ratio", "varies_in", "quiet_in", "flagged"]
-    ).set_index("factor")
-    sets = []
-    for study in studies:
-        sel = model.get_inclusion_probabilities(study) >= min_pstar
-        sets.extend(
-            (study, str(f), sel[f].to_numpy()) for f in sel.columns if int(sel[f].sum()) >= 2
-        )
-    repeated = _repeated_programs(sets, len(studies), min_jaccard)
-    return MultiStudyChecks(
-        activity=activity,
-        confined=confined,
-        repeated=repeated,
-        min_ratio=float(min_ratio),
-        min_jaccard=float(min_jaccard),
-        min_pstar=min_pstar,
+        indices = np.sort(rng.choice(len(codes), size=int(max_cells), replace=False))
+        z, codes = res.latent_rows(indices), codes[indices]
+    else:
+        z = res.latent
+    selections = {kind: res.selected(kind, min_pstar) for kind in res.kinds}
+    return shared_specific_checks(
+        z, codes, res.factor_names, selections, min_ratio, min_jaccard, min_pstar
     )

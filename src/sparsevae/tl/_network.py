@@ -2,29 +2,33 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 
-from ._anchors import _check_min_pstar, _gene_effects, _kind_kwargs, _require_prior
+from ._anchors import FitData
+from ._results import DEFAULT_KEY, check_min_pstar, read_results
 
 __all__ = ["to_network"]
 
 
 def to_network(
-    model: Any,
+    data: FitData,
     min_pstar: float = 0.5,
     weight: Literal["W", "effect"] = "W",
     effects: pd.DataFrame | None = None,
     kind: str | None = None,
+    *,
+    key: str = DEFAULT_KEY,
 ) -> pd.DataFrame:
     """The mask as a network from factors to the genes they select.
 
     Parameters
     ----------
-    model
-        A trained :class:`~sparsevae.SparseVAE` with a mask prior (``mask="ssl"``).
+    data
+        An AnnData with results (``model.write_results(adata)``) or a trained
+        :class:`~sparsevae.SparseVAE`; with a mask prior (``mask="ssl"``).
     min_pstar
         An edge ``factor -> gene`` is kept when the inclusion probability ``p* >= min_pstar``.
     weight
@@ -32,10 +36,13 @@ def to_network(
         its own: the decoder is nonlinear), or ``"effect"``, the signed average effect of the
         factor on the gene's expected expression (``model.get_gene_effects()``).
     effects
-        Precomputed genes x factors effects for ``weight="effect"``; computed when ``None``.
+        Precomputed genes x factors effects for ``weight="effect"``; default the stored ones
+        (AnnData) or computed (model).
     kind
         Multi-study models: which mask, ``None``/``"shared"`` (default) or a study name, see
         :meth:`~sparsevae.SparseVAE.get_mask`.
+    key
+        The ``key_added`` the results were written with (AnnData only).
 
     Returns
     -------
@@ -49,22 +56,23 @@ def to_network(
     >>> import decoupler as dc
     >>> dc.mt.ulm(adata, net)  # doctest: +SKIP
     """
-    _require_prior(model, "to_network")
-    min_pstar = _check_min_pstar(min_pstar)
+    res = read_results(data, key)
+    res.require_prior("to_network")
+    min_pstar = check_min_pstar(min_pstar)
     if weight not in ("W", "effect"):
         raise ValueError(f"weight must be 'W' or 'effect', got {weight!r}.")
-    pstar = model.get_inclusion_probabilities(**_kind_kwargs(kind))
+    pstar = res.mask(kind).pstar
     if weight == "W":
-        values = model.get_mask(**_kind_kwargs(kind))
+        values = res.mask(kind).W
     else:
         if effects is None:
-            effects = _gene_effects(model, kind)
+            effects = res.effects(kind)
         if not isinstance(effects, pd.DataFrame):
             raise TypeError("effects must be a genes x factors DataFrame.")
         values = effects.reindex(index=pstar.index, columns=pstar.columns)
         if values.isna().any().any():
             raise ValueError("effects must hold every gene and factor of the model.")
-    selected = (pstar >= min_pstar).to_numpy()
+    selected = res.selected(kind, min_pstar).to_numpy()
     genes_idx, factor_idx = np.nonzero(selected)
     genes = np.asarray(pstar.index).astype(str)
     factors = np.asarray(pstar.columns).astype(str)

@@ -1,0 +1,238 @@
+"""Checks of a multi-study fit: shared programs in the shared mask, one study's in its own.
+
+The arrays-level core of :func:`sparsevae.tl.check_shared_specific`, here so that training can
+run it (``train()`` warns when the checks fail) without importing ``tl``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["MIN_FOLD_OVER_CHANCE", "MultiStudyChecks", "shared_specific_checks"]
+
+
+@dataclass(repr=False)
+class MultiStudyChecks:
+    """Result of :func:`check_shared_specific`.
+
+    Attributes
+    ----------
+    activity
+        Factors x studies: the standard deviation of each factor's posterior mean over the cells
+        of each study. A shared factor should vary in every study; a specific factor only
+        matters in its own study's column.
+    confined
+        One row per shared factor that selects genes (index ``factor``): ``n_genes``, ``ratio``
+        (its largest spread in a study divided by its smallest), ``varies_in`` (the studies
+        where its spread is within ``min_ratio`` of the largest, ``;``-separated), ``quiet_in``
+        (the others) and ``flagged`` (``ratio >= min_ratio``: it hardly varies in some study,
+        so it probably carries programs of the other studies rather than a shared one).
+    repeated
+        One row per program that specific factors of several studies select (gene sets with
+        Jaccard index >= ``min_jaccard`` and an overlap at least ``MIN_FOLD_OVER_CHANCE`` times
+        what two random sets of their sizes would share): ``factors`` (``study:factor``,
+        ``;``-separated), ``n_studies``, ``n_genes`` (genes in their union), ``jaccard`` (the
+        smallest pairwise index) and ``in_all_studies``. A program present in every study
+        belongs in the shared mask.
+    min_ratio, min_jaccard, min_pstar
+        Thresholds used.
+    """
+
+    activity: pd.DataFrame
+    confined: pd.DataFrame
+    repeated: pd.DataFrame
+    min_ratio: float = 3.0
+    min_jaccard: float = 0.5
+    min_pstar: float = 0.5
+
+    @property
+    def problems(self) -> list[str]:
+        """One sentence per likely misassignment (empty when the fit looks consistent)."""
+        out = []
+        for factor, row in self.confined[self.confined["flagged"]].iterrows():
+            varies = row["varies_in"].replace(";", ", ")
+            quiet = row["quiet_in"].replace(";", ", ")
+            out.append(
+                f"shared factor {factor} ({row['n_genes']} genes) varies in {varies} but hardly "
+                f"in {quiet} (spread {row['ratio']:.1f}x smaller): it probably carries a program "
+                f"of {varies} rather than a shared one"
+            )
+        for _, row in self.repeated[self.repeated["in_all_studies"]].iterrows():
+            out.append(
+                f"specific factors {row['factors'].replace(';', ', ')} select the same "
+                f"{row['n_genes']} genes in every study: a shared program split over the "
+                "study-specific masks"
+            )
+        return out
+
+    @property
+    def ok(self) -> bool:
+        """Whether each shared factor in use varies in every study and no program repeats in all."""
+        return not self.problems
+
+    def summary(self) -> str:
+        """Readable summary of the checks.
+
+        Returns
+        -------
+        The summary text.
+        """
+        lines = ["Spread of each factor's posterior mean within each study"]
+        lines.extend("  " + line for line in self.activity.round(2).to_string().splitlines())
+        problems = self.problems
+        if not problems:
+            lines.append(
+                "Every shared factor in use varies in every study and no program repeats in every "
+                "study's specific mask."
+            )
+        else:
+            lines.append("Likely misassignments:")
+            lines.extend(f"  - {p}" for p in problems)
+            lines.append(
+                "Refit with another seed (scvi.settings.seed); a fit whose checks pass is the "
+                "one to interpret. If they keep failing, reconsider the numbers of factors."
+            )
+        partial = self.repeated[~self.repeated["in_all_studies"]]
+        for _, row in partial.iterrows():
+            lines.append(
+                f"Note: {row['factors'].replace(';', ', ')} select the same {row['n_genes']} "
+                f"genes in {row['n_studies']} studies (a program shared by some studies only)."
+            )
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return self.summary()
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        p.text(self.summary())
+
+
+#: Two specific factors hold the same program only if their overlap is at least this many times
+#: the overlap expected of random gene sets of their sizes (``|A| |B| / n_genes``). Dense masks
+#: (hundreds of genes per factor) overlap by chance with a Jaccard index above 0.5; a repeated
+#: 30-gene program of 400 genes overlaps about 10 times more than chance.
+MIN_FOLD_OVER_CHANCE = 2.0
+
+
+def _repeated_programs(
+    sets: list[tuple[str, str, np.ndarray]], n_studies: int, min_jaccard: float
+) -> pd.DataFrame:
+    """Groups of specific factors of different studies whose gene sets overlap."""
+    n = len(sets)
+    parent = list(range(n))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    jac = np.zeros((n, n))
+    for i in range(n):
+        for j in range(i + 1, n):
+            if sets[i][0] == sets[j][0]:
+                continue
+            a, b = sets[i][2], sets[j][2]
+            union = int((a | b).sum())
+            shared = int((a & b).sum())
+            jac[i, j] = jac[j, i] = shared / union if union else 0.0
+            chance = a.sum() * b.sum() / a.size
+            if jac[i, j] >= min_jaccard and shared >= MIN_FOLD_OVER_CHANCE * chance:
+                parent[root(i)] = root(j)
+    groups: dict[int, list[int]] = {}
+    for i in range(n):
+        groups.setdefault(root(i), []).append(i)
+    rows = []
+    for members in groups.values():
+        studies = {sets[i][0] for i in members}
+        if len(studies) < 2:
+            continue
+        pairs = [jac[i, j] for i in members for j in members if i < j and sets[i][0] != sets[j][0]]
+        rows.append(
+            {
+                "factors": ";".join(f"{sets[i][0]}:{sets[i][1]}" for i in members),
+                "n_studies": len(studies),
+                "n_genes": int(np.logical_or.reduce([sets[i][2] for i in members]).sum()),
+                "jaccard": round(float(min(pairs)), 3),
+                "in_all_studies": len(studies) == n_studies,
+            }
+        )
+    return pd.DataFrame(
+        rows, columns=["factors", "n_studies", "n_genes", "jaccard", "in_all_studies"]
+    )
+
+
+def shared_specific_checks(
+    z: np.ndarray,
+    codes: np.ndarray,
+    factor_names: list[str],
+    selections: dict[str, pd.DataFrame],
+    min_ratio: float = 3.0,
+    min_jaccard: float = 0.5,
+    min_pstar: float = 0.5,
+) -> MultiStudyChecks:
+    """The checks of :func:`sparsevae.tl.check_shared_specific`, on a fit's arrays.
+
+    Parameters
+    ----------
+    z
+        The factors of the cells (cells x ``factor_names``).
+    codes
+        Each cell's study, as a position among the studies.
+    factor_names
+        All factor names (shared then specific).
+    selections
+        Genes x factors selections by mask kind: ``"shared"`` first, then each study.
+    min_ratio, min_jaccard, min_pstar
+        See :func:`sparsevae.tl.check_shared_specific`.
+
+    Returns
+    -------
+    A :class:`MultiStudyChecks`.
+    """
+    studies = [k for k in selections if k != "shared"]
+    sel_shared = selections["shared"]
+    activity = pd.DataFrame(
+        [[float(z[codes == s, k].std()) if (codes == s).sum() > 1 else np.nan
+          for s in range(len(studies))] for k in range(z.shape[1])],
+        index=pd.Index(factor_names, name="factor"),
+        columns=pd.Index(studies, name="study"),
+    )  # fmt: skip
+    rows = []
+    for factor in [str(f) for f in sel_shared.columns]:
+        n_genes = int(sel_shared[factor].sum())
+        if n_genes == 0:
+            continue
+        spread = activity.loc[factor].to_numpy()
+        seen = np.isfinite(spread)
+        top, low = float(spread[seen].max()), float(spread[seen].min())
+        ratio = top / low if low > 0 else np.inf
+        varies = seen & (spread * min_ratio > top)
+        rows.append(
+            {"factor": factor, "n_genes": n_genes, "ratio": round(ratio, 2),
+             "varies_in": ";".join(np.asarray(studies)[varies]),
+             "quiet_in": ";".join(np.asarray(studies)[seen & ~varies]),
+             "flagged": bool(ratio >= min_ratio)}
+        )  # fmt: skip
+    confined = pd.DataFrame(
+        rows, columns=["factor", "n_genes", "ratio", "varies_in", "quiet_in", "flagged"]
+    ).set_index("factor")
+    sets = []
+    for study in studies:
+        sel = selections[study]
+        sets.extend(
+            (study, str(f), sel[f].to_numpy()) for f in sel.columns if int(sel[f].sum()) >= 2
+        )
+    repeated = _repeated_programs(sets, len(studies), min_jaccard)
+    return MultiStudyChecks(
+        activity=activity,
+        confined=confined,
+        repeated=repeated,
+        min_ratio=float(min_ratio),
+        min_jaccard=float(min_jaccard),
+        min_pstar=float(min_pstar),
+    )
