@@ -21,7 +21,7 @@ from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin, VAEMixin
 
 from ..module import LIKELIHOODS, STUDY_KEY, SparseVAEModule
 from ..priors import factor_use, is_selected
-from ..train import DivergenceError, SparseVAETrainingPlan
+from ..train import DivergenceError, SparseVAETrainingPlan, default_max_epochs, prior_schedule
 from ._checks import shared_specific_checks
 from ._interpret import InterpretabilityMixin
 from ._save_load import read_model_file
@@ -50,32 +50,11 @@ DEFAULT_N_SPECIFIC_FACTORS = 5
 #: posterior collapse. Healthy fits have several nats per cell.
 COLLAPSE_KL = 0.05
 
-#: Epochs with the prior's correlation held at the identity (``latent_prior="correlated"``).
-#: Measured on ``simulate_moran2022`` (300 epochs, seeds 0-4): learned from the first step, both
-#: factors sometimes copied one true factor (rho 0, seed 1: DCI 0.005); held for 20 epochs,
-#: every rho-0 fit kept both (DCI 0.94-0.97).
-FIXED_CORRELATION_EPOCHS = 20
-
 
 def _warn(msg: str) -> None:
     """A training warning, to both the warnings module and the log (``train()`` -> caller)."""
     warnings.warn(msg, UserWarning, stacklevel=4)
     logger.warning(msg)
-
-
-def default_max_epochs(n_obs: int) -> int:
-    """Default number of epochs: about 300k cell passes, between 20 and 400 epochs.
-
-    Parameters
-    ----------
-    n_obs
-        Number of cells.
-
-    Returns
-    -------
-    Number of epochs.
-    """
-    return int(np.clip(round(300_000 / max(n_obs, 1)), 20, 400))
 
 
 class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
@@ -123,11 +102,8 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
         Multi-study models only (``setup_anndata(..., study_key=...)``): number of study-specific
         factors ``K_spec``; ``n_factors`` is then the number of shared factors. Default
         :data:`DEFAULT_N_SPECIFIC_FACTORS` (5) with a ``study_key``; the prior switches off the
-        factors a study does not need (measured on ``simulate_multistudy`` with 2 shared
-        programs and 1 per study: 4 shared and 5 specific factors left the extra ones with no
-        gene and ``eta`` 1e-6, and every mask's F1 stayed >= 0.98). Without a ``study_key`` it
-        must be left out (or 0). The module keyword ``encode_study=True`` also gives the encoder
-        each cell's study (off by default, see :class:`~sparsevae.module.SparseVAEModule`).
+        factors a study does not need, so a few too many do little harm (see the user guide's
+        "Why the defaults are what they are"). Without a ``study_key`` leave it out (or 0).
     **module_kwargs
         Passed to :class:`~sparsevae.module.SparseVAEModule` (e.g. ``n_layers_encoder``,
         ``dropout_rate``).
@@ -451,14 +427,10 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
         n_epochs_prior_warmup
             Epochs at the start without the mask prior (the network first learns to use every
             factor); default 20% of ``max_epochs`` for count likelihoods and 0 (off) for
-            ``gaussian``. Measured on ``simulate_moran2022`` (Gaussian, 300 epochs, rho 0): without
-            the schedule 5 of 5 seeds recovered both factors (DCI 0.94-0.97); with it seed 1 lost
-            one (DCI 0.2). With correlated factors it helps: at rho 0.6 the full prior switched
-            one code off in 3 of 5 seeds and the schedule in none (held-out MSE 0.052 against
-            0.182 per standardised feature, the VAE's 0.057), and with
-            ``latent_prior="correlated"`` DCI rose from 0.33 to 0.60 (identifiability benchmark,
-            methods ``*_sched``, with ``n_epochs_lambda0_ramp`` 40% of ``max_epochs``). For
-            counts it is needed: without it every factor was switched off.
+            ``gaussian`` (:func:`~sparsevae.train.prior_schedule`). Count data need it; for
+            Gaussian data, turn it on (with ``n_epochs_lambda0_ramp``) when factors are strongly
+            correlated and one gets switched off. Measurements: user guide, "Why the defaults
+            are what they are".
         n_epochs_lambda0_ramp
             Epochs, after the warm-up, over which the spike rate climbs from ``1.5 * lambda1`` to
             ``lambda0`` with ``eta`` held at 0.5. ``0`` applies ``lambda0`` at once; default 40%
@@ -466,18 +438,13 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
             :class:`~sparsevae.train.SparseVAETrainingPlan`.
         n_epochs_shared_first
             Multi-study models: epochs at the start during which only the shared factors reach
-            the decoder, so that they take the programs common to all studies before the
-            study-specific factors start. Default ``None``: 0 (off). Measured on
-            ``simulate_multistudy`` it cures one failure and causes another, so it is not on by
-            default: with 20 of 100 epochs, 3 studies (200 genes, 400 cells per study, seed 2)
-            went from a role swap (shared-mask F1 0.34, specific 0.56-0.61) to F1 0.97-1.0, but
-            2 studies (400 genes, seed 0) went from F1 0.97-0.98 to every specific program
-            absorbed by the shared factors (specific F1 0). Ignored by single-study models.
+            the decoder, so that they take the programs common to all studies first. Default
+            ``None``: 0 (off); it cures some role swaps and causes others (user guide, "Why the
+            defaults are what they are"). Ignored by single-study models.
         n_epochs_fixed_correlation
             Models with ``latent_prior="correlated"``: epochs at the start during which the
             prior's correlation ``R`` stays the identity, so the factors separate before ``R``
-            is learned. Default ``None``: 20 (see ``FIXED_CORRELATION_EPOCHS``). Ignored by other
-            models.
+            is learned. Default ``None``: 20. Ignored by other models.
         plan_kwargs
             Passed to :class:`~sparsevae.train.SparseVAETrainingPlan`.
         **trainer_kwargs
@@ -492,17 +459,6 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
             max_epochs = default_max_epochs(self.adata.n_obs)
         if train_size is None:
             train_size = 0.9 if early_stopping else 1.0
-        # The schedule is for count likelihoods (see the docstring); the Gaussian path keeps the
-        # paper's setting, the full prior from the first step.
-        scheduled = self.likelihood != "gaussian"
-        if n_epochs_prior_warmup is None:
-            n_epochs_prior_warmup = round(0.2 * max_epochs) if scheduled else 0
-        if n_epochs_lambda0_ramp is None:
-            n_epochs_lambda0_ramp = round(0.4 * max_epochs) if scheduled else 0
-        if n_epochs_shared_first is None:
-            n_epochs_shared_first = 0
-        if n_epochs_fixed_correlation is None:
-            n_epochs_fixed_correlation = FIXED_CORRELATION_EPOCHS
         plan_kwargs = {
             "lr": lr,
             "n_epochs_shared_first": n_epochs_shared_first,
@@ -512,10 +468,15 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
             "n_epochs_lambda0_ramp": n_epochs_lambda0_ramp,
             **(plan_kwargs or {}),
         }
+        schedule = prior_schedule(
+            max_epochs,
+            self.module.is_count,
+            plan_kwargs["n_epochs_prior_warmup"],
+            plan_kwargs["n_epochs_lambda0_ramp"],
+        )
         # Log the epoch metrics even when an epoch has fewer than Lightning's default 50 steps.
         trainer_kwargs.setdefault("log_every_n_steps", 1)
-        # The epoch from which the mask prior is at full strength (EM for eta on).
-        full_prior_epoch = n_epochs_prior_warmup + n_epochs_lambda0_ramp
+        full_prior_epoch = schedule.full_prior_epoch
         if early_stopping:
             # The schedule moves the validation ELBO; early stopping must not act before it ends.
             trainer_kwargs.setdefault("early_stopping_warmup_epochs", full_prior_epoch)
@@ -550,8 +511,8 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
         if self.module.prior is not None and epochs_run <= full_prior_epoch:
             _warn(
                 f"Training ended after {epochs_run} epochs, before the mask prior reached full "
-                f"strength (epoch {full_prior_epoch + 1}: warm-up {n_epochs_prior_warmup} and "
-                f"spike ramp {n_epochs_lambda0_ramp} epochs), so eta was never fitted and the "
+                f"strength (epoch {full_prior_epoch + 1}: warm-up {schedule.warmup} and "
+                f"spike ramp {schedule.ramp} epochs), so eta was never fitted and the "
                 "inclusion probabilities do not select genes. Train for more epochs, or shorten "
                 "n_epochs_prior_warmup / n_epochs_lambda0_ramp."
             )
@@ -576,8 +537,8 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
                 "Every factor was switched off: no mask entry left the spike (all |w| < "
                 "log(lambda0/lambda1)/(lambda0-lambda1)) and no gene has p* >= 0.5, so the "
                 "factors explain nothing. Usually the encoder collapsed to the prior early in "
-                "training (measured: a KL warm-up, `model.train(n_epochs_kl_warmup=20)`, "
-                "fixed it); otherwise the prior is too strong for these data (try a smaller "
+                "training (a KL warm-up, `model.train(n_epochs_kl_warmup=20)`, usually fixes "
+                "it); otherwise the prior is too strong for these data (try a smaller "
                 "`b` or `lambda0`)."
             )
             return True
@@ -887,7 +848,7 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
         adata.obsm[f"X_{key_added}"] = z
         for kind, key in zip(kinds, W_keys, strict=True):
             adata.varm[key] = self.get_mask(kind).to_numpy()
-        for kind, key in zip(kinds, pstar_keys, strict=True):
+        for kind, key in zip(kinds, pstar_keys, strict=False):  # none without a prior
             adata.varm[key] = self.get_inclusion_probabilities(kind).to_numpy()
         for value, key in zip(effect_values, effect_keys, strict=True):
             adata.varm[key] = value

@@ -58,10 +58,8 @@ class SparseVAEModule(BaseModuleClass):
     normalize_shared
         Unit-norm shared layers in the decoder (see :class:`~sparsevae.nn.MaskedDecoder`), which
         makes the scale of ``W`` independent of the number of genes. Default: ``True`` for count
-        likelihoods, ``False`` for ``"gaussian"``. Measured: on ``simulate_programs`` (500 genes,
-        8 programs, NB) the normalised decoder found 8 of 8 programs (mask F1 0.94-0.99), the
-        unnormalised one 6 of 8; on the paper's 7-gene Gaussian simulation the unnormalised one
-        gave the cleaner mask.
+        likelihoods, ``False`` for ``"gaussian"`` (measurements: user guide, "Why the defaults
+        are what they are").
     kl_weight
         Weight of the KL term (``beta`` of a beta-VAE); multiplied by the training plan's warm-up
         factor.
@@ -77,9 +75,7 @@ class SparseVAEModule(BaseModuleClass):
         Gaussian likelihood: per-gene mean and standard deviation of the training data. The
         network works on standardised values, ``x_j = loc_j + scale_j (f_j(w_j * z) + e_j)``:
         the same model family, but every gene weighs the same in the gradients at the start of
-        training and the variance prior is scale-free. Without standardisation, genes with large
-        variance dominate early training and the factors of small-variance genes get entangled
-        (measured on the paper's simulation). Defaults: 0 and 1.
+        training and the variance prior is scale-free. Defaults: 0 and 1.
     max_chunk_elements
         Passed to :class:`~sparsevae.nn.MaskedDecoder`.
     n_specific_factors
@@ -101,10 +97,7 @@ class SparseVAEModule(BaseModuleClass):
         cells the likelihood outweighs the mask prior and selects it. The offset is common to
         all genes of a cell, so it cannot explain a gene-specific change and the mask keeps its
         reading (gene ``j``'s expression relative to the cell's composition depends only on the
-        factors in ``w_j``). Measured on ``simulate_multistudy`` (3 studies, 200 genes, 30
-        genes per program, 400 cells per study, seeds 0 and 1): without it one shared factor
-        selected 126 (71) genes, shared-mask F1 0.385 (0.594); with it 30 (31) genes and F1
-        1.0 (0.984). Default ``True``; ignored by the Gaussian likelihood.
+        factors in ``w_j``). Default ``True``; ignored by the Gaussian likelihood.
     latent_prior
         Prior of the factors: ``"normal"`` (``z ~ N(0, I)``) or ``"correlated"`` (``z ~ N(0,
         R)`` with ``R`` a correlation matrix, unit diagonal, learned with the other global
@@ -113,17 +106,14 @@ class SparseVAEModule(BaseModuleClass):
         the ELBO charges correlated codes ``-0.5 log det(corr)`` nats per cell (the aggregate
         posterior's mismatch with the prior), far more than the mask prior rewards a sparse
         mask; the fit then rotates correlated factors apart and loads one code on every
-        feature. Measured on ``simulate_moran2022`` (300 epochs), DCI disentanglement at rho
-        0.4, seeds 0-2: 0.95, 0.94, 0.89 with ``"correlated"`` against 0.46, 0.50, 0.47 with
-        ``"normal"``. Not the default because it can also fail where ``"normal"`` does not: at
-        rho 0, seed 1, both codes copied one factor and the other was lost (DCI 0.005); see
-        the benchmarks page for every rho and seed.
+        feature. Use ``"correlated"`` when the factors are expected to be correlated; it is not
+        the default because it is not yet measured widely enough (user guide, "Why the defaults
+        are what they are", and the benchmarks page).
     encode_study
         Multi-study: give the encoder each cell's study (one-hot) as an extra input. Off by
         default: with it, the encoder can give a shared factor a different distribution in each
         study, which lets a shared factor carry study-specific programs and the specific masks
-        copy shared ones (measured on ``simulate_multistudy``, 3 studies, 200 genes: every mask
-        had mean F1 >= 0.9 in 6 of 6 seeds without it, in 3 of 5 with it). Without it the
+        copy shared ones (user guide, "Why the defaults are what they are"). Without it the
         factors are read from expression alone, the same way in every study.
     """
 

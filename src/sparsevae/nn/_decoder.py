@@ -52,7 +52,7 @@ class MaskedDecoder(nn.Module):
         If ``False``, ``W`` is a fixed buffer of ones (the plain VAE baseline).
     max_chunk_elements
         Upper bound on the elements of one chunk's ``(genes, cells, hidden)`` activation. Small
-        chunks (about 4 MB) keep the working set in cache: measured fastest on CPU.
+        chunks (about 4 MB) keep the working set in cache, the fastest on CPU.
     max_saved_elements
         When gradients are needed and the activations of a whole minibatch would exceed this many
         elements, each chunk is recomputed in the backward pass (activation checkpointing) instead
@@ -67,9 +67,8 @@ class MaskedDecoder(nn.Module):
         first, which breaks the symmetry between a shared factor and the specific factors:
         otherwise a shared program can end up copied into every study's specific mask while a
         shared factor carries the studies' specific programs (gated by the specific inputs).
-        Measured on ``simulate_multistudy`` (3 studies, 200 genes, programs of 30 genes, 300
-        cells per study, 100 epochs, the module's ``encode_study=False``): with 0.5 every mask
-        had mean F1 >= 0.9 in 6 of 6 seeds, with 1 in 1 of 3; 0.2 starved the specific masks.
+        Too small (0.2) starves the specific masks (user guide, "Why the defaults are what they
+        are").
     normalize_shared
         If ``True`` (default), the shared network's weights have a fixed scale: each column of the
         first layer (one per factor) and each row of the hidden layers has unit Euclidean norm

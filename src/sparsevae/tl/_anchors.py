@@ -411,8 +411,7 @@ def identifiability_report(
     them) are reported as such: they carry no signal and are not expected to be identifiable.
     A factor with ``eta`` near zero or no selected gene whose mask still has large entries is
     reported as *in use but with no selected gene*: the decoder uses it, so it is neither
-    switched off nor identifiable (seen on pbmc68k: ``eta`` 1.6e-4, yet the largest ``|w|``
-    well above the spike region and large gene effects).
+    switched off nor identifiable.
 
     Parameters
     ----------

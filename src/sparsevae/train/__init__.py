@@ -1,5 +1,17 @@
-"""Training plan."""
+"""Training plan and the schedule of the mask prior."""
 
-from ._plan import DivergenceError, SparseVAETrainingPlan
+from ._plan import (
+    DivergenceError,
+    PriorSchedule,
+    SparseVAETrainingPlan,
+    default_max_epochs,
+    prior_schedule,
+)
 
-__all__ = ["DivergenceError", "SparseVAETrainingPlan"]
+__all__ = [
+    "DivergenceError",
+    "PriorSchedule",
+    "SparseVAETrainingPlan",
+    "default_max_epochs",
+    "prior_schedule",
+]

@@ -2,13 +2,103 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
-from scvi.module.base import BaseModuleClass
 from scvi.train import TrainingPlan
 
-__all__ = ["DivergenceError", "SparseVAETrainingPlan"]
+from ..module import SparseVAEModule
+
+__all__ = [
+    "DivergenceError",
+    "PriorSchedule",
+    "SparseVAETrainingPlan",
+    "default_max_epochs",
+    "prior_schedule",
+]
+
+#: Count likelihoods: share of ``max_epochs`` without the mask prior at the start.
+PRIOR_WARMUP_SHARE = 0.2
+#: Count likelihoods: share of ``max_epochs`` of the spike-rate ladder after the warm-up.
+LAMBDA0_RAMP_SHARE = 0.4
+#: ``latent_prior="correlated"``: epochs with the prior's correlation held at the identity.
+FIXED_CORRELATION_EPOCHS = 20
+
+
+def default_max_epochs(n_obs: int) -> int:
+    """Default number of epochs: about 300k cell passes, between 20 and 400 epochs.
+
+    Parameters
+    ----------
+    n_obs
+        Number of cells.
+
+    Returns
+    -------
+    Number of epochs.
+    """
+    return int(np.clip(round(300_000 / max(n_obs, 1)), 20, 400))
+
+
+@dataclass(frozen=True)
+class PriorSchedule:
+    """Epochs of the mask prior's warm-up and spike-rate ladder.
+
+    Attributes
+    ----------
+    warmup
+        Epochs without the mask penalty or EM.
+    ramp
+        Epochs of the spike-rate ladder after the warm-up.
+    """
+
+    warmup: int
+    ramp: int
+
+    @property
+    def full_prior_epoch(self) -> int:
+        """The first epoch (0-based) with the full prior and EM for ``eta``."""
+        return self.warmup + self.ramp
+
+
+def prior_schedule(
+    max_epochs: int,
+    count_likelihood: bool,
+    n_epochs_prior_warmup: int | None = None,
+    n_epochs_lambda0_ramp: int | None = None,
+) -> PriorSchedule:
+    """The schedule of the mask prior, with the defaults filled in.
+
+    Count likelihoods default to a warm-up of 20% and a ladder of 40% of ``max_epochs``; the
+    Gaussian likelihood to none (the paper's full prior from the first step). See the user
+    guide's page on the prior for why (``docs/user_guide/prior.md``).
+
+    Parameters
+    ----------
+    max_epochs
+        Epochs of the training run.
+    count_likelihood
+        Whether the model has a count likelihood.
+    n_epochs_prior_warmup, n_epochs_lambda0_ramp
+        Values set by the user (``None``: the default).
+
+    Returns
+    -------
+    The :class:`PriorSchedule`.
+    """
+    for name, value in (
+        ("n_epochs_prior_warmup", n_epochs_prior_warmup),
+        ("n_epochs_lambda0_ramp", n_epochs_lambda0_ramp),
+    ):
+        if value is not None and value < 0:
+            raise ValueError(f"{name} must be >= 0 or None, got {value}.")
+    if n_epochs_prior_warmup is None:
+        n_epochs_prior_warmup = round(PRIOR_WARMUP_SHARE * max_epochs) if count_likelihood else 0
+    if n_epochs_lambda0_ramp is None:
+        n_epochs_lambda0_ramp = round(LAMBDA0_RAMP_SHARE * max_epochs) if count_likelihood else 0
+    return PriorSchedule(int(n_epochs_prior_warmup), int(n_epochs_lambda0_ramp))
 
 
 class DivergenceError(RuntimeError):
@@ -32,9 +122,8 @@ class SparseVAETrainingPlan(TrainingPlan):
        separated into slab and spike gradually;
     3. full prior: spike rate ``lambda0`` and EM for ``p*`` and ``eta``.
 
-    Without the schedule, on count data with hundreds of genes the penalty shrinks ``W`` before
-    the decoder has learned to use the factors, ``eta_k`` falls to 0 and most factors never
-    return (measured on ``simulate_programs``: 0 of 8 programs found without it, 8 of 8 with it).
+    The schedule's defaults come from :func:`prior_schedule` and the trainer's ``max_epochs``:
+    on for count likelihoods, off for the Gaussian one (see the user guide's page on the prior).
 
     Parameters
     ----------
@@ -49,23 +138,26 @@ class SparseVAETrainingPlan(TrainingPlan):
         full weight from the start, as the paper does. scvi-tools' default of 400 epochs would
         silently under-weight the KL in runs of 100 epochs.
     n_epochs_prior_warmup
-        Epochs without mask penalty or EM at the start (``None`` or 0: none).
+        Epochs without mask penalty or EM at the start (0: none; ``None``: the default of
+        :func:`prior_schedule`).
     n_epochs_lambda0_ramp
-        Epochs of the spike-rate ladder after the warm-up (``None`` or 0: ``lambda0`` at once).
+        Epochs of the spike-rate ladder after the warm-up (0: ``lambda0`` at once; ``None``:
+        the default of :func:`prior_schedule`).
     n_epochs_shared_first
         Multi-study modules: epochs at the start during which the study-specific factors do not
         reach the decoder (``None`` or 0: none), so the shared factors take the programs common
         to all studies first.
     n_epochs_fixed_correlation
         Modules with ``latent_prior="correlated"``: epochs at the start during which the prior's
-        correlation stays the identity (``None`` or 0: learned from the first step).
+        correlation stays the identity (0: learned from the first step; ``None``:
+        ``FIXED_CORRELATION_EPOCHS``, 20).
     **kwargs
         Passed to :class:`scvi.train.TrainingPlan`.
     """
 
     def __init__(
         self,
-        module: BaseModuleClass,
+        module: SparseVAEModule,
         *,
         lr: float = 1e-2,
         weight_decay: float = 0.0,
@@ -84,40 +176,56 @@ class SparseVAETrainingPlan(TrainingPlan):
             **kwargs,
         )
         for name, value in (
-            ("n_epochs_prior_warmup", n_epochs_prior_warmup),
-            ("n_epochs_lambda0_ramp", n_epochs_lambda0_ramp),
             ("n_epochs_shared_first", n_epochs_shared_first),
             ("n_epochs_fixed_correlation", n_epochs_fixed_correlation),
         ):
             if value is not None and value < 0:
                 raise ValueError(f"{name} must be >= 0 or None, got {value}.")
-        self.n_epochs_prior_warmup = int(n_epochs_prior_warmup or 0)
-        self.n_epochs_lambda0_ramp = int(n_epochs_lambda0_ramp or 0)
+        # Checked now, resolved against the trainer's max_epochs when training starts.
+        prior_schedule(1, module.is_count, n_epochs_prior_warmup, n_epochs_lambda0_ramp)
+        self._schedule_args = (n_epochs_prior_warmup, n_epochs_lambda0_ramp)
+        self.schedule = PriorSchedule(0, 0)
         self.n_epochs_shared_first = int(n_epochs_shared_first or 0)
-        self.n_epochs_fixed_correlation = int(n_epochs_fixed_correlation or 0)
+        self.n_epochs_fixed_correlation = int(
+            FIXED_CORRELATION_EPOCHS
+            if n_epochs_fixed_correlation is None
+            else n_epochs_fixed_correlation
+        )
         self._em_on = True
         self._update_eta = True
 
+    @property
+    def n_epochs_prior_warmup(self) -> int:
+        """Epochs of the warm-up in this run (known once training has started)."""
+        return self.schedule.warmup
+
+    @property
+    def n_epochs_lambda0_ramp(self) -> int:
+        """Epochs of the spike-rate ladder in this run (known once training has started)."""
+        return self.schedule.ramp
+
+    def on_train_start(self) -> None:
+        """Fill in the schedule's defaults from the trainer's ``max_epochs``."""
+        self.schedule = prior_schedule(
+            int(self.trainer.max_epochs), self.module.is_count, *self._schedule_args
+        )
+
     def on_train_epoch_start(self) -> None:
         """Set the mask prior's schedule (warm-up, spike ladder, full prior) for this epoch."""
-        warm, ramp = self.n_epochs_prior_warmup, self.n_epochs_lambda0_ramp
+        warm, ramp = self.schedule.warmup, self.schedule.ramp
         epoch = self.current_epoch
         self._em_on = epoch >= warm
         t = 1.0 if ramp == 0 else (epoch - warm) / ramp
         self._update_eta = t >= 1.0
         self.module.set_prior_schedule(penalty_on=self._em_on, ramp=t)
-        if hasattr(self.module, "specific_on"):
-            self.module.specific_on = epoch >= self.n_epochs_shared_first
-        if hasattr(self.module, "correlation_on"):
-            self.module.correlation_on = epoch >= self.n_epochs_fixed_correlation
+        self.module.specific_on = epoch >= self.n_epochs_shared_first
+        self.module.correlation_on = epoch >= self.n_epochs_fixed_correlation
 
     def on_train_end(self) -> None:
         """Leave the prior at its full strength (matters when training stops early)."""
         self.module.set_prior_schedule(penalty_on=True, ramp=1.0)
-        if hasattr(self.module, "specific_on"):
-            self.module.specific_on = True
-        if hasattr(self.module, "correlation_on"):
-            self.module.correlation_on = True
+        self.module.specific_on = True
+        self.module.correlation_on = True
 
     def _divergence(self, what: str) -> DivergenceError:
         return DivergenceError(
