@@ -19,7 +19,7 @@ from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField, LayerField, NumericalObsField
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin, VAEMixin
 
-from ..module import LIKELIHOODS, STUDY_KEY, SparseVAEModule
+from ..module import LIKELIHOODS, STUDY_KEY, ModuleMask, SparseVAEModule
 from ..priors import factor_use, is_selected
 from ..train import DivergenceError, SparseVAETrainingPlan, default_max_epochs, prior_schedule
 from ._checks import shared_specific_checks
@@ -713,10 +713,12 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
         -------
         DataFrame indexed by gene with one column per factor.
         """
+        return self._genes_by_factors(self._module_mask(kind).W, kind)
+
+    def _module_mask(self, kind: str | None) -> ModuleMask:
+        """The module's mask of ``kind`` (the shared mask first, then one per study)."""
         s = self._kind_index(kind)
-        if s is None:
-            return self._genes_by_factors(self.module.decoder.W)
-        return self._genes_by_factors(self.module.decoder.W_specific[s], kind)
+        return self.module.masks()[0 if s is None else s + 1]
 
     def _require_prior(self) -> None:
         if self.module.prior is None:
@@ -738,10 +740,7 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
         DataFrame indexed by gene with one column per factor, values in ``[0, 1]``.
         """
         self._require_prior()
-        s = self._kind_index(kind)
-        if s is None:
-            return self._genes_by_factors(self.module.prior.p_star)
-        return self._genes_by_factors(self.module.prior_specific.p_star[s], kind)
+        return self._genes_by_factors(self._module_mask(kind).p_star, kind)
 
     def get_eta(self, kind: str | None = None) -> pd.Series:
         """Each factor's prior inclusion weight ``eta_k`` (the expected share of genes it selects).
@@ -756,8 +755,7 @@ class SparseVAE(InterpretabilityMixin, VAEMixin, UnsupervisedTrainingMixin, Base
         Series indexed by factor name.
         """
         self._require_prior()
-        s = self._kind_index(kind)
-        eta = self.module.prior.eta if s is None else self.module.prior_specific.eta[s]
+        eta = self._module_mask(kind).eta
         names = self.kind_factor_names(kind)
         return pd.Series(eta.detach().cpu().numpy(), index=names, name="eta")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -15,7 +16,7 @@ from torch.distributions import MultivariateNormal, Normal, Poisson, kl_divergen
 from ..nn import MaskedDecoder
 from ..priors import SpikeSlabLasso
 
-__all__ = ["LIKELIHOODS", "STUDY_KEY", "SparseVAEModule"]
+__all__ = ["LIKELIHOODS", "STUDY_KEY", "ModuleMask", "SparseVAEModule"]
 
 #: Registry key of the study index (multi-study models).
 STUDY_KEY = "study"
@@ -25,6 +26,28 @@ Likelihood = Literal["gaussian", "nb", "zinb", "poisson"]
 
 #: Total count that the encoder's input is normalised to (counts likelihoods).
 _ENCODER_SCALE = 1e4
+
+
+@dataclass(frozen=True)
+class ModuleMask:
+    """One mask of the module, as :meth:`SparseVAEModule.masks` lists them.
+
+    Attributes
+    ----------
+    study
+        ``None`` for the shared mask, else the study's index.
+    W
+        The mask entries, genes x factors (a view of the decoder's parameter).
+    p_star
+        Inclusion probabilities, genes x factors (``None`` without a mask prior).
+    eta
+        Prior inclusion weights, per factor (``None`` without a mask prior).
+    """
+
+    study: int | None
+    W: torch.Tensor
+    p_star: torch.Tensor | None
+    eta: torch.Tensor | None
 
 
 class SparseVAEModule(BaseModuleClass):
@@ -484,7 +507,34 @@ class SparseVAEModule(BaseModuleClass):
         -------
         List of :class:`~sparsevae.priors.SpikeSlabLasso`.
         """
-        return [p for p in (self.prior, getattr(self, "prior_specific", None)) if p is not None]
+        return [p for p in (self.prior, self.prior_specific) if p is not None]
+
+    def masks(self) -> list[ModuleMask]:
+        """The shared mask, then each study's specific mask (multi-study), with their priors.
+
+        Returns
+        -------
+        List of :class:`ModuleMask`, the shared mask first.
+        """
+        out = [
+            ModuleMask(
+                None,
+                self.decoder.W,
+                None if self.prior is None else self.prior.p_star,
+                None if self.prior is None else self.prior.eta,
+            )
+        ]
+        for s in range(self.n_studies if self.is_multistudy else 0):
+            prior = self.prior_specific
+            out.append(
+                ModuleMask(
+                    s,
+                    self.decoder.W_specific[s],
+                    None if prior is None else prior.p_star[s],
+                    None if prior is None else prior.eta[s],
+                )
+            )
+        return out
 
     def set_prior_schedule(self, penalty_on: bool, ramp: float) -> None:
         """Apply the training plan's schedule of the mask prior.
