@@ -30,8 +30,10 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip tutorials whose shared input files are missing."""
+    """Mark the tutorials slow; skip those whose shared input files are missing."""
     for item in items:
+        if str(item.fspath).endswith(".ipynb"):
+            item.add_marker(pytest.mark.slow)
         needed = NEEDS_SHARED.get(Path(str(item.fspath)).name)
         if needed and not (SHARED / needed).exists():
             item.add_marker(pytest.mark.skip(reason=f"needs ../shared/{needed} (absent)"))

@@ -33,3 +33,17 @@ def hand_weights(selection: dict[int, list[int]], n_genes: int, n_factors: int) 
         for rank, j in enumerate(genes):
             W[j, k] = (-1.0) ** rank * (2.0 - 0.1 * rank)
     return W
+
+
+def small_counts(n_cells=120, n_genes=40, n_factors=2, seed=0):
+    """Small simulated counts with planted programs (15 genes each, 2 shared with the next)."""
+    import sparsevae
+
+    return sparsevae.datasets.simulate_programs(
+        n_cells=n_cells,
+        n_genes=n_genes,
+        n_factors=n_factors,
+        genes_per_program=15,
+        n_shared_genes=2,
+        seed=seed,
+    )

@@ -18,14 +18,7 @@ from sparsevae import SparseVAE
 from sparsevae.model import UnsafeModelFileError
 from sparsevae.train import DivergenceError
 
-from .conftest import QUIET
-
-
-def small_counts(n_cells: int = 120, n_genes: int = 40, seed: int = 0) -> anndata.AnnData:
-    return sparsevae.datasets.simulate_programs(
-        n_cells=n_cells, n_genes=n_genes, n_factors=2, genes_per_program=15, n_shared_genes=2,
-        seed=seed,
-    )  # fmt: skip
+from .conftest import QUIET, small_counts
 
 
 def two_studies(n_cells: int = 120) -> anndata.AnnData:

@@ -134,6 +134,7 @@ def built_docs(tmp_path_factory):
     return proc, html
 
 
+@pytest.mark.slow
 def test_docs_build_without_warnings(built_docs):
     proc, html = built_docs
     assert proc.returncode == 0, f"sphinx -W failed:\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}"
@@ -148,6 +149,7 @@ def test_docs_build_without_warnings(built_docs):
     assert "--n-factors" in cli and "demo" in cli and "fit" in cli
 
 
+@pytest.mark.slow
 def test_every_public_object_is_in_the_api_reference(built_docs):
     proc, html = built_docs
     assert proc.returncode == 0

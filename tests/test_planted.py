@@ -14,6 +14,7 @@ from scipy.optimize import linear_sum_assignment
 import sparsevae
 
 torch.set_num_threads(1)
+pytestmark = pytest.mark.slow
 
 QUIET = {
     "enable_progress_bar": False,

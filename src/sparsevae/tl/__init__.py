@@ -1,7 +1,7 @@
 """Tools on trained models."""
 
+from ._anchors import FitData as FitData  # the input type of tl and pl functions
 from ._anchors import (
-    FitData,
     IdentifiabilityReport,
     anchor_genes,
     covariance_violations,
@@ -22,7 +22,6 @@ from ._results import FactorMask, Results, check_min_pstar, read_results
 
 __all__ = [
     "FactorMask",
-    "FitData",
     "IdentifiabilityReport",
     "MultiStudyChecks",
     "Results",

@@ -132,7 +132,17 @@ class Results:
         return self.masks["shared"].W.index
 
     def mask(self, kind: str | None = None) -> FactorMask:
-        """The mask ``kind`` (``None`` or ``"shared"``: the shared mask)."""
+        """The mask ``kind``.
+
+        Parameters
+        ----------
+        kind
+            ``None`` or ``"shared"``: the shared mask; a study name: that study's mask.
+
+        Returns
+        -------
+        The :class:`FactorMask`.
+        """
         kind = "shared" if kind is None else str(kind)
         if kind not in self.masks:
             if not self.is_multistudy:
@@ -144,7 +154,17 @@ class Results:
         return self.masks[kind]
 
     def require_prior(self, what: str) -> None:
-        """Raise a clear error if the fit has no mask prior (the plain VAE)."""
+        """Raise a clear error if the fit has no mask prior (the plain VAE).
+
+        Parameters
+        ----------
+        what
+            The function that needs it, named in the message.
+
+        Returns
+        -------
+        None.
+        """
         if not self.has_prior:
             raise ValueError(
                 f"{what} needs the mask's inclusion probabilities p*, but this fit has no mask "
@@ -153,7 +173,17 @@ class Results:
             )
 
     def require_multistudy(self, what: str) -> None:
-        """Raise a clear error if the fit is single-study."""
+        """Raise a clear error if the fit is single-study.
+
+        Parameters
+        ----------
+        what
+            The function that needs it, named in the message.
+
+        Returns
+        -------
+        None.
+        """
         if not self.is_multistudy:
             raise ValueError(
                 f"{what} needs a multi-study model: register the AnnData with "
@@ -165,7 +195,19 @@ class Results:
     def resolve_factors(
         self, factors: Sequence[str | int] | str | int | None, kind: str | None = None
     ) -> list[str]:
-        """Factor names of mask ``kind`` from names or integer positions; default all."""
+        """Factor names of mask ``kind`` from names or integer positions.
+
+        Parameters
+        ----------
+        factors
+            Names or positions; ``None``: all factors of the mask.
+        kind
+            Which mask, see :meth:`mask`.
+
+        Returns
+        -------
+        List of factor names.
+        """
         names = self.mask(kind).factors
         if factors is None:
             return names
@@ -185,7 +227,19 @@ class Results:
 
     # ------------------------------------------------------------------ the rules
     def selected(self, kind: str | None, min_pstar: float = DEFAULT_MIN_PSTAR) -> pd.DataFrame:
-        """Genes x factors: factor ``k`` selects gene ``j`` when ``p*_jk >= min_pstar``."""
+        """Genes x factors: factor ``k`` selects gene ``j`` when ``p*_jk >= min_pstar``.
+
+        Parameters
+        ----------
+        kind
+            Which mask, see :meth:`mask`.
+        min_pstar
+            The selection threshold.
+
+        Returns
+        -------
+        Boolean DataFrame, genes x factors.
+        """
         self.require_prior("Selecting genes")
         return is_selected(self.mask(kind).pstar, min_pstar)
 
@@ -196,6 +250,17 @@ class Results:
         factors plus the shared factors (in that study a gene sees both); for the shared mask:
         the shared factors plus the most specific factors selecting the gene in any one study
         (an anchor of a shared factor must be an anchor in every study).
+
+        Parameters
+        ----------
+        kind
+            Which mask, see :meth:`mask`.
+        min_pstar
+            The selection threshold.
+
+        Returns
+        -------
+        Integer Series indexed by gene.
         """
         own = self.selected(kind, min_pstar).sum(axis=1)
         if not self.is_multistudy:
@@ -209,7 +274,19 @@ class Results:
         return own + other
 
     def anchors(self, kind: str | None, min_pstar: float) -> pd.DataFrame:
-        """Genes x factors: selected by the factor and by no other factor the gene decodes from."""
+        """Genes x factors: selected by the factor and by no other factor the gene decodes from.
+
+        Parameters
+        ----------
+        kind
+            Which mask, see :meth:`mask`.
+        min_pstar
+            The selection threshold.
+
+        Returns
+        -------
+        Boolean DataFrame, genes x factors.
+        """
         single = self.n_selecting(kind, min_pstar) == 1
         return self.selected(kind, min_pstar) & single.to_numpy()[:, None]
 
@@ -221,6 +298,15 @@ class Results:
         A factor *selects nothing* when ``eta < eta_min`` or no gene has ``p* >= min_pstar``;
         it is *switched off* when, in addition, every ``|w| < w_off`` (the decoder does not use
         it), and *in use but unselected* otherwise.
+
+        Parameters
+        ----------
+        kind
+            Which mask, see :meth:`mask`.
+        min_pstar
+            The selection threshold.
+        eta_min
+            The ``eta`` below which a factor selects nothing; default :attr:`eta_off`.
 
         Returns
         -------
@@ -259,7 +345,17 @@ class Results:
         return self._cache["latent"]
 
     def latent_rows(self, indices: np.ndarray) -> np.ndarray:
-        """The factors of the cells at ``indices``; a model encodes only those cells."""
+        """The factors of some cells; a model encodes only those cells.
+
+        Parameters
+        ----------
+        indices
+            Positions of the cells.
+
+        Returns
+        -------
+        Array, cells x :attr:`factor_names`.
+        """
         if self.model is not None and "latent" not in self._cache:
             z = self.model.get_latent_representation(self.cells, indices=indices)
             return np.asarray(z, dtype=np.float64)
@@ -274,7 +370,17 @@ class Results:
         return self._cache["codes"]
 
     def effects(self, kind: str | None = None) -> pd.DataFrame:
-        """Signed gene effects of the factors of mask ``kind`` (genes x factors)."""
+        """Signed gene effects of the factors of mask ``kind``.
+
+        Parameters
+        ----------
+        kind
+            Which mask, see :meth:`mask`.
+
+        Returns
+        -------
+        DataFrame, genes x factors: stored by ``write_results`` or computed by the model.
+        """
         kind = self.mask(kind).kind
         cache_key = f"effects:{kind}"
         if cache_key not in self._cache:

@@ -1,0 +1,114 @@
+"""The torch module: composition offset, latent priors, standardisation, weight prior."""
+
+import numpy as np
+import pytest
+import torch
+from anndata import AnnData
+
+from sparsevae import SparseVAE
+
+from .conftest import small_counts
+
+
+def test_composition_offset_is_one_number_per_cell():
+    """Count likelihoods add c(z) to every gene's log mean: zero at the start, then the same shift
+    for all genes of a cell, so log-ratios of genes that do not see a factor ignore it."""
+    from sparsevae.module import SparseVAEModule
+
+    torch.manual_seed(0)
+    with_off = SparseVAEModule(6, n_factors=3, n_hidden=8)
+    assert with_off.composition_offset  # default for counts
+    without = SparseVAEModule(6, n_factors=3, n_hidden=8, composition_offset=False)
+    without.load_state_dict(with_off.state_dict(), strict=False)
+    assert not hasattr(without, "offset_net")
+    assert not SparseVAEModule(6, n_factors=3, likelihood="gaussian").composition_offset
+    z, lib = torch.randn(5, 3), torch.zeros(5, 1)
+    torch.testing.assert_close(  # zero at initialisation
+        with_off.generative(z, lib)["px"].mu, without.generative(z, lib)["px"].mu
+    )
+    with torch.no_grad():
+        with_off.offset_net[-1].weight.normal_()
+        with_off.decoder.W.zero_()
+        with_off.decoder.W[:3, 0] = 1.0  # genes 0-2 see factor 0 only, genes 3-5 nothing
+    z2 = z.clone()
+    z2[:, 1:] = torch.randn(5, 2)  # change the factors no gene sees
+    log_mu = with_off.generative(z, lib)["px"].mu.log()
+    log_mu2 = with_off.generative(z2, lib)["px"].mu.log()
+    shift = log_mu2 - log_mu
+    assert shift.abs().min() > 1e-4  # the offset moves every gene of a cell ...
+    torch.testing.assert_close(shift, shift[:, :1].expand_as(shift))  # ... by the same amount
+
+
+def test_correlated_latent_prior():
+    """latent_prior="correlated" learns a correlation matrix R for z ~ N(0, R): unit diagonal,
+    identity at the start (then the KL equals the N(0, I) one); the default is N(0, I)."""
+    from sparsevae.module import SparseVAEModule
+
+    torch.manual_seed(0)
+    corr = SparseVAEModule(6, n_factors=3, n_hidden=8, likelihood="gaussian",
+                           latent_prior="correlated")  # fmt: skip
+    normal = SparseVAEModule(6, n_factors=3, n_hidden=8, likelihood="gaussian")
+    assert corr.latent_prior == "correlated" and normal.latent_prior == "normal"
+    assert SparseVAEModule(6, n_factors=3, mask=None).latent_prior == "normal"
+    with pytest.raises(ValueError, match="latent_prior"):
+        SparseVAEModule(6, n_factors=3, latent_prior="laplace")
+    normal.load_state_dict(corr.state_dict(), strict=False)
+    x = torch.randn(5, 6)
+    tensors = {"X": x}
+
+    def kl(module):
+        inf = module.inference(x)
+        gen = module.generative(inf["z"], inf["library"])
+        out = module.loss(tensors, inf, gen).kl_local
+        return sum(out.values()) if isinstance(out, dict) else out
+
+    torch.manual_seed(1)
+    kl_corr = kl(corr)
+    torch.manual_seed(1)
+    torch.testing.assert_close(kl_corr, kl(normal))  # R = I at the start
+    with torch.no_grad():
+        corr.latent_tril.normal_()
+    L = corr.latent_scale_tril()
+    R = L @ L.T
+    torch.testing.assert_close(torch.diagonal(R), torch.ones(3))
+    assert torch.linalg.eigvalsh(R).min() > 0
+    assert not torch.allclose(R, torch.eye(3))
+    torch.manual_seed(1)
+    assert not torch.allclose(kl(corr), kl_corr)  # the KL now uses R
+
+
+def test_gaussian_genes_are_standardised_inside_the_model():
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(200, 1))
+    x = np.hstack([100.0 + 50.0 * z, -3.0 + 0.1 * z, np.full((200, 1), 7.0)])
+    x = x + rng.normal(scale=0.01, size=x.shape)
+    x[:, 2] = 7.0  # a constant gene gets scale 1
+    adata = AnnData(x.astype(np.float32))
+    SparseVAE.setup_anndata(adata)
+    model = SparseVAE(adata, n_factors=1, n_hidden=8)
+    m = model.module
+    assert model.likelihood == "gaussian"
+    np.testing.assert_allclose(m.gene_loc.numpy(), x.mean(0), rtol=1e-4)
+    np.testing.assert_allclose(m.gene_scale.numpy()[:2], x.std(0)[:2], rtol=1e-3)
+    assert m.gene_scale[2].item() == 1.0
+    # The likelihood is in data units: its mean is loc + scale * (network output).
+    zt = torch.zeros(4, 1)
+    px = m.generative(zt, torch.zeros(4, 1))["px"]
+    out = m.decoder(zt)[..., 0]
+    torch.testing.assert_close(px.loc, m.gene_loc + m.gene_scale * out)
+    torch.testing.assert_close(px.scale[0], m.gene_scale * torch.exp(0.5 * m.log_sigma2))
+
+
+def test_weight_prior_enters_the_penalty_only_with_a_mask():
+    adata = small_counts(n_cells=60, n_genes=40)
+    SparseVAE.setup_anndata(adata)
+    with_prior = SparseVAE(adata, n_factors=2, n_hidden=8, weight_prior_precision=2.0).module
+    without = SparseVAE(adata, n_factors=2, n_hidden=8, weight_prior_precision=0.0).module
+    without.load_state_dict(with_prior.state_dict())
+    extra = with_prior.prior_penalty() - without.prior_penalty()
+    # 0.5 * precision * sum of squared weights, with precision 2
+    torch.testing.assert_close(extra, with_prior.decoder.weight_sq_norm())
+    vae = SparseVAE(adata, n_factors=2, n_hidden=8, mask=None, weight_prior_precision=2.0).module
+    assert vae.prior_penalty().item() == 0.0  # plain VAE: no mask, no weight prior
+    with pytest.raises(ValueError, match="weight_prior_precision"):
+        SparseVAE(adata, n_factors=2, weight_prior_precision=-1.0)
