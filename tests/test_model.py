@@ -231,6 +231,14 @@ def test_missing_layer_and_too_few_cells():
         SparseVAE.setup_anndata(tiny)
 
 
+@pytest.mark.parametrize(
+    "mutate,likelihood,match",
+    [
+        (lambda X: X * -1.0, "nb", "negative"),
+        (lambda X: X + 0.5, "poisson", "non-integer"),
+        (lambda X: X * 0.999, "zinb", "non-integer"),
+    ],
+)
 def test_count_likelihood_refuses_non_counts(mutate, likelihood, match):
     adata = small_counts()
     adata.X = mutate(adata.X.toarray())

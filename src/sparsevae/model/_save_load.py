@@ -15,12 +15,19 @@ import importlib
 import io
 import os
 import pickle
+import tempfile
 import types
 from typing import Any
 
+import anndata
+import pandas as pd
 import torch
+from anndata import AnnData
 
-__all__ = ["UnsafeModelFileError", "read_model_file"]
+from ..module import STUDY_KEY
+from ._validate import check_known_studies, check_new_data, check_not_backed, compare_var_names
+
+__all__ = ["SaveLoadMixin", "UnsafeModelFileError", "read_model_file"]
 
 #: Legacy setup arguments: files written by 0.1.0 recorded local variables of
 #: ``setup_anndata`` (the data matrix and a message fragment) as if they were arguments.
@@ -184,3 +191,68 @@ def read_model_file(path: str | os.PathLike) -> dict[str, Any]:
         for key in LEGACY_SETUP_ARGS:
             setup_args.pop(key, None)
     return saved
+
+
+class SaveLoadMixin:
+    """Loading of :class:`~sparsevae.SparseVAE` through the restricted reader."""
+
+    @classmethod
+    def load(
+        cls,
+        dir_path: str | os.PathLike,
+        adata: AnnData | None = None,
+        *,
+        prefix: str | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Load a saved model, checking ``adata`` like training data.
+
+        The model file is read with a restricted unpickler that builds only the data types a
+        genuine file holds, so a crafted file cannot run code; anything else raises
+        :class:`~sparsevae.model.UnsafeModelFileError`. Still, load model files only from
+        trusted sources.
+
+        Parameters
+        ----------
+        dir_path
+            Folder written by :meth:`save`.
+        adata
+            AnnData to attach; default the AnnData saved with the model (``save_anndata=True``).
+            It must have the model's genes and, multi-study, cells of the trained studies only
+            (any subset of them); its data get the checks of training data.
+        prefix
+            Prefix of the saved file names, as given to :meth:`save`.
+        **kwargs
+            Passed to :meth:`scvi.model.base.BaseModelClass.load` (e.g. ``accelerator``).
+
+        Returns
+        -------
+        The loaded model.
+        """
+        file_name = f"{prefix or ''}model.pt"
+        saved = read_model_file(os.path.join(dir_path, file_name))
+        registry = saved["attr_dict"].get("registry_", {})
+        if registry.get("model_name", cls.__name__) != cls.__name__:
+            raise ValueError(
+                f"{dir_path} holds a {registry['model_name']} model, not a {cls.__name__}."
+            )
+        if adata is None:
+            adata_path = os.path.join(dir_path, f"{prefix or ''}adata.h5ad")
+            if os.path.exists(adata_path):
+                adata = anndata.read_h5ad(adata_path)
+        else:
+            check_not_backed(adata)
+            compare_var_names(pd.Index(saved["var_names"]), pd.Index(adata.var_names))
+            setup_args = registry.get("setup_args", {})
+            likelihood = saved["attr_dict"]["init_params_"]["non_kwargs"]["likelihood"]
+            check_new_data(adata, setup_args.get("layer"), likelihood)
+            study_key = setup_args.get("study_key")
+            if study_key is not None:
+                state = registry["field_registries"][STUDY_KEY]["state_registry"]
+                studies = [str(c) for c in state["categorical_mapping"]]
+                check_known_studies(adata, study_key, studies)
+        # scvi-tools reads the file again, with pickle's full powers: give it a copy written
+        # from the objects the restricted reader built, never the original bytes.
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.save(saved, os.path.join(tmp, file_name))
+            return super().load(tmp, adata=adata, prefix=prefix, **kwargs)

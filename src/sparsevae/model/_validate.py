@@ -268,3 +268,24 @@ def check_study_column(adata: AnnData, study_key: str) -> list[str]:
             "Rename it."
         )
     return names
+
+
+def compare_var_names(expected: pd.Index, got: pd.Index) -> None:
+    """Raise a clear error if ``got`` is not the model's genes ``expected`` in order."""
+    if expected.equals(got):
+        return
+    missing = expected.difference(got)
+    extra = got.difference(expected)
+    if len(missing) == 0 and len(extra) == 0:
+        detail = "the same genes in a different order"
+        fix = "Reorder them with `adata = adata[:, model_genes].copy()`."
+    else:
+        detail = (
+            f"{len(missing)} of the model's {len(expected)} genes are missing "
+            f"(e.g. {list(missing[:3])}) and {len(extra)} are extra (e.g. {list(extra[:3])})"
+        )
+        fix = (
+            "Subset to the model's genes, in the same order, e.g. "
+            "`adata = adata[:, model.adata.var_names].copy()`, if all are present."
+        )
+    raise ValueError(f"The AnnData's genes do not match the trained model: {detail}. {fix}")

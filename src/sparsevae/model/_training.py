@@ -1,0 +1,265 @@
+"""Training: the train() method and the checks that run after it."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..priors import factor_use, is_selected
+from ..train import DivergenceError, default_max_epochs, prior_schedule
+from ._checks import shared_specific_checks
+from ._validate import (
+    check_n_cells,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["COLLAPSE_KL", "TrainingMixin"]
+
+#: Below this KL (nats per cell, summed over factors) at the last epoch, training warns of
+#: posterior collapse. Healthy fits have several nats per cell.
+COLLAPSE_KL = 0.05
+
+
+def _warn(msg: str) -> None:
+    """A training warning, to both the warnings module and the log (``train()`` -> caller)."""
+    warnings.warn(msg, UserWarning, stacklevel=4)
+    logger.warning(msg)
+
+
+class TrainingMixin:
+    """Training of :class:`~sparsevae.SparseVAE` (Lightning, through scvi-tools)."""
+
+    def train(
+        self,
+        max_epochs: int | None = None,
+        lr: float = 1e-2,
+        batch_size: int = 128,
+        early_stopping: bool = False,
+        train_size: float | None = None,
+        validation_size: float | None = None,
+        accelerator: str = "auto",
+        devices: int | list[int] | str = "auto",
+        n_epochs_kl_warmup: int | None = None,
+        n_epochs_prior_warmup: int | None = None,
+        n_epochs_lambda0_ramp: int | None = None,
+        n_epochs_shared_first: int | None = None,
+        n_epochs_fixed_correlation: int | None = None,
+        plan_kwargs: dict[str, Any] | None = None,
+        **trainer_kwargs: Any,
+    ):
+        """Train the model with Lightning (on a GPU when one is available).
+
+        Parameters
+        ----------
+        max_epochs
+            Number of passes over the data; default :func:`default_max_epochs` (about 300k cell
+            visits, between 20 and 400 epochs).
+        lr
+            Adam learning rate.
+        batch_size
+            Minibatch size.
+        early_stopping
+            Stop when the validation ELBO stops improving (holds out ``1 - train_size`` cells).
+            It starts watching once the mask prior is at full strength (after
+            ``n_epochs_prior_warmup + n_epochs_lambda0_ramp`` epochs), because the schedule
+            itself moves the ELBO; pass ``early_stopping_warmup_epochs`` to change that.
+        train_size
+            Fraction of cells used for training; default 1.0, or 0.9 with early stopping.
+        validation_size
+            Fraction of cells used for validation; default ``1 - train_size``.
+        accelerator
+            Lightning accelerator (``"auto"``, ``"cpu"``, ``"gpu"``, ...).
+        devices
+            Lightning devices.
+        n_epochs_kl_warmup
+            Linear KL warm-up length in epochs; ``None`` uses the full KL weight from the start.
+        n_epochs_prior_warmup
+            Epochs at the start without the mask prior (the network first learns to use every
+            factor); default 20% of ``max_epochs`` for count likelihoods and 0 (off) for
+            ``gaussian`` (:func:`~sparsevae.train.prior_schedule`). Count data need it; for
+            Gaussian data, turn it on (with ``n_epochs_lambda0_ramp``) when factors are strongly
+            correlated and one gets switched off. Measurements: user guide, "Why the defaults
+            are what they are".
+        n_epochs_lambda0_ramp
+            Epochs, after the warm-up, over which the spike rate climbs from ``1.5 * lambda1`` to
+            ``lambda0`` with ``eta`` held at 0.5. ``0`` applies ``lambda0`` at once; default 40%
+            of ``max_epochs`` for count likelihoods and 0 for ``gaussian``. See
+            :class:`~sparsevae.train.SparseVAETrainingPlan`.
+        n_epochs_shared_first
+            Multi-study models: epochs at the start during which only the shared factors reach
+            the decoder, so that they take the programs common to all studies first. Default
+            ``None``: 0 (off); it cures some role swaps and causes others (user guide, "Why the
+            defaults are what they are"). Ignored by single-study models.
+        n_epochs_fixed_correlation
+            Models with ``latent_prior="correlated"``: epochs at the start during which the
+            prior's correlation ``R`` stays the identity, so the factors separate before ``R``
+            is learned. Default ``None``: 20. Ignored by other models.
+        plan_kwargs
+            Passed to :class:`~sparsevae.train.SparseVAETrainingPlan`.
+        **trainer_kwargs
+            Passed to :class:`scvi.train.Trainer` (Lightning), e.g. ``enable_progress_bar``.
+
+        Returns
+        -------
+        The result of scvi-tools' train runner.
+        """
+        check_n_cells(self.adata)
+        if max_epochs is None:
+            max_epochs = default_max_epochs(self.adata.n_obs)
+        if train_size is None:
+            train_size = 0.9 if early_stopping else 1.0
+        plan_kwargs = {
+            "lr": lr,
+            "n_epochs_shared_first": n_epochs_shared_first,
+            "n_epochs_fixed_correlation": n_epochs_fixed_correlation,
+            "n_epochs_kl_warmup": n_epochs_kl_warmup,
+            "n_epochs_prior_warmup": n_epochs_prior_warmup,
+            "n_epochs_lambda0_ramp": n_epochs_lambda0_ramp,
+            **(plan_kwargs or {}),
+        }
+        schedule = prior_schedule(
+            max_epochs,
+            self.module.is_count,
+            plan_kwargs["n_epochs_prior_warmup"],
+            plan_kwargs["n_epochs_lambda0_ramp"],
+        )
+        # Log the epoch metrics even when an epoch has fewer than Lightning's default 50 steps.
+        trainer_kwargs.setdefault("log_every_n_steps", 1)
+        full_prior_epoch = schedule.full_prior_epoch
+        if early_stopping:
+            # The schedule moves the validation ELBO; early stopping must not act before it ends.
+            trainer_kwargs.setdefault("early_stopping_warmup_epochs", full_prior_epoch)
+        datasplitter_kwargs = dict(trainer_kwargs.pop("datasplitter_kwargs", None) or {})
+        if "drop_last" not in datasplitter_kwargs and self._lone_last_cell(train_size, batch_size):
+            # A minibatch of one cell breaks the encoder's BatchNorm; drop it (another cell at
+            # random each epoch, as the loader shuffles).
+            datasplitter_kwargs["drop_last"] = True
+        # Lightning keeps the modules' train/eval state; after inference (eval mode) a further
+        # train() call would otherwise run without dropout.
+        self.module.train()
+        result = super().train(
+            max_epochs=max_epochs,
+            accelerator=accelerator,
+            devices=devices,
+            train_size=train_size,
+            validation_size=validation_size,
+            batch_size=batch_size,
+            early_stopping=early_stopping,
+            plan_kwargs=plan_kwargs,
+            datasplitter_kwargs=datasplitter_kwargs,
+            **trainer_kwargs,
+        )
+        bad = self.module.non_finite_parameters()
+        if bad:
+            raise DivergenceError(
+                f"Training diverged: parameters are NaN or infinite after training "
+                f"({', '.join(bad[:3])}). Lower the learning rate (e.g. `model.train(lr=1e-3)`) "
+                "or check the data for extreme values."
+            )
+        epochs_run = int(self.trainer.current_epoch)
+        if self.module.prior is not None and epochs_run <= full_prior_epoch:
+            _warn(
+                f"Training ended after {epochs_run} epochs, before the mask prior reached full "
+                f"strength (epoch {full_prior_epoch + 1}: warm-up {schedule.warmup} and "
+                f"spike ramp {schedule.ramp} epochs), so eta was never fitted and the "
+                "inclusion probabilities do not select genes. Train for more epochs, or shorten "
+                "n_epochs_prior_warmup / n_epochs_lambda0_ramp."
+            )
+        if not self._warn_if_collapsed():
+            self._warn_if_misassigned()
+        return result
+
+    def _lone_last_cell(self, train_size: float, batch_size: int) -> bool:
+        """Whether the training cells would leave a last minibatch of a single cell."""
+        n_train = int(np.ceil(train_size * self.adata.n_obs))
+        return n_train > batch_size and n_train % batch_size == 1
+
+    @torch.no_grad()
+    def _warn_if_collapsed(self, max_cells: int = 2000) -> bool:
+        """Warn when the encoder's posterior collapsed to the prior (factors carry no signal).
+
+        The mean KL of ``q(z | x)`` to the prior over up to ``max_cells`` training cells (the
+        training history is not kept when Lightning's logger is off). Returns whether it warned.
+        """
+        if self.module.prior is not None and self._all_factors_off():
+            _warn(
+                "Every factor was switched off: no mask entry left the spike (all |w| < "
+                "log(lambda0/lambda1)/(lambda0-lambda1)) and no gene has p* >= 0.5, so the "
+                "factors explain nothing. Usually the encoder collapsed to the prior early in "
+                "training (a KL warm-up, `model.train(n_epochs_kl_warmup=20)`, usually fixes "
+                "it); otherwise the prior is too strong for these data (try a smaller "
+                "`b` or `lambda0`)."
+            )
+            return True
+        n = self.adata.n_obs
+        rng = np.random.default_rng(0)
+        idx = np.sort(rng.choice(n, size=min(n, max_cells), replace=False))
+        was_training = self.module.training
+        self.module.eval()
+        total, count = 0.0, 0
+        # fork_rng: the check samples z, and must not move the user's random stream.
+        with torch.random.fork_rng():
+            for tensors in self._make_data_loader(adata=self.adata, indices=idx, batch_size=512):
+                _, _, losses = self.module(tensors)
+                kl = losses.kl_local
+                kl = sum(kl.values()) if isinstance(kl, dict) else kl
+                total += float(kl.sum())
+                count += int(kl.shape[0])
+        last = total / max(count, 1)
+        self.module.train(was_training)
+        if np.isfinite(last) and last < COLLAPSE_KL:
+            _warn(
+                "Posterior collapse: the factors carry almost no information about the cells "
+                f"(KL of the encoder's posterior to the prior: {last:.3g} nats per cell), so "
+                "every factor is noise and the mask prior switches them off. Retrain with a KL "
+                "warm-up, e.g. `model.train(n_epochs_kl_warmup=20)`, or with another seed "
+                "(`scvi.settings.seed`) or fewer factors."
+            )
+            return True
+        return False
+
+    def _warn_if_misassigned(self, max_cells: int = 2000) -> None:
+        """Multi-study: warn when the shared and specific masks look swapped.
+
+        A shared factor quiet in some study, or a program in every study's specific
+        mask (see :func:`sparsevae.tl.check_shared_specific`).
+        """
+        if not self.is_multistudy or self.module.prior is None:
+            return
+        n = self.adata.n_obs
+        idx = np.sort(np.random.default_rng(0).choice(n, size=min(n, max_cells), replace=False))
+        was_training = self.module.training
+        with torch.random.fork_rng():
+            z = self.get_latent_representation(indices=idx)
+        self.module.train(was_training)
+        codes = pd.Categorical(
+            self.adata.obs[self.study_key].astype(str).to_numpy()[idx], categories=self.studies
+        ).codes
+        selections = {k: is_selected(self.get_inclusion_probabilities(k)) for k in self.mask_kinds}
+        checks = shared_specific_checks(z, codes, self.factor_names, selections)
+        if checks.ok:
+            return
+        _warn(
+            "The multi-study fit looks misassigned: "
+            + "; ".join(checks.problems)
+            + ". Refit with another seed (`scvi.settings.seed`) and check the new fit with "
+            "`sparsevae.tl.check_shared_specific(model)`; if the checks keep failing, reconsider "
+            "the numbers of shared and specific factors."
+        )
+
+    def _all_factors_off(self) -> bool:
+        """Whether every factor of every mask is switched off (unused and unselected)."""
+        prior = self.module.prior
+        for kind in self.mask_kinds:
+            W, eta = self.get_mask(kind), self.get_eta(kind)
+            n_selected = is_selected(self.get_inclusion_probabilities(kind)).sum(axis=0)
+            off, _ = factor_use(W.abs().max(axis=0), n_selected, eta, prior.w_off, prior.eta_off)
+            if not off.all():
+                return False
+        return True
