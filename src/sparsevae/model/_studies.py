@@ -88,7 +88,7 @@ class StudiesMixin:
     @property
     def specific_factor_names(self) -> list[str]:
         """Names of the study-specific factors (``[]`` for a single-study model)."""
-        return [f"specific_{k}" for k in range(getattr(self.module, "n_specific_factors", 0))]
+        return [f"specific_{k}" for k in range(self.module.n_specific_factors)]
 
     def kind_factor_names(self, kind: str | None = None) -> list[str]:
         """Names of the factors (columns) of mask ``kind``.

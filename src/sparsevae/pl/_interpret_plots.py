@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 
+from ..model import SparseVAE
 from ..tl import FitData, anchor_genes, check_min_pstar, read_results
 from ..tl import top_genes as tl_top_genes
 from ._base import ANCHOR_COLOR, OTHER_COLOR, SELECTED_COLOR, check_positive_int, finish
@@ -492,7 +493,7 @@ def _history_groups(history: dict[str, Any]) -> dict[str, dict[str, pd.Series]]:
 
 
 def training_history(
-    model: Any,
+    model: SparseVAE,
     *,
     keys: Sequence[str] | None = None,
     ncols: int = 3,
@@ -529,7 +530,7 @@ def training_history(
     import matplotlib.pyplot as plt
 
     ncols = check_positive_int("ncols", ncols)
-    history = getattr(model, "history", None) or {}
+    history = model.history or {}
     groups = _history_groups(dict(history))
     if keys is not None:
         unknown = [k for k in keys if k not in groups]
