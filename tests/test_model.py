@@ -346,3 +346,23 @@ def test_prior_schedule_and_normalised_decoder():
     gmodel.train(max_epochs=5, **QUIET)
     plan = gmodel.trainer.lightning_module
     assert (plan.n_epochs_prior_warmup, plan.n_epochs_lambda0_ramp) == (0, 0)
+
+
+def test_restarts_keep_the_fit_with_the_best_elbo():
+    import scvi
+
+    adata = small_counts()
+    SparseVAE.setup_anndata(adata)
+    scvi.settings.seed = 0
+    model = SparseVAE(adata, n_factors=2, n_hidden=8)
+    model.train(max_epochs=3, n_restarts=3, **QUIET)
+    elbos = model.restart_elbos_
+    assert len(elbos) == 3 and len(set(elbos)) == 3  # different starts
+    assert model.get_elbo() == pytest.approx(max(elbos), rel=1e-4)  # get_elbo samples z
+    # The first start is the plain fit with the same seed.
+    scvi.settings.seed = 0
+    single = SparseVAE(adata, n_factors=2, n_hidden=8)
+    single.train(max_epochs=3, **QUIET)
+    assert single.get_elbo() == pytest.approx(elbos[0], rel=1e-4)
+    with pytest.raises(ValueError, match="n_restarts"):
+        model.train(max_epochs=1, n_restarts=0, **QUIET)

@@ -203,7 +203,8 @@ class SparseVAE(
             scale = np.where(stats.col_stds > 1e-8, stats.col_stds, 1.0)
             data_kwargs["gene_loc"] = torch.as_tensor(stats.col_means, dtype=torch.float32)
             data_kwargs["gene_scale"] = torch.as_tensor(scale, dtype=torch.float32)
-        self.module = self._module_cls(
+        # Kept so that train(n_restarts=...) can start again from a fresh initialisation.
+        self._module_kwargs = dict(
             n_input=n_genes,
             n_factors=int(n_factors),
             n_hidden=n_hidden,
@@ -224,6 +225,7 @@ class SparseVAE(
             ),
             **module_kwargs,
         )
+        self.module = self._module_cls(**self._module_kwargs)
         bad = self.module.non_finite_parameters()
         if bad:
             raise ValueError(

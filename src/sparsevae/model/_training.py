@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import scvi
 import torch
 
 from ..priors import factor_use, is_selected
@@ -51,6 +52,7 @@ class TrainingMixin:
         n_epochs_shared_first: int | None = None,
         n_epochs_fixed_correlation: int | None = None,
         plan_kwargs: dict[str, Any] | None = None,
+        n_restarts: int = 1,
         **trainer_kwargs: Any,
     ):
         """Train the model with Lightning (on a GPU when one is available).
@@ -102,6 +104,12 @@ class TrainingMixin:
             is learned. Default ``None``: 20. Ignored by other models.
         plan_kwargs
             Passed to :class:`~sparsevae.train.SparseVAETrainingPlan`.
+        n_restarts
+            Fit from this many random starts and keep the fit with the highest ELBO on the
+            training data (``get_elbo()``); the ELBOs of all starts are kept in
+            ``model.restart_elbos_``. Costs ``n_restarts`` times the training time; use it when
+            fits from different seeds disagree (see the user guide's identifiability page).
+            Start ``r`` re-initialises the network with seed ``scvi.settings.seed + r``.
         **trainer_kwargs
             Passed to :class:`scvi.train.Trainer` (Lightning), e.g. ``enable_progress_bar``.
 
@@ -109,6 +117,49 @@ class TrainingMixin:
         -------
         The result of scvi-tools' train runner.
         """
+        if (
+            not isinstance(n_restarts, int | np.integer)
+            or isinstance(n_restarts, bool)
+            or n_restarts < 1
+        ):
+            raise ValueError(f"n_restarts must be a positive integer, got {n_restarts!r}.")
+        kwargs = dict(
+            max_epochs=max_epochs, lr=lr, batch_size=batch_size, early_stopping=early_stopping,
+            train_size=train_size, validation_size=validation_size, accelerator=accelerator,
+            devices=devices, n_epochs_kl_warmup=n_epochs_kl_warmup,
+            n_epochs_prior_warmup=n_epochs_prior_warmup,
+            n_epochs_lambda0_ramp=n_epochs_lambda0_ramp,
+            n_epochs_shared_first=n_epochs_shared_first,
+            n_epochs_fixed_correlation=n_epochs_fixed_correlation,
+            plan_kwargs=plan_kwargs, **trainer_kwargs,
+        )  # fmt: skip
+        if n_restarts == 1:
+            result = self._fit_once(**kwargs)
+        else:
+            result = self._fit_restarts(int(n_restarts), kwargs)
+        if not self._warn_if_collapsed():
+            self._warn_if_misassigned()
+        return result
+
+    def _fit_once(
+        self,
+        max_epochs: int | None,
+        lr: float,
+        batch_size: int,
+        early_stopping: bool,
+        train_size: float | None,
+        validation_size: float | None,
+        accelerator: str,
+        devices: int | list[int] | str,
+        n_epochs_kl_warmup: int | None,
+        n_epochs_prior_warmup: int | None,
+        n_epochs_lambda0_ramp: int | None,
+        n_epochs_shared_first: int | None,
+        n_epochs_fixed_correlation: int | None,
+        plan_kwargs: dict[str, Any] | None,
+        **trainer_kwargs: Any,
+    ) -> Any:
+        """One training run from the module's current initialisation (see :meth:`train`)."""
         check_n_cells(self.adata)
         if max_epochs is None:
             max_epochs = default_max_epochs(self.adata.n_obs)
@@ -171,8 +222,28 @@ class TrainingMixin:
                 "inclusion probabilities do not select genes. Train for more epochs, or shorten "
                 "n_epochs_prior_warmup / n_epochs_lambda0_ramp."
             )
-        if not self._warn_if_collapsed():
-            self._warn_if_misassigned()
+        return result
+
+    def _fit_restarts(self, n_restarts: int, kwargs: dict[str, Any]) -> Any:
+        """Fit from ``n_restarts`` starts; keep the one with the highest training ELBO."""
+        base = scvi.settings.seed if scvi.settings.seed is not None else 0
+        best: tuple[float, dict[str, torch.Tensor], Any, Any] | None = None
+        elbos = []
+        for r in range(n_restarts):
+            if r > 0:
+                torch.manual_seed(base + r)
+                self.module = self._module_cls(**self._module_kwargs)
+                self.is_trained_ = False
+            result = self._fit_once(**kwargs)
+            elbo = float(self.get_elbo())
+            elbos.append(elbo)
+            if best is None or elbo > best[0]:
+                state = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+                best = (elbo, state, self.history_, result)
+        _, state, history, result = best
+        self.module.load_state_dict(state)
+        self.history_ = history
+        self.restart_elbos_ = elbos
         return result
 
     def _lone_last_cell(self, train_size: float, batch_size: int) -> bool:
