@@ -19,9 +19,11 @@ from ._multistudy import (
 )
 from ._network import to_network
 from ._results import FactorMask, Results, check_min_pstar, read_results
+from ._stability import FactorStability, factor_stability
 
 __all__ = [
     "FactorMask",
+    "FactorStability",
     "IdentifiabilityReport",
     "MultiStudyChecks",
     "Results",
@@ -33,6 +35,7 @@ __all__ = [
     "covariance_violations",
     "dci",
     "enrich",
+    "factor_stability",
     "identifiability_report",
     "mask_f1",
     "read_gmt",
