@@ -298,3 +298,30 @@ def test_merge_runs_more_seeds():
             pass
         else:
             raise AssertionError("runs that cannot be joined were joined")
+
+
+def test_stability_script_json_lines():
+    """benchmarks/stability.py --quick: a meta line, a fit line per method and seed, and a
+    stability line per method."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, str(BENCH / "stability.py"), "--quick"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    kinds = [(r["record"], r.get("method")) for r in records]
+    assert kinds == [
+        ("meta", None),
+        ("fit", "sparsevae"),
+        ("fit", "sparsevae"),
+        ("stability", "sparsevae"),
+        ("fit", "vae"),
+        ("fit", "vae"),
+        ("stability", "vae"),
+    ]
+    fit = records[1]
+    assert 0 <= fit["identifiable_factors"] <= fit["active_factors"] <= 15
+    assert len(fit["anchors_per_factor"]) == 15 and 0.0 <= fit["accuracy"] <= 1.0
+    stab = records[3]
+    assert 0.0 <= stab["median_abs_r"] <= 1.0 and stab["seeds"] == [0, 1]
+    assert records[6]["median_jaccard_anchors"] is None  # the VAE has no mask

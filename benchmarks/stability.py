@@ -1,0 +1,165 @@
+"""Do fits from different random starts give the same factors? One JSON line per fit and method.
+
+Usage: ``python benchmarks/stability.py [--data zeisel|pbmc] [--seeds 5] [--methods sparsevae vae]
+[--n-restarts 1] [--quick]``.
+
+Each method is fitted from ``scvi.settings.seed`` 0..N-1 on the same cells (package defaults,
+15 factors, counts with the NB likelihood). A ``fit`` line per fit gives the active and
+identifiable factors (``tl.identifiability_report``), anchors per factor, the median number of
+genes selected per active factor, the training ELBO and the cell-type accuracy of the factors
+(``tl.celltype_accuracy``); a ``stability`` line per method gives ``tl.factor_stability`` over
+the fits: the median matched |correlation| and anchor-set Jaccard of the active factors, and
+how many are reproducible. The VAE (``mask=None``) is identified only up to rotation, so its
+matches are the baseline to beat.
+
+Data: ``zeisel`` reads ``../shared/data/zeisel2015.h5ad`` (1000 ``seurat_v3`` genes, as
+``zeisel.py``); ``pbmc`` uses scanpy's bundled ``pbmc68k_reduced`` with approximate counts
+(``sparsevae.datasets.pbmc68k_reduced_counts``, 765 genes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+import numpy as np
+from _common import (
+    SHARED,
+    TRAINER_KWARGS,
+    import_sparsevae,
+    machine_info,
+    quiet_logs,
+    stdout_to_stderr,
+)
+
+N_FACTORS = 15
+
+
+def load(data: str, n_cells: int | None) -> tuple[Any, str]:
+    """The AnnData (counts in ``layers["counts"]``) and its cell-type column."""
+    sparsevae = import_sparsevae()
+    if data == "pbmc":
+        adata = sparsevae.datasets.pbmc68k_reduced_counts()
+        label = "bulk_labels"
+    else:
+        from zeisel import load as load_zeisel
+
+        adata = load_zeisel(SHARED / "data" / "zeisel2015.h5ad", 1000, None, 0)
+        label = "level1class"
+    if n_cells is not None and n_cells < adata.n_obs:
+        keep = np.sort(np.random.default_rng(0).choice(adata.n_obs, n_cells, replace=False))
+        adata = adata[keep].copy()
+    return adata, label
+
+
+def fit(method: str, adata: Any, label: str, seed: int, args: argparse.Namespace) -> Any:
+    """Fit one model and return it with its JSON record."""
+    import scvi
+
+    sparsevae = import_sparsevae()
+    scvi.settings.seed = seed
+    ad = adata.copy()
+    sparsevae.SparseVAE.setup_anndata(ad, layer="counts")
+    model = sparsevae.SparseVAE(
+        ad, n_factors=N_FACTORS, mask="ssl" if method == "sparsevae" else None
+    )
+    t0 = time.perf_counter()
+    model.train(max_epochs=args.epochs, n_restarts=args.n_restarts, **TRAINER_KWARGS)
+    seconds = time.perf_counter() - t0
+    model.write_results(ad, effects=False)
+    labels = ad.obs[label]
+    n_splits = int(min(5, labels.value_counts().min()))
+    acc = sparsevae.tl.celltype_accuracy(ad.obsm["X_sparsevae"], labels, n_splits=n_splits)
+    record: dict[str, Any] = {
+        "record": "fit",
+        "method": method,
+        "seed": seed,
+        "n_restarts": args.n_restarts,
+        "elbo": round(float(model.get_elbo()), 3),
+        "accuracy": round(float(acc["mean"]), 4),
+        "train_seconds": round(seconds, 1),
+    }
+    if method == "sparsevae":
+        report = sparsevae.tl.identifiability_report(ad)
+        f = report.factors
+        active = f[~f["switched_off"]]
+        record.update(
+            {
+                "active_factors": len(active),
+                "identifiable_factors": int(f["identifiable"].sum()),
+                "anchors_per_factor": f["n_anchors"].tolist(),
+                "median_selected_per_active_factor": float(active["n_selected"].median())
+                if len(active)
+                else 0.0,
+                "n_genes": int(ad.n_vars),
+            }
+        )
+    return ad, record
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the fits and print the JSON lines."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", choices=["zeisel", "pbmc"], default="zeisel")
+    p.add_argument("--seeds", type=int, default=5, help="random starts 0..N-1")
+    p.add_argument("--first-seed", type=int, default=0)
+    p.add_argument("--methods", nargs="+", default=["sparsevae", "vae"])
+    p.add_argument("--epochs", type=int, default=None, help="default: the package's")
+    p.add_argument("--n-restarts", type=int, default=1)
+    p.add_argument("--n-cells", type=int, default=None, help="subsample cells")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--quick", action="store_true", help="pbmc, 200 cells, 2 seeds, 3 epochs")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.data, args.n_cells, args.seeds, args.epochs = "pbmc", 200, 2, 3
+    import torch
+
+    torch.set_num_threads(args.threads)
+    quiet_logs()
+    sparsevae = import_sparsevae()
+    with stdout_to_stderr() as out:
+        run(args, sparsevae, out)
+    return 0
+
+
+def run(args: argparse.Namespace, sparsevae: Any, out: Any) -> None:
+    """Fit every method from every seed; write the JSON lines to ``out``."""
+    adata, label = load(args.data, args.n_cells)
+    print(json.dumps({"record": "meta", "benchmark": "stability", "data": args.data,
+                      "n_cells": adata.n_obs, "n_genes": adata.n_vars, "argv": sys.argv[1:],
+                      **machine_info(args.threads)}), file=out, flush=True)  # fmt: skip
+    for method in args.methods:
+        fits = []
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
+            ad, record = fit(method, adata, label, seed, args)
+            fits.append(ad)
+            print(json.dumps(record), file=out, flush=True)
+        stab = sparsevae.tl.factor_stability(fits)
+        f = stab.factors
+        active = f[f["active"]]
+        print(
+            json.dumps(
+                {
+                    "record": "stability",
+                    "method": method,
+                    "seeds": list(range(args.first_seed, args.first_seed + args.seeds)),
+                    "n_restarts": args.n_restarts,
+                    "active_factors_reference": len(active),
+                    "median_abs_r": round(stab.median_abs_r, 4),
+                    "median_jaccard_anchors": None
+                    if np.isnan(stab.median_jaccard_anchors)
+                    else round(stab.median_jaccard_anchors, 4),
+                    "reproducible_factors": int(active["reproducible"].sum()),
+                    "per_factor_median_abs_r": [round(x, 3) for x in active["median_abs_r"]],
+                }
+            ),
+            file=out,
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
