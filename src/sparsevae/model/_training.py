@@ -108,7 +108,7 @@ class TrainingMixin:
             Fit from this many random starts and keep the fit with the highest ELBO on the
             training data (``get_elbo()``); the ELBOs of all starts are kept in
             ``model.restart_elbos_``. Costs ``n_restarts`` times the training time; use it when
-            fits from different seeds disagree (see the user guide's identifiability page).
+            fits from different seeds disagree (user guide, "Stability across random starts").
             Start ``r`` re-initialises the network with seed ``scvi.settings.seed + r``.
         **trainer_kwargs
             Passed to :class:`scvi.train.Trainer` (Lightning), e.g. ``enable_progress_bar``.
