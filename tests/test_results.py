@@ -109,3 +109,14 @@ def test_single_study_results_match_the_model(tmp_path):
     r2 = sparsevae.tl.identifiability_report(model)
     pd.testing.assert_frame_equal(r1.factors, r2.factors)
     assert r1.eta_min == pytest.approx(r2.eta_min)
+
+
+def test_results_written_without_thresholds_get_them_from_the_settings(hand_model, tmp_path):  # noqa: F811
+    """AnnData written by 0.1.0 lack uns[key]['prior']; the thresholds come from the stored
+    hyperparameters, through the prior itself."""
+    model = hand_model
+    adata = model.write_results(model.adata.copy())
+    del adata.uns["sparsevae"]["prior"]
+    res = sparsevae.tl.read_results(_roundtrip(adata, tmp_path))
+    assert res.w_off == pytest.approx(model.module.prior.w_off)
+    assert res.eta_off == pytest.approx(model.module.prior.eta_off)

@@ -20,7 +20,7 @@ import pandas as pd
 from anndata import AnnData
 
 from ..model import SparseVAE
-from ..priors import DEFAULT_MIN_PSTAR, factor_use, is_selected
+from ..priors import DEFAULT_MIN_PSTAR, SpikeSlabLasso, factor_use, is_selected
 
 __all__ = ["DEFAULT_KEY", "FactorMask", "Results", "check_min_pstar", "read_results"]
 
@@ -433,6 +433,28 @@ def _from_model(model: SparseVAE, adata: AnnData | None) -> Results:
     )
 
 
+def _thresholds_from_params(uns: Any, shared: FactorMask) -> dict[str, float]:
+    """The prior's thresholds from the stored hyperparameters (results written by 0.1.0)."""
+    params = uns.get("params", {})
+    if shared.pstar is None or "lambda0" not in params:
+        return {}
+
+    def value(name: str, default: float | None) -> float | None:
+        v = params.get(name, default)
+        return None if v is None or (isinstance(v, str) and v == "None") else float(v)
+
+    n_genes, n_factors = shared.W.shape
+    prior = SpikeSlabLasso(
+        n_genes,
+        n_factors,
+        lambda0=value("lambda0", 10.0),
+        lambda1=value("lambda1", 1.0),
+        a=value("a", 1.0),
+        b=value("b", None),
+    )
+    return prior.thresholds()
+
+
 def _from_anndata(adata: AnnData, key: str) -> Results:
     if key not in adata.uns or f"X_{key}" not in adata.obsm:
         raise KeyError(
@@ -473,7 +495,7 @@ def _from_anndata(adata: AnnData, key: str) -> Results:
     studies = [str(s) for s in uns.get("studies", [])]
     study_key = uns.get("study_key")
     study_key = None if study_key in (None, "None") else str(study_key)
-    thresholds = uns.get("prior", {})
+    thresholds = uns.get("prior") or _thresholds_from_params(uns, masks["shared"])
 
     def study_codes() -> np.ndarray:
         if study_key not in adata.obs:
