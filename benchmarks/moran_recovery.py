@@ -2,7 +2,8 @@
 
 Usage: ``python benchmarks/moran_recovery.py [--quick] [--seeds 0 1 2] [--rho 0.0]
 [--data-seed 1] [--n-restarts 3]``. Each seed is a random start (``scvi.settings.seed``); the
-simulated data use the same seed unless ``--data-seed`` fixes them (then the seeds differ only in the start).
+simulated data use the same seed unless ``--data-seed`` fixes them (then the seeds differ only
+in the start).
 Each line: seed, data_seed, rho, the training ELBO per cell (``model.get_elbo()``, higher is
 better), whether both factors were recovered (|Spearman| >= 0.9 each), the |Spearman| of each
 true factor with its matched learned factor, the inclusion probabilities (genes x learned
