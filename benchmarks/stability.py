@@ -70,9 +70,13 @@ def fit(method: str, adata: Any, label: str, seed: int, args: argparse.Namespace
     model.train(max_epochs=args.epochs, n_restarts=args.n_restarts, **TRAINER_KWARGS)
     seconds = time.perf_counter() - t0
     model.write_results(ad, effects=False)
-    labels = ad.obs[label]
-    n_splits = int(min(5, labels.value_counts().min()))
-    acc = sparsevae.tl.celltype_accuracy(ad.obsm["X_sparsevae"], labels, n_splits=n_splits)
+    labels = ad.obs[label].astype(str)
+    counts = labels.value_counts()
+    keep = labels.map(counts).to_numpy() >= 2  # cross-validation needs 2 cells per type
+    n_splits = int(min(5, counts[counts >= 2].min()))
+    acc = sparsevae.tl.celltype_accuracy(
+        ad.obsm["X_sparsevae"][keep], labels[keep], n_splits=n_splits
+    )
     record: dict[str, Any] = {
         "record": "fit",
         "method": method,
