@@ -24,7 +24,7 @@ class FactorStability:
     ----------
     factors
         One row per factor of the reference fit: ``factor``, ``active`` (not switched off in the
-        reference), ``median_abs_r`` and ``min_abs_r`` (|correlation| with the matched factor
+        reference), ``median_abs_r`` and ``min_abs_r`` (absolute correlation with the matched factor
         of the other fits), ``median_jaccard_selected`` and ``median_jaccard_anchors`` (of the
         selected genes and of the anchors, with the matched factor), and ``reproducible``
         (``median_abs_r >= min_abs_r`` and, where the fits have masks, ``median_jaccard_anchors
@@ -49,7 +49,7 @@ class FactorStability:
 
     @property
     def median_abs_r(self) -> float:
-        """Median over the active reference factors of their median matched |correlation|."""
+        """Median over the active reference factors of their median matched absolute correlation."""
         active = self.factors[self.factors["active"]]
         return float(active["median_abs_r"].median()) if len(active) else float("nan")
 
@@ -131,8 +131,8 @@ def factor_stability(
     """How reproducible each factor is across fits of the same cells.
 
     The factors of every fit are matched one to one to those of the first fit (the reference)
-    by the Hungarian algorithm on the |correlation| of their values over the cells. For each
-    reference factor it reports the matched |correlation| and the Jaccard indices of the
+    by the Hungarian algorithm on the absolute correlation of their values over the cells. For each
+    reference factor it reports the matched absolute correlation and the Jaccard indices of the
     selected genes and of the anchor genes, and a consensus: the share of fits selecting each
     gene. An identifiable model gives the same factors from every start; a plain VAE's factors
     are identified only up to rotation, so their matches are weak.
@@ -147,7 +147,7 @@ def factor_stability(
     min_pstar
         Selection threshold on ``p*``, in ``(0, 1]``.
     min_abs_r
-        Median matched |correlation| for a factor to count as reproducible.
+        Median matched absolute correlation for a factor to count as reproducible.
     min_jaccard
         Median anchor-set Jaccard index for a factor to count as reproducible (fits with masks).
     key
