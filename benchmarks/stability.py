@@ -64,7 +64,10 @@ def fit(method: str, adata: Any, label: str, seed: int, args: argparse.Namespace
     ad = adata.copy()
     sparsevae.SparseVAE.setup_anndata(ad, layer="counts")
     model = sparsevae.SparseVAE(
-        ad, n_factors=N_FACTORS, mask="ssl" if method == "sparsevae" else None
+        ad,
+        n_factors=N_FACTORS,
+        mask="ssl" if method == "sparsevae" else None,
+        **(json.loads(args.module_kwargs) if method == "sparsevae" else {}),
     )
     t0 = time.perf_counter()
     model.train(max_epochs=args.epochs, n_restarts=args.n_restarts, **TRAINER_KWARGS)
@@ -82,6 +85,7 @@ def fit(method: str, adata: Any, label: str, seed: int, args: argparse.Namespace
         "method": method,
         "seed": seed,
         "n_restarts": args.n_restarts,
+        "module_kwargs": json.loads(args.module_kwargs) if method == "sparsevae" else {},
         "elbo": round(float(model.get_elbo()), 3),
         "accuracy": round(float(acc["mean"]), 4),
         "train_seconds": round(seconds, 1),
@@ -115,6 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-restarts", type=int, default=1)
     p.add_argument("--n-cells", type=int, default=None, help="subsample cells")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--module-kwargs",
+        default="{}",
+        help='JSON of extra SparseVAE arguments for the Sparse VAE, e.g. \'{"spike_gate": false}\'',
+    )
     p.add_argument("--quick", action="store_true", help="pbmc, 200 cells, 2 seeds, 3 epochs")
     args = p.parse_args(argv)
     if args.quick:

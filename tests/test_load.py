@@ -66,6 +66,9 @@ def test_files_of_the_previous_release_load_exactly(kind: str, with_adata: bool)
     # 0.1.0 recorded the data matrix among the setup arguments; it is not carried forward.
     assert "X" not in model.adata_manager.registry["setup_args"]
     assert model.is_multistudy == (kind == "multi")
+    # Trained before the spike gates: loaded with every gate open, and trained on without them.
+    assert not model.module.spike_gate
+    assert bool((model.module.decoder.gate == 1).all())
 
 
 def test_new_files_round_trip_exactly(tmp_path: Path) -> None:

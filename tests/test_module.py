@@ -6,6 +6,7 @@ import torch
 from anndata import AnnData
 
 from sparsevae import SparseVAE
+from sparsevae.module import SparseVAEModule
 
 from .conftest import small_counts
 
@@ -112,3 +113,26 @@ def test_weight_prior_enters_the_penalty_only_with_a_mask():
     assert vae.prior_penalty().item() == 0.0  # plain VAE: no mask, no weight prior
     with pytest.raises(ValueError, match="weight_prior_precision"):
         SparseVAE(adata, n_factors=2, weight_prior_precision=-1.0)
+
+
+def test_spike_gates_follow_the_prior_once_it_is_at_full_strength():
+    torch.manual_seed(0)
+    module = SparseVAEModule(12, n_factors=3, n_hidden=8)
+    with torch.no_grad():
+        module.decoder.W.zero_()
+        module.decoder.W[:4, 0] = 2.0  # genes 0-3 in factor 0's slab, the rest in the spike
+    gate = module.decoder.gate
+    module.set_prior_schedule(penalty_on=True, ramp=0.5)  # still on the spike-rate ladder
+    module.em_step()
+    assert not module.gate_on and bool((gate == 1).all())
+    module.set_prior_schedule(penalty_on=True, ramp=1.0)
+    module.em_step()
+    expected = (module.prior.p_star >= 0.5).float()
+    assert module.gate_on and torch.equal(gate, expected)
+    assert gate[:4, 0].all() and gate.sum() == 4
+    module.set_prior_schedule(penalty_on=False, ramp=0.0)  # training again from the warm-up
+    assert bool((gate == 1).all())
+    plain = SparseVAEModule(12, n_factors=3, n_hidden=8, spike_gate=False)
+    plain.set_prior_schedule(penalty_on=True, ramp=1.0)
+    plain.em_step()
+    assert not plain.gate_on and bool((plain.decoder.gate == 1).all())

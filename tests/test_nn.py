@@ -46,3 +46,29 @@ def test_decoder_gene_only_sees_its_mask_row():
     z2 = z.clone()
     z2[:, [0, 2]] = torch.randn(6, 2)  # change the factors gene 0 does not see
     torch.testing.assert_close(dec(z)[:, 0], dec(z2)[:, 0])
+
+
+def test_closed_gate_cuts_the_entry_but_lets_its_gradient_through():
+    torch.manual_seed(0)
+    dec = MaskedDecoder(6, 3, n_hidden=8, n_specific=2, n_studies=2)
+    with torch.no_grad():
+        dec.gate[1, 0] = 0.0
+        dec.gate_specific[1, 2, 1] = 0.0
+    z = torch.randn(5, 5)
+    study = torch.tensor([0, 1, 1, 0, 1])
+    expected = dec.forward_loop(z, study=study)
+    torch.testing.assert_close(dec(z, study=study), expected, atol=1e-5, rtol=1e-5)
+    # Gene 1 no longer depends on factor 0; gene 2 of study 1 not on specific factor 1.
+    tangent = torch.zeros_like(z)
+    tangent[:, 0] = 1.0
+    _, d = torch.func.jvp(lambda x: dec(x, study=study), (z,), (tangent,))
+    assert torch.all(d[:, 1] == 0) and torch.any(d[:, 0] != 0)
+    tangent = torch.zeros_like(z)
+    tangent[:, 4] = 1.0
+    _, d = torch.func.jvp(lambda x: dec(x, study=study), (z,), (tangent,))
+    assert torch.all(d[study == 1, 2] == 0) and torch.any(d[study == 0, 2] != 0)
+    # The closed entries still get the likelihood's gradient (straight through the gate).
+    dec(z, study=study).square().sum().backward()
+    assert dec.W.grad[1, 0] != 0 and dec.W_specific.grad[1, 2, 1] != 0
+    W, V = dec.gated_masks()
+    assert W[1, 0] == 0 and V[1, 2, 1] == 0 and W[0, 0] == dec.W[0, 0]

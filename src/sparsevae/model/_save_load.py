@@ -190,7 +190,27 @@ def read_model_file(path: str | os.PathLike) -> dict[str, Any]:
     if isinstance(setup_args, dict):
         for key in LEGACY_SETUP_ARGS:
             setup_args.pop(key, None)
+    _add_open_gates(saved)
     return saved
+
+
+def _add_open_gates(saved: dict[str, Any]) -> None:
+    """Files from before the spike gates: open gates, and the model keeps training without them.
+
+    Such a model was trained with every mask entry reaching the decoder, so it is loaded with
+    its gates open and ``spike_gate=False`` (further training keeps its old behaviour).
+    """
+    state = saved["model_state_dict"]
+    if not isinstance(state, dict) or "decoder.W" not in state or "decoder.gate" in state:
+        return
+    state["decoder.gate"] = torch.ones_like(state["decoder.W"])
+    if "decoder.W_specific" in state:
+        state["decoder.gate_specific"] = torch.ones_like(state["decoder.W_specific"])
+    init = saved["attr_dict"].get("init_params_")
+    if isinstance(init, dict):
+        kwargs = init.setdefault("kwargs", {})
+        if isinstance(kwargs, dict):
+            kwargs.setdefault("module_kwargs", {})["spike_gate"] = False
 
 
 class SaveLoadMixin:

@@ -14,7 +14,7 @@ from torch import nn
 from torch.distributions import MultivariateNormal, Normal, Poisson, kl_divergence
 
 from ..nn import MaskedDecoder
-from ..priors import SpikeSlabLasso
+from ..priors import SpikeSlabLasso, is_selected
 
 __all__ = ["LIKELIHOODS", "STUDY_KEY", "ModuleMask", "SparseVAEModule"]
 
@@ -138,6 +138,16 @@ class SparseVAEModule(BaseModuleClass):
         study, which lets a shared factor carry study-specific programs and the specific masks
         copy shared ones (user guide, "Why the defaults are what they are"). Without it the
         factors are read from expression alone, the same way in every study.
+    spike_gate
+        Once the mask prior is at full strength, the decoder sees the entries the prior puts in
+        the spike (``p* < 0.5``) as exactly zero; their gradient still passes through, so the
+        likelihood can pull an entry back into the slab. Without the gates a small ``|w_jk|``
+        still carries signal (the per-gene head makes up for its size), so "not selected" would
+        not mean "not used". Default ``True``; ``False`` gives the behaviour of release 0.1.
+    prior_weight
+        Multiplier of the decoder's prior (mask penalty and weight prior) against the data.
+        ``1`` is the exact MAP weight; larger values ask for stronger evidence before a gene
+        is selected. See the user guide, "Why the defaults are what they are".
     """
 
     def __init__(
@@ -168,6 +178,8 @@ class SparseVAEModule(BaseModuleClass):
         encode_study: bool = False,
         composition_offset: bool | None = None,
         latent_prior: Literal["normal", "correlated"] | None = None,
+        spike_gate: bool | None = None,
+        prior_weight: float = 1.0,
     ) -> None:
         super().__init__()
         if likelihood not in LIKELIHOODS:
@@ -205,6 +217,13 @@ class SparseVAEModule(BaseModuleClass):
         self.correlation_on = True
         self.sigma_prior_df = float(sigma_prior_df)
         self.sigma_prior_scale = float(sigma_prior_scale)
+        if not prior_weight > 0:
+            raise ValueError(f"prior_weight must be > 0, got {prior_weight}.")
+        self.prior_weight = float(prior_weight)
+        self.spike_gate = (True if spike_gate is None else bool(spike_gate)) and mask is not None
+        # Whether the gates follow the prior (set by the training plan once the prior is at full
+        # strength); until then every gate is open.
+        self.gate_on = False
 
         self.encoder = Encoder(
             n_input,
@@ -453,6 +472,7 @@ class SparseVAEModule(BaseModuleClass):
                 )
             if self.weight_prior_precision > 0:
                 total = total + 0.5 * self.weight_prior_precision * self.decoder.weight_sq_norm()
+            total = self.prior_weight * total
         if self.likelihood == "gaussian":
             alpha = self.sigma_prior_df / 2.0
             beta = self.sigma_prior_df * self.sigma_prior_scale / 2.0
@@ -516,10 +536,12 @@ class SparseVAEModule(BaseModuleClass):
         -------
         List of :class:`ModuleMask`, the shared mask first.
         """
+        with torch.no_grad():
+            W, V = self.decoder.gated_masks()
         out = [
             ModuleMask(
                 None,
-                self.decoder.W,
+                W,
                 None if self.prior is None else self.prior.p_star,
                 None if self.prior is None else self.prior.eta,
             )
@@ -529,7 +551,7 @@ class SparseVAEModule(BaseModuleClass):
             out.append(
                 ModuleMask(
                     s,
-                    self.decoder.W_specific[s],
+                    V[s],
                     None if prior is None else prior.p_star[s],
                     None if prior is None else prior.eta[s],
                 )
@@ -548,10 +570,35 @@ class SparseVAEModule(BaseModuleClass):
             plain lasso, no gene is singled out) to 1 (``lambda0``); geometric in between.
         """
         self.prior_scale = 1.0 if penalty_on else 0.0
+        t = min(1.0, max(0.0, float(ramp)))
         for prior in self.mask_priors():
             start = 1.5 * prior.lambda1
-            t = min(1.0, max(0.0, float(ramp)))
             prior.spike_rate = start * (prior.lambda0 / start) ** t if t < 1.0 else prior.lambda0
+        self.gate_on = self.spike_gate and penalty_on and t >= 1.0
+        if not self.gate_on:
+            self.open_gates()
+
+    @torch.no_grad()
+    def open_gates(self) -> None:
+        """Let every mask entry reach the decoder (the state before the prior is at full strength)."""
+        if self.prior is not None:
+            self.decoder.gate.fill_(1.0)
+        if self.prior_specific is not None:
+            self.decoder.gate_specific.fill_(1.0)
+
+    @torch.no_grad()
+    def close_spike_gates(self) -> None:
+        """Close the gates of the entries the prior puts in the spike (``p* < 0.5``).
+
+        The decoder then sees those entries as exactly zero: "in the spike" means "switched off"
+        for the network, so a factor can carry signal only through the genes it selects.
+        """
+        if self.prior is not None:
+            self.decoder.gate.copy_(is_selected(self.prior.p_star).to(self.decoder.gate.dtype))
+        if self.prior_specific is not None:
+            self.decoder.gate_specific.copy_(
+                is_selected(self.prior_specific.p_star).to(self.decoder.gate_specific.dtype)
+            )
 
     @torch.no_grad()
     def em_step(self, update_eta: bool = True) -> None:
@@ -560,3 +607,5 @@ class SparseVAEModule(BaseModuleClass):
             self.prior.em_step(self.decoder.W, update_eta=update_eta)
         if self.prior_specific is not None:
             self.prior_specific.em_step(self.decoder.W_specific, update_eta=update_eta)
+        if self.gate_on:
+            self.close_spike_gates()

@@ -127,6 +127,12 @@ class MaskedDecoder(nn.Module):
                 self.W_specific = nn.Parameter(init)
             else:
                 self.register_buffer("W_specific", torch.ones(*shape))
+        if learn_mask:
+            # Hard gates on the mask (1: the entry reaches the network, 0: it does not). All
+            # open at the start; the module closes the entries its prior puts in the spike.
+            self.register_buffer("gate", torch.ones(n_genes, n_factors))
+            if self.n_specific:
+                self.register_buffer("gate_specific", torch.ones(*shape))
 
         self.first = nn.Linear(n_factors + self.n_specific, n_hidden)
         self.hidden = nn.ModuleList([nn.Linear(n_hidden, n_hidden) for _ in range(n_layers - 1)])
@@ -175,6 +181,27 @@ class MaskedDecoder(nn.Module):
             hidden = [w / w.norm(dim=1, keepdim=True).clamp_min(1e-12) for w in hidden]
         return first, hidden
 
+    def gated_masks(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The masks as the network uses them: ``W`` (and ``W_specific``) times their gates.
+
+        A closed gate makes its entry exactly zero in the forward pass. Its gradient passes
+        straight through (as if the gate were open), so the likelihood can still pull a closed
+        entry back out of the spike.
+
+        Returns
+        -------
+        The shared mask ``(n_genes, n_factors)`` and the specific masks (``None`` without
+        study-specific factors).
+        """
+        W = self.W
+        V = self.W_specific if self.n_specific else None
+        if not self.learn_mask:
+            return W, V
+        W = _straight_through(W, self.gate)
+        if V is not None:
+            V = _straight_through(V, self.gate_specific)
+        return W, V
+
     def chunk_size(self, n_cells: int) -> int:
         """Number of genes evaluated at once for a minibatch of ``n_cells`` cells."""
         per_gene = max(1, n_cells * self.n_hidden)
@@ -218,6 +245,7 @@ class MaskedDecoder(nn.Module):
         saved = z.shape[0] * (stop - start) * self.n_hidden * self.n_layers
         recompute = torch.is_grad_enabled() and saved > self.max_saved_elements
         first, hidden = self.shared_weights()
+        masks = self.gated_masks()
         study = self._check_study(z, study)
         outs = []
         for g0 in range(start, stop, step):
@@ -225,11 +253,18 @@ class MaskedDecoder(nn.Module):
             if recompute:
                 outs.append(
                     checkpoint(
-                        self._decode_block, z, block, first, hidden, study, use_reentrant=False
+                        self._decode_block,
+                        z,
+                        block,
+                        first,
+                        hidden,
+                        masks,
+                        study,
+                        use_reentrant=False,
                     )
                 )
             else:
-                outs.append(self._decode_block(z, block, first, hidden, study))
+                outs.append(self._decode_block(z, block, first, hidden, masks, study))
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
         return out.permute(1, 0, 2)
 
@@ -239,10 +274,12 @@ class MaskedDecoder(nn.Module):
         genes: slice,
         first: torch.Tensor,
         hidden: list[torch.Tensor],
+        masks: tuple[torch.Tensor, torch.Tensor | None],
         study: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Decode a block of genes; returns ``(n_block_genes, n_cells, n_output)``."""
-        w = self.W[genes]  # (g, K)
+        W, V = masks
+        w = W[genes]  # (g, K)
         g = w.shape[0]
         K = self.n_factors
         z_shared, first_shared = (z[:, :K], first[:, :K]) if self.n_specific else (z, first)
@@ -253,7 +290,7 @@ class MaskedDecoder(nn.Module):
             # Each cell's specific mask rows, gathered by study: (B, g, K_spec); their masked
             # specific factors go through the first layer's specific columns, and the product
             # is accumulated into h inside the matrix product (addmm).
-            u = self.W_specific[study, genes] * z[:, K:].unsqueeze(1)
+            u = V[study, genes] * z[:, K:].unsqueeze(1)
             h = torch.addmm(
                 h.view(-1, self.n_hidden), u.reshape(-1, self.n_specific), first[:, K:].t()
             )
@@ -280,14 +317,22 @@ class MaskedDecoder(nn.Module):
         Tensor of shape ``(n_cells, n_genes, n_output)``.
         """
         first, hidden = self.shared_weights()
+        W, V = self.gated_masks()
         study = self._check_study(z, study)
         outs = []
         for j in range(self.n_genes):
-            mask = self.W[j]
+            mask = W[j]
             if study is not None:  # the cell's own mask row: [w_j, v_{s_i, j}]
-                mask = torch.cat([mask.expand(z.shape[0], -1), self.W_specific[study, j]], dim=1)
+                mask = torch.cat([mask.expand(z.shape[0], -1), V[study, j]], dim=1)
             h = torch.relu(F.linear(z * mask, first, self.first.bias))
             for layer, weight in zip(self.hidden, hidden, strict=True):
                 h = torch.relu(F.linear(h, weight, layer.bias))
             outs.append(h @ self.head_weight[j] + self.head_bias[j])
         return torch.stack(outs, dim=1)
+
+
+def _straight_through(w: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """``w * gate`` in the forward pass, with the gradient of ``w`` itself in the backward pass."""
+    if not (torch.is_grad_enabled() and w.requires_grad):
+        return w * gate
+    return w + (w * gate - w).detach()

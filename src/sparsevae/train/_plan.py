@@ -224,6 +224,8 @@ class SparseVAETrainingPlan(TrainingPlan):
     def on_train_end(self) -> None:
         """Leave the prior at its full strength (matters when training stops early)."""
         self.module.set_prior_schedule(penalty_on=True, ramp=1.0)
+        if self.module.gate_on:
+            self.module.close_spike_gates()
         self.module.specific_on = True
         self.module.correlation_on = True
 
