@@ -29,14 +29,19 @@ import sparsevae
 
 
 def fit(
-    seed: int, rho: float, max_epochs: int | None, data_seed: int | None = None, n_restarts: int = 1
+    seed: int,
+    rho: float,
+    max_epochs: int | None,
+    data_seed: int | None = None,
+    n_restarts: int = 1,
+    module_kwargs: dict | None = None,
 ) -> dict:
     """Fit one SparseVAE on simulate_moran2022 and score it."""
     data_seed = seed if data_seed is None else data_seed
     ad = sparsevae.datasets.simulate_moran2022(n_cells=1000, rho=rho, seed=data_seed)
     scvi.settings.seed = seed
     sparsevae.SparseVAE.setup_anndata(ad)
-    model = sparsevae.SparseVAE(ad, n_factors=2)
+    model = sparsevae.SparseVAE(ad, n_factors=2, **(module_kwargs or {}))
     t0 = time.perf_counter()
     model.train(
         max_epochs=max_epochs,
@@ -83,13 +88,22 @@ def main() -> None:
     parser.add_argument("--max-epochs", type=int, default=None)
     parser.add_argument("--data-seed", type=int, default=None, help="fix the simulated data")
     parser.add_argument("--n-restarts", type=int, default=1, help="train(n_restarts=...)")
+    parser.add_argument("--module-kwargs", default="{}", help="JSON of extra SparseVAE arguments")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     torch.set_num_threads(1)
     seeds = args.seeds if args.seeds is not None else ([0, 1] if args.quick else list(range(6)))
     for seed in seeds:
-        record = fit(seed, args.rho, args.max_epochs, args.data_seed, args.n_restarts)
+        record = fit(
+            seed,
+            args.rho,
+            args.max_epochs,
+            args.data_seed,
+            args.n_restarts,
+            json.loads(args.module_kwargs),
+        )
+        record["module_kwargs"] = json.loads(args.module_kwargs)
         print(json.dumps(record), flush=True)
 
 

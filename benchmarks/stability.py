@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--module-kwargs",
         default="{}",
-        help='JSON of extra SparseVAE arguments for the Sparse VAE, e.g. \'{"spike_gate": false}\'',
+        help="JSON of extra SparseVAE arguments for the Sparse VAE, e.g. '{\"spike_gate\": false}'",
     )
     p.add_argument("--quick", action="store_true", help="pbmc, 200 cells, 2 seeds, 3 epochs")
     args = p.parse_args(argv)

@@ -136,3 +136,25 @@ def test_spike_gates_follow_the_prior_once_it_is_at_full_strength():
     plain.set_prior_schedule(penalty_on=True, ramp=1.0)
     plain.em_step()
     assert not plain.gate_on and bool((plain.decoder.gate == 1).all())
+
+
+@pytest.mark.parametrize("prior_cells", [None, 50.0, 5000.0])
+def test_decoder_prior_is_spread_over_at_most_prior_cells(prior_cells):
+    torch.manual_seed(0)
+    module = SparseVAEModule(10, n_factors=2, n_hidden=8, likelihood="gaussian")
+    module.prior_cells = prior_cells
+    x = torch.randn(6, 10)
+    tensors = {"X": x}
+    inf = module.inference(x)
+    gen = module.generative(inf["z"], inf["library"])
+    n_obs = 1000
+    loss = module.loss(tensors, inf, gen, n_obs=n_obs).loss
+    per_cell = -gen["px"].log_prob(x).sum(-1)
+    divisor = n_obs if prior_cells is None else min(n_obs, prior_cells)
+    assert module.prior_divisor(n_obs) == divisor
+    data_part = loss - module.decoder_prior_penalty() / divisor
+    data_part = data_part - module.variance_prior_penalty() / n_obs
+    kl = torch.distributions.kl_divergence(inf["qz"], gen["pz"]).sum(-1)
+    torch.testing.assert_close(data_part, torch.mean(per_cell + kl))
+    with pytest.raises(ValueError, match="prior_cells"):
+        SparseVAEModule(10, n_factors=2, prior_cells=0)

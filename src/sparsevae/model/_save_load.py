@@ -198,7 +198,8 @@ def _add_open_gates(saved: dict[str, Any]) -> None:
     """Files from before the spike gates: open gates, and the model keeps training without them.
 
     Such a model was trained with every mask entry reaching the decoder, so it is loaded with
-    its gates open and ``spike_gate=False`` (further training keeps its old behaviour).
+    its gates open, ``spike_gate=False`` and ``prior_cells=None`` (further training keeps its
+    old behaviour).
     """
     state = saved["model_state_dict"]
     if not isinstance(state, dict) or "decoder.W" not in state or "decoder.gate" in state:
@@ -210,7 +211,9 @@ def _add_open_gates(saved: dict[str, Any]) -> None:
     if isinstance(init, dict):
         kwargs = init.setdefault("kwargs", {})
         if isinstance(kwargs, dict):
-            kwargs.setdefault("module_kwargs", {})["spike_gate"] = False
+            module_kwargs = kwargs.setdefault("module_kwargs", {})
+            module_kwargs["spike_gate"] = False
+            module_kwargs["prior_cells"] = None
 
 
 class SaveLoadMixin:

@@ -1,5 +1,5 @@
 """Torch modules."""
 
-from ._module import LIKELIHOODS, STUDY_KEY, ModuleMask, SparseVAEModule
+from ._module import DEFAULT_PRIOR_CELLS, LIKELIHOODS, STUDY_KEY, ModuleMask, SparseVAEModule
 
-__all__ = ["LIKELIHOODS", "STUDY_KEY", "ModuleMask", "SparseVAEModule"]
+__all__ = ["DEFAULT_PRIOR_CELLS", "LIKELIHOODS", "STUDY_KEY", "ModuleMask", "SparseVAEModule"]
