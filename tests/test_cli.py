@@ -67,7 +67,10 @@ def test_fit(small_h5ad: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str
     model_dir = tmp_path / "model"
     argv = [str(small_h5ad), str(out), "--n-factors", "3", "--layer", "counts"]
     argv += ["--max-epochs", "2", "--batch-size", "64", "--key-added", "svae"]
+    argv += ["--prior-cells", "50"]
     assert main(["fit", *argv, "--save-model", str(model_dir)]) == 0
+    saved = torch.load(model_dir / "model.pt", weights_only=False)
+    assert saved["attr_dict"]["init_params_"]["kwargs"]["module_kwargs"]["prior_cells"] == 50
     adata = ad.read_h5ad(out)
     assert adata.obsm["X_svae"].shape == (200, 3)
     assert adata.varm["svae_W"].shape == (100, 3)

@@ -99,6 +99,13 @@ def _build_parser() -> argparse.ArgumentParser:
         "--max-epochs", type=_positive_int, default=None, help="epochs (default: model default)"
     )
     fit.add_argument("--batch-size", type=_positive_int, default=128, help="minibatch size")
+    fit.add_argument(
+        "--prior-cells",
+        type=_positive_int,
+        default=None,
+        help="weigh the mask prior against at most this many cells (e.g. 200: sparse masks with "
+        "anchors on real counts with thousands of cells; default: all cells, the exact MAP)",
+    )
     fit.add_argument("--key-added", default="sparsevae", help="base name of the result keys")
     fit.add_argument("--save-model", metavar="DIR", default=None, help="also save the model here")
     fit.add_argument(
@@ -263,6 +270,7 @@ def _run_fit(args: argparse.Namespace) -> None:
         n_factors=args.n_factors,
         n_specific_factors=args.n_specific_factors,
         likelihood=args.likelihood,
+        prior_cells=args.prior_cells,
     )
     epochs, seconds = _train(model, args.max_epochs, batch_size=args.batch_size)
     model.write_results(adata, key_added=args.key_added, overwrite=args.overwrite)
