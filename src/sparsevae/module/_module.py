@@ -144,8 +144,8 @@ class SparseVAEModule(BaseModuleClass):
         factors are read from expression alone, the same way in every study.
     spike_gate
         Once the mask prior is at full strength, the decoder sees the entries the prior puts in
-        the spike (``p* < 0.5``) as exactly zero; their gradient still passes through, so the
-        likelihood can pull an entry back into the slab. Without the gates a small ``|w_jk|``
+        the spike (``p* < 0.5``) as exactly zero, and only the prior acts on them from then on
+        (the entries the ladder left in the spike stay there). Without the gates a small ``|w_jk|``
         still carries signal (the per-gene head makes up for its size), so "not selected" would
         not mean "not used". Default ``True``; ``False`` gives the behaviour of release 0.1.
     prior_cells
