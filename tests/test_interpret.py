@@ -60,7 +60,6 @@ def hand_model():
         model.module.decoder.W.copy_(W)
         model.module.prior.p_star.copy_(torch.where(W != 0, 0.99, 0.01))
         model.module.prior.eta.copy_(torch.tensor([0.11, 0.12, 0.03, 1e-6]))
-    model.module.close_spike_gates()  # the decoder uses exactly the hand-made selection
     return model
 
 

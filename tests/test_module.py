@@ -117,7 +117,7 @@ def test_weight_prior_enters_the_penalty_only_with_a_mask():
 
 def test_spike_gates_follow_the_prior_once_it_is_at_full_strength():
     torch.manual_seed(0)
-    module = SparseVAEModule(12, n_factors=3, n_hidden=8)
+    module = SparseVAEModule(12, n_factors=3, n_hidden=8, spike_gate=True)
     with torch.no_grad():
         module.decoder.W.zero_()
         module.decoder.W[:4, 0] = 2.0  # genes 0-3 in factor 0's slab, the rest in the spike
@@ -132,7 +132,7 @@ def test_spike_gates_follow_the_prior_once_it_is_at_full_strength():
     assert gate[:4, 0].all() and gate.sum() == 4
     module.set_prior_schedule(penalty_on=False, ramp=0.0)  # training again from the warm-up
     assert bool((gate == 1).all())
-    plain = SparseVAEModule(12, n_factors=3, n_hidden=8, spike_gate=False)
+    plain = SparseVAEModule(12, n_factors=3, n_hidden=8)  # default: no gates
     plain.set_prior_schedule(penalty_on=True, ramp=1.0)
     plain.em_step()
     assert not plain.gate_on and bool((plain.decoder.gate == 1).all())
@@ -158,3 +158,17 @@ def test_decoder_prior_is_spread_over_at_most_prior_cells(prior_cells):
     torch.testing.assert_close(data_part, torch.mean(per_cell + kl))
     with pytest.raises(ValueError, match="prior_cells"):
         SparseVAEModule(10, n_factors=2, prior_cells=0)
+
+
+def test_trained_model_with_spike_gates_does_not_use_unselected_entries():
+    torch.manual_seed(0)
+    adata = small_counts(n_cells=120, n_genes=30)
+    SparseVAE.setup_anndata(adata)
+    model = SparseVAE(adata, n_factors=3, n_hidden=8, spike_gate=True, prior_cells=5)
+    model.train(max_epochs=30, batch_size=64, enable_progress_bar=False, logger=False)
+    selected = model.get_inclusion_probabilities().to_numpy() >= 0.5
+    assert not selected.all()  # something to check
+    np.testing.assert_array_equal(model.get_mask().to_numpy()[~selected], 0.0)
+    effects = model.get_gene_effects().to_numpy()
+    np.testing.assert_array_equal(effects[~selected], 0.0)
+    assert model.module.prior_divisor(120) == 5

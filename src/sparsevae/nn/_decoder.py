@@ -184,8 +184,9 @@ class MaskedDecoder(nn.Module):
     def gated_masks(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The masks as the network uses them: ``W`` (and ``W_specific``) times their gates.
 
-        A closed gate makes its entry exactly zero for the network, so the likelihood has no say
-        about it any more (its gradient is zero); only the prior acts on it.
+        A closed gate makes its entry exactly zero in the forward pass. Its gradient passes
+        straight through (as if the gate were open), so the likelihood can still pull a closed
+        entry back out of the spike.
 
         Returns
         -------
@@ -196,9 +197,9 @@ class MaskedDecoder(nn.Module):
         V = self.W_specific if self.n_specific else None
         if not self.learn_mask:
             return W, V
-        W = W * self.gate
+        W = _straight_through(W, self.gate)
         if V is not None:
-            V = V * self.gate_specific
+            V = _straight_through(V, self.gate_specific)
         return W, V
 
     def chunk_size(self, n_cells: int) -> int:
@@ -328,3 +329,10 @@ class MaskedDecoder(nn.Module):
                 h = torch.relu(F.linear(h, weight, layer.bias))
             outs.append(h @ self.head_weight[j] + self.head_bias[j])
         return torch.stack(outs, dim=1)
+
+
+def _straight_through(w: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """``w * gate`` in the forward pass, with the gradient of ``w`` itself in the backward pass."""
+    if not (torch.is_grad_enabled() and w.requires_grad):
+        return w * gate
+    return w + (w * gate - w).detach()
