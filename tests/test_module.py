@@ -156,8 +156,12 @@ def test_decoder_prior_is_spread_over_at_most_prior_cells(prior_cells):
     data_part = data_part - module.variance_prior_penalty() / n_obs
     kl = torch.distributions.kl_divergence(inf["qz"], gen["pz"]).sum(-1)
     torch.testing.assert_close(data_part, torch.mean(per_cell + kl))
-    with pytest.raises(ValueError, match="prior_cells"):
-        SparseVAEModule(10, n_factors=2, prior_cells=0)
+    for bad in (0, -5.0, "200", True):
+        with pytest.raises(ValueError, match="prior_cells must be a positive number"):
+            SparseVAEModule(10, n_factors=2, prior_cells=bad)
+    assert SparseVAEModule(10, n_factors=2, prior_cells=np.int64(200)).prior_cells == 200.0
+    with pytest.raises(ValueError, match="spike_gate must be True or False"):
+        SparseVAEModule(10, n_factors=2, spike_gate="yes")
 
 
 def test_trained_model_with_spike_gates_does_not_use_unselected_entries():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Literal
 
@@ -231,10 +232,18 @@ class SparseVAEModule(BaseModuleClass):
         self.correlation_on = True
         self.sigma_prior_df = float(sigma_prior_df)
         self.sigma_prior_scale = float(sigma_prior_scale)
-        if prior_cells is not None and not prior_cells > 0:
-            raise ValueError(f"prior_cells must be > 0 or None, got {prior_cells}.")
+        if prior_cells is not None and (
+            isinstance(prior_cells, bool)
+            or not isinstance(prior_cells, numbers.Real)
+            or not prior_cells > 0
+        ):
+            raise ValueError(
+                f"prior_cells must be a positive number of cells or None, got {prior_cells!r}."
+            )
         self.prior_cells = None if prior_cells is None else float(prior_cells)
-        self.spike_gate = bool(spike_gate) and mask is not None
+        if not isinstance(spike_gate, bool):
+            raise ValueError(f"spike_gate must be True or False, got {spike_gate!r}.")
+        self.spike_gate = spike_gate and mask is not None
         # Whether the gates follow the prior (set by the training plan once the prior is at full
         # strength); until then every gate is open.
         self.gate_on = False
