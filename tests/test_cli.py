@@ -67,7 +67,7 @@ def test_fit(small_h5ad: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str
     model_dir = tmp_path / "model"
     argv = [str(small_h5ad), str(out), "--n-factors", "3", "--layer", "counts"]
     argv += ["--max-epochs", "2", "--batch-size", "64", "--key-added", "svae"]
-    argv += ["--prior-cells", "50"]
+    argv += ["--prior-cells", "50", "--seed", "3", "--accelerator", "cpu", "--no-effects"]
     assert main(["fit", *argv, "--save-model", str(model_dir)]) == 0
     saved = torch.load(model_dir / "model.pt", weights_only=False)
     assert saved["attr_dict"]["init_params_"]["kwargs"]["module_kwargs"]["prior_cells"] == 50
@@ -76,14 +76,31 @@ def test_fit(small_h5ad: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert adata.varm["svae_W"].shape == (100, 3)
     assert adata.varm["svae_pstar"].shape == (100, 3)
     assert adata.uns["svae"]["likelihood"] == "nb"
+    assert "svae_effect" not in adata.varm  # --no-effects
     assert (model_dir / "model.pt").is_file()
-    assert "wrote" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "wrote" in printed
+    # the summary that train() logs, printed once
+    assert printed.count("SparseVAE training: 2 epochs") == 1 and "identifiable" in printed
 
     # an existing output is not replaced without --overwrite
     with pytest.raises(SystemExit) as exc:
         main(["fit", *argv])
     assert exc.value.code == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_fit_seed_and_accelerator(small_h5ad: Path, tmp_path: Path, capsys) -> None:
+    import scvi
+
+    argv = [str(small_h5ad), "--n-factors", "2", "--layer", "counts", "--max-epochs", "1"]
+    assert main(["fit", argv[0], str(tmp_path / "a.h5ad"), *argv[1:], "--seed", "5"]) == 0
+    assert scvi.settings.seed == 5
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", argv[0], str(tmp_path / "b.h5ad"), *argv[1:], "--accelerator", "foo"])
+    assert exc.value.code == 2
+    assert "--accelerator" in capsys.readouterr().err
 
 
 def test_fit_multistudy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

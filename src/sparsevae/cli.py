@@ -106,6 +106,19 @@ def _build_parser() -> argparse.ArgumentParser:
         help="weigh the mask prior against at most this many cells (e.g. 200: sparse masks with "
         "anchors on real counts with thousands of cells; default: all cells, the exact MAP)",
     )
+    fit.add_argument("--seed", type=int, default=0, help="random seed (scvi.settings.seed)")
+    fit.add_argument(
+        "--accelerator",
+        default="auto",
+        choices=["auto", "cpu", "gpu", "cuda", "mps", "tpu"],
+        help="Lightning accelerator (default auto: a GPU when there is one)",
+    )
+    fit.add_argument(
+        "--no-effects",
+        action="store_true",
+        help="skip the signed gene effects (varm[KEY_effect]): one decoder pass per factor, "
+        "the slow part of writing results on large data",
+    )
     fit.add_argument("--key-added", default="sparsevae", help="base name of the result keys")
     fit.add_argument("--save-model", metavar="DIR", default=None, help="also save the model here")
     fit.add_argument(
@@ -131,13 +144,26 @@ def _top_genes(adata: AnnData, key: str, n_top: int = 20) -> pd.DataFrame:
     return tl.anchor_genes(adata, n_top=n_top, key=key)[columns]
 
 
-def _train(model: SparseVAE, max_epochs: int | None, batch_size: int = 128) -> tuple[int, float]:
-    """Train with the progress bar; return the number of epochs and the seconds taken."""
+def _train(
+    model: SparseVAE, max_epochs: int | None, batch_size: int = 128, accelerator: str = "auto"
+) -> tuple[int, float]:
+    """Train with the progress bar; return the number of epochs and the seconds taken.
+
+    The summary that ``train()`` logs is printed by the caller instead (to stdout).
+    """
+    import logging
+
     from .model import default_max_epochs
 
     epochs = max_epochs if max_epochs is not None else default_max_epochs(model.adata.n_obs)
     start = time.perf_counter()
-    model.train(max_epochs=epochs, batch_size=batch_size)
+    log = logging.getLogger("sparsevae")
+    level = log.level
+    log.setLevel(max(level, logging.WARNING))
+    try:
+        model.train(max_epochs=epochs, batch_size=batch_size, accelerator=accelerator)
+    finally:
+        log.setLevel(level)
     return epochs, time.perf_counter() - start
 
 
@@ -262,8 +288,11 @@ def _run_fit(args: argparse.Namespace) -> None:
             f"(columns: {available})."
         )
 
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
     from .model import SparseVAE
 
+    _set_seed(args.seed)
     SparseVAE.setup_anndata(adata, layer=args.layer, study_key=args.study_key)
     model = SparseVAE(
         adata,
@@ -272,8 +301,16 @@ def _run_fit(args: argparse.Namespace) -> None:
         likelihood=args.likelihood,
         prior_cells=args.prior_cells,
     )
-    epochs, seconds = _train(model, args.max_epochs, batch_size=args.batch_size)
-    model.write_results(adata, key_added=args.key_added, overwrite=args.overwrite)
+    try:
+        epochs, seconds = _train(
+            model, args.max_epochs, batch_size=args.batch_size, accelerator=args.accelerator
+        )
+    except MisconfigurationException as e:
+        raise _CLIError(f"--accelerator {args.accelerator!r}: {_one_line(e)}") from e
+    print(model.training_summary(), flush=True)
+    model.write_results(
+        adata, key_added=args.key_added, overwrite=args.overwrite, effects=not args.no_effects
+    )
     adata.write_h5ad(args.output)
     if args.save_model is not None:
         model.save(args.save_model, overwrite=True)
@@ -289,6 +326,7 @@ def _run_fit(args: argparse.Namespace) -> None:
     factors = f"{model.module.n_factors} factors" + (
         f" + {n_spec} specific factors x {len(model.studies)} studies" if n_spec else ""
     )
+    effects = "" if args.no_effects else f", varm['{args.key_added}_effect...']"
     print(
         f"SparseVAE: {adata.n_obs} cells x {adata.n_vars} genes, {factors}, "
         f"likelihood {model.likelihood}, {epochs} epochs in {seconds:.1f} s; "
@@ -297,7 +335,7 @@ def _run_fit(args: argparse.Namespace) -> None:
     )
     print(
         f"wrote {args.output} (obsm['X_{args.key_added}'], varm['{args.key_added}_W"
-        f"{'_<shared|study>' if model.is_multistudy else ''}'], "
+        f"{'_<shared|study>' if model.is_multistudy else ''}']{effects}, "
         f"uns['{args.key_added}'])" + (f" and model {args.save_model}" if args.save_model else ""),
         flush=True,
     )

@@ -1,7 +1,8 @@
 """The user-facing SparseVAE model class: construction and registration of the data.
 
 Its capabilities live in mixins: studies and factor layout (``_studies``), training
-(``_training``), results (``_results``), gene effects (``_interpret``), loading (``_save_load``).
+(``_training``), results (``_results``), gene effects (``_interpret``), scvi-tools' expression
+API (``_expression``), loading (``_save_load``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin, VAEMixin
 
 from ..module import LIKELIHOODS, STUDY_KEY, SparseVAEModule
 from ..train import SparseVAETrainingPlan, default_max_epochs
+from ._expression import ExpressionMixin
 from ._interpret import InterpretabilityMixin
 from ._results import ResultsMixin
 from ._save_load import SaveLoadMixin
@@ -54,6 +56,7 @@ class SparseVAE(
     ResultsMixin,
     StudiesMixin,
     InterpretabilityMixin,
+    ExpressionMixin,
     SaveLoadMixin,
     VAEMixin,
     UnsupervisedTrainingMixin,

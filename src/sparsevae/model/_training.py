@@ -11,7 +11,7 @@ import pandas as pd
 import scvi
 import torch
 
-from ..priors import factor_use, is_selected
+from ..priors import anchors, factor_use, is_selected
 from ..train import DivergenceError, default_max_epochs, prior_schedule
 from ._checks import shared_specific_checks
 from ._validate import (
@@ -20,17 +20,18 @@ from ._validate import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["COLLAPSE_KL", "TrainingMixin"]
+__all__ = ["COLLAPSE_KL", "DEFAULT_TRAIN_SIZE", "TrainingMixin"]
+
+#: Share of the cells used for training by default (scvi-tools' default); the rest validate.
+DEFAULT_TRAIN_SIZE = 0.9
 
 #: Below this KL (nats per cell, summed over factors) at the last epoch, training warns of
 #: posterior collapse. Healthy fits have several nats per cell.
 COLLAPSE_KL = 0.05
 
 
-def _warn(msg: str) -> None:
-    """A training warning, to both the warnings module and the log (``train()`` -> caller)."""
-    warnings.warn(msg, UserWarning, stacklevel=4)
-    logger.warning(msg)
+def _first_sentence(msg: str) -> str:
+    return msg.split(": ")[0] if len(msg.split(": ")[0]) < 90 else msg[:87] + "..."
 
 
 class TrainingMixin:
@@ -72,7 +73,9 @@ class TrainingMixin:
             ``n_epochs_prior_warmup + n_epochs_lambda0_ramp`` epochs), because the schedule
             itself moves the ELBO; pass ``early_stopping_warmup_epochs`` to change that.
         train_size
-            Fraction of cells used for training; default 1.0, or 0.9 with early stopping.
+            Fraction of cells used for training (0.9, as in scvi-tools); the others give the
+            validation curves in ``model.history`` (every epoch; pass
+            ``check_val_every_n_epoch`` to thin them). ``1.0`` trains on every cell.
         validation_size
             Fraction of cells used for validation; default ``1 - train_size``.
         accelerator
@@ -115,8 +118,10 @@ class TrainingMixin:
 
         Returns
         -------
-        The result of scvi-tools' train runner.
+        The result of scvi-tools' train runner. At the end, a summary (:meth:`training_summary`)
+        goes to the ``sparsevae`` logger (level INFO).
         """
+        self.train_problems_: list[str] = []
         if (
             not isinstance(n_restarts, int | np.integer)
             or isinstance(n_restarts, bool)
@@ -139,7 +144,81 @@ class TrainingMixin:
             result = self._fit_restarts(int(n_restarts), kwargs)
         if not self._warn_if_collapsed():
             self._warn_if_misassigned()
+        logger.info(self.training_summary())
         return result
+
+    def _warn(self, msg: str) -> None:
+        """A training warning: to the warnings module, the log and :meth:`training_summary`."""
+        warnings.warn(msg, UserWarning, stacklevel=4)
+        logger.warning(msg)
+        if not hasattr(self, "train_problems_"):
+            self.train_problems_ = []
+        self.train_problems_.append(msg)
+
+    def training_summary(self) -> str:
+        """A short report of the last :meth:`train` call.
+
+        Epochs run, the last training (and validation) ELBO per cell, how many factors are
+        active, identifiable (at least two anchor genes) and switched off, and the checks that
+        failed. ``train()`` logs it at the end; the CLI prints it.
+
+        Returns
+        -------
+        Text of a few lines; see :func:`sparsevae.tl.identifiability_report` for the details
+        behind the factor counts.
+        """
+        if not self.is_trained:
+            return "SparseVAE: not trained yet."
+        history = getattr(self, "history_", None) or {}
+
+        def last(key: str) -> float | None:
+            frame = history.get(key)
+            if frame is None or len(frame.dropna()) == 0:
+                return None
+            return float(frame.dropna().iloc[-1, 0])
+
+        epochs = len(history["elbo_train"].dropna()) if "elbo_train" in history else None
+        elbo = [f"training {v:.1f}" for v in [last("elbo_train")] if v is not None]
+        elbo += [f"validation {v:.1f}" for v in [last("elbo_validation")] if v is not None]
+        lines = [
+            "SparseVAE training: "
+            + (f"{epochs} epochs" if epochs is not None else "epochs not logged")
+            + (f"; -ELBO per cell: {', '.join(elbo)}" if elbo else "")
+        ]
+        if self.module.prior is not None:
+            prior = self.module.prior
+            selected = {
+                k: is_selected(self.get_inclusion_probabilities(k)) for k in self.mask_kinds
+            }
+            for kind in self.mask_kinds:
+                W, eta = self.get_mask(kind), self.get_eta(kind)
+                n_sel = selected[kind].sum(axis=0).to_numpy()
+                off, unselected = factor_use(
+                    W.abs().max(axis=0).to_numpy(), n_sel, eta.to_numpy(), prior.w_off,
+                    prior.eta_off,
+                )  # fmt: skip
+                n_anchors = anchors(selected, kind).sum(axis=0)
+                active = ~off & ~unselected
+                identifiable = active & (n_anchors >= 2)
+                where = f" ({kind} mask)" if self.is_multistudy else ""
+                lines.append(
+                    f"factors{where}: {int(active.sum())} active of {len(off)}, "
+                    f"{int(identifiable.sum())} identifiable (>= 2 anchor genes), "
+                    f"{int(off.sum())} switched off"
+                    + (
+                        f", {int(unselected.sum())} in use with no selected gene"
+                        if unselected.any()
+                        else ""
+                    )
+                )
+            lines.append("details: sparsevae.tl.identifiability_report(model)")
+        problems = getattr(self, "train_problems_", [])
+        if problems:
+            lines.append("checks failed: " + "; ".join(_first_sentence(p) for p in problems))
+            lines.append("(see the warnings above for what to do)")
+        else:
+            lines.append("checks: no problem found")
+        return "\n".join(lines)
 
     def _fit_once(
         self,
@@ -164,7 +243,9 @@ class TrainingMixin:
         if max_epochs is None:
             max_epochs = default_max_epochs(self.adata.n_obs)
         if train_size is None:
-            train_size = 0.9 if early_stopping else 1.0
+            train_size = DEFAULT_TRAIN_SIZE
+        if train_size < 1.0 and validation_size != 0:
+            trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
         plan_kwargs = {
             "lr": lr,
             "n_epochs_shared_first": n_epochs_shared_first,
@@ -215,7 +296,7 @@ class TrainingMixin:
             )
         epochs_run = int(self.trainer.current_epoch)
         if self.module.prior is not None and epochs_run <= full_prior_epoch:
-            _warn(
+            self._warn(
                 f"Training ended after {epochs_run} epochs, before the mask prior reached full "
                 f"strength (epoch {full_prior_epoch + 1}: warm-up {schedule.warmup} and "
                 f"spike ramp {schedule.ramp} epochs), so eta was never fitted and the "
@@ -259,7 +340,7 @@ class TrainingMixin:
         training history is not kept when Lightning's logger is off). Returns whether it warned.
         """
         if self.module.prior is not None and self._all_factors_off():
-            _warn(
+            self._warn(
                 "Every factor was switched off: no mask entry left the spike (all |w| < "
                 "log(lambda0/lambda1)/(lambda0-lambda1)) and no gene has p* >= 0.5, so the "
                 "factors explain nothing. Usually the encoder collapsed to the prior early in "
@@ -285,7 +366,7 @@ class TrainingMixin:
         last = total / max(count, 1)
         self.module.train(was_training)
         if np.isfinite(last) and last < COLLAPSE_KL:
-            _warn(
+            self._warn(
                 "Posterior collapse: the factors carry almost no information about the cells "
                 f"(KL of the encoder's posterior to the prior: {last:.3g} nats per cell), so "
                 "every factor is noise and the mask prior switches them off. Retrain with a KL "
@@ -316,7 +397,7 @@ class TrainingMixin:
         checks = shared_specific_checks(z, codes, self.factor_names, selections)
         if checks.ok:
             return
-        _warn(
+        self._warn(
             "The multi-study fit looks misassigned: "
             + "; ".join(checks.problems)
             + ". Refit with another seed (`scvi.settings.seed`) and check the new fit with "

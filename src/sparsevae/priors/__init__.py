@@ -1,6 +1,13 @@
 """Priors on the mask and how a fitted mask is read."""
 
-from ._rules import DEFAULT_MIN_PSTAR, factor_use, is_selected
+from ._rules import DEFAULT_MIN_PSTAR, anchors, factor_use, is_selected, n_selecting
 from ._ssl import SpikeSlabLasso
 
-__all__ = ["DEFAULT_MIN_PSTAR", "SpikeSlabLasso", "factor_use", "is_selected"]
+__all__ = [
+    "DEFAULT_MIN_PSTAR",
+    "SpikeSlabLasso",
+    "anchors",
+    "factor_use",
+    "is_selected",
+    "n_selecting",
+]

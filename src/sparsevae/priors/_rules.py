@@ -5,9 +5,12 @@ They work on torch tensors, numpy arrays and pandas objects alike.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["DEFAULT_MIN_PSTAR", "factor_use", "is_selected"]
+import numpy as np
+
+__all__ = ["DEFAULT_MIN_PSTAR", "anchors", "factor_use", "is_selected", "n_selecting"]
 
 #: The default selection threshold on ``p*`` (the posterior odds of slab against spike are 1).
 DEFAULT_MIN_PSTAR = 0.5
@@ -59,3 +62,50 @@ def factor_use(
     selects_nothing = (eta < eta_off) | (n_selected == 0)
     in_use = max_abs_w >= w_off
     return selects_nothing & ~in_use, selects_nothing & in_use
+
+
+def n_selecting(selected: Mapping[str, Any], kind: str = "shared") -> np.ndarray:
+    """Per gene, the factors that select it among those it decodes from, seen from mask ``kind``.
+
+    Single-study (``selected`` holds only ``"shared"``): the factors of the mask. Multi-study,
+    for a study's mask: its specific factors plus the shared factors (in that study a gene sees
+    both); for the shared mask: the shared factors plus the most specific factors selecting the
+    gene in any one study (an anchor of a shared factor must be an anchor in every study).
+
+    Parameters
+    ----------
+    selected
+        Boolean selections (genes x factors) of every mask, keyed by ``"shared"`` and, for
+        multi-study fits, each study's name.
+    kind
+        The mask seen from.
+
+    Returns
+    -------
+    Integer array, one value per gene.
+    """
+    own = np.asarray(selected[kind]).sum(axis=1)
+    studies = [k for k in selected if k != "shared"]
+    if not studies:
+        return own
+    if kind == "shared":
+        return own + np.max([np.asarray(selected[s]).sum(axis=1) for s in studies], axis=0)
+    return own + np.asarray(selected["shared"]).sum(axis=1)
+
+
+def anchors(selected: Mapping[str, Any], kind: str = "shared") -> np.ndarray:
+    """Anchor genes of mask ``kind``: selected by the factor and by no other factor they see.
+
+    Parameters
+    ----------
+    selected
+        Boolean selections of every mask, as for :func:`n_selecting`.
+    kind
+        The mask whose anchors are returned.
+
+    Returns
+    -------
+    Boolean array, genes x factors of mask ``kind``.
+    """
+    single = n_selecting(selected, kind) == 1
+    return np.asarray(selected[kind], dtype=bool) & single[:, None]

@@ -20,7 +20,14 @@ import pandas as pd
 from anndata import AnnData
 
 from ..model import SparseVAE
-from ..priors import DEFAULT_MIN_PSTAR, SpikeSlabLasso, factor_use, is_selected
+from ..priors import (
+    DEFAULT_MIN_PSTAR,
+    SpikeSlabLasso,
+    anchors,
+    factor_use,
+    is_selected,
+    n_selecting,
+)
 
 __all__ = ["DEFAULT_KEY", "FactorMask", "Results", "check_min_pstar", "read_results"]
 
@@ -262,16 +269,9 @@ class Results:
         -------
         Integer Series indexed by gene.
         """
-        own = self.selected(kind, min_pstar).sum(axis=1)
-        if not self.is_multistudy:
-            return own
         kind = "shared" if kind is None else str(kind)
-        if kind == "shared":
-            per_study = [self.selected(s, min_pstar).sum(axis=1) for s in self.studies]
-            other = pd.concat(per_study, axis=1).max(axis=1)
-        else:
-            other = self.selected("shared", min_pstar).sum(axis=1)
-        return own + other
+        counts = n_selecting({k: self.selected(k, min_pstar) for k in self.kinds}, kind)
+        return pd.Series(counts, index=self.mask(kind).W.index)
 
     def anchors(self, kind: str | None, min_pstar: float) -> pd.DataFrame:
         """Genes x factors: selected by the factor and by no other factor the gene decodes from.
@@ -287,8 +287,10 @@ class Results:
         -------
         Boolean DataFrame, genes x factors.
         """
-        single = self.n_selecting(kind, min_pstar) == 1
-        return self.selected(kind, min_pstar) & single.to_numpy()[:, None]
+        kind = "shared" if kind is None else str(kind)
+        selected = {k: self.selected(k, min_pstar) for k in self.kinds}
+        own = selected[kind]
+        return pd.DataFrame(anchors(selected, kind), index=own.index, columns=own.columns)
 
     def factor_status(
         self, kind: str | None, min_pstar: float, eta_min: float | None = None
