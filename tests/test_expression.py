@@ -48,7 +48,9 @@ def test_normalized_expression_is_the_decoded_mean_per_cell(model):
     np.testing.assert_allclose(rho.sum(1), 1.0, rtol=1e-5)
     assert np.corrcoef(np.log(rho.to_numpy()).ravel(), np.log(rho_plain).ravel())[0, 1] > 0.99
     # library_size scales rho; "latent" gives counts at the observed library size
-    one = model.get_normalized_expression(indices=[0, 1], library_size=1e4, gene_list=[adata.var_names[3]])
+    one = model.get_normalized_expression(
+        indices=[0, 1], library_size=1e4, gene_list=[adata.var_names[3]]
+    )
     assert one.shape == (2, 1) and float(one.sum().sum()) > 0
     lat = model.get_normalized_expression(library_size="latent", n_samples=200)
     assert np.corrcoef(lat.to_numpy().ravel(), mu.ravel())[0, 1] > 0.95
@@ -135,3 +137,39 @@ def test_training_summary_and_validation_curves(model):
     report = sparsevae.tl.identifiability_report(model)
     n_id = int(report.factors["identifiable"].sum())
     assert f"{n_id} identifiable" in text
+
+
+def test_tl_differential_expression_in_scanpy_layout(model):
+    import scanpy as sc
+
+    adata = model.adata
+    z = model.get_latent_representation()
+    adata.obs["zgroup"] = np.where(z[:, 0] > np.median(z[:, 0]), "a", "b")
+    table = sparsevae.tl.differential_expression(model, adata, "zgroup", groups=["a"])
+    assert set(table["group"]) == {"a"} and len(table) == adata.n_vars
+    df = sc.get.rank_genes_groups_df(adata, group="a", key="rank_genes_groups_sparsevae")
+    assert list(df.columns[:5]) == ["names", "scores", "logfoldchanges", "pvals", "pvals_adj"]
+    assert df["scores"].is_monotonic_decreasing or df["pvals"].is_monotonic_increasing
+    assert np.all(np.diff(df["pvals_adj"].to_numpy()) >= -1e-12)  # expected FDR grows down
+    with pytest.raises(ValueError, match="Unknown groups"):
+        sparsevae.tl.differential_expression(model, adata, "zgroup", groups=["c"])
+
+
+def test_factor_activity_finds_the_factor_that_splits_the_groups(model):
+    adata = model.adata.copy()
+    model.write_results(adata, effects=False)
+    z = adata.obsm["X_sparsevae"]
+    adata.obs["zgroup"] = pd.Categorical(np.where(z[:, 0] > np.median(z[:, 0]), "a", "b"))
+    act = sparsevae.tl.factor_activity(adata, "zgroup", include_off=True)
+    top = act[act["group"] == "a"].iloc[0]
+    assert top["factor"] == "factor_0" and top["effect"] > 1 and top["auroc"] > 0.9
+    assert top["pval_adj"] < 1e-6
+    # switched-off factors are left out by default
+    report = sparsevae.tl.identifiability_report(adata)
+    off = set(report.factors.loc[report.factors["switched_off"], "factor"])
+    default = sparsevae.tl.factor_activity(adata, "zgroup")
+    assert not off & set(default["factor"])
+    vs_b = sparsevae.tl.factor_activity(adata, "zgroup", groups=["a"], reference="b")
+    assert set(vs_b["group"]) == {"a"}
+    with pytest.raises(KeyError, match="groupby"):
+        sparsevae.tl.factor_activity(adata, "nope")

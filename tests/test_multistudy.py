@@ -581,9 +581,12 @@ def test_plots_per_mask(hand_model, tmp_path):
     ax = sparsevae.pl.anchor_heatmap(hand_model, kind="study_0", show=False)
     assert "study_0" in ax.get_title()
     fig = sparsevae.pl.top_genes(
-        hand_model, n=4, kind="study_2", show=False, save=tmp_path / "t.png"
+        hand_model, n=4, kind="study_2", show=False, save=tmp_path / "t.png", include_off=True
     )
     assert (tmp_path / "t.png").exists() and len(fig.axes) >= 2
+    # by default the factor switched off in study_2 is left out
+    fig = sparsevae.pl.top_genes(hand_model, n=4, kind="study_2", show=False)
+    assert len(fig.axes) == 1
     plt.close("all")
 
 

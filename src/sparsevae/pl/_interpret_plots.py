@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
@@ -10,15 +11,27 @@ import numpy as np
 import pandas as pd
 
 from ..model import SparseVAE
+from ..priors import DEFAULT_MIN_PSTAR
 from ..tl import FitData, anchor_genes, check_min_pstar, read_results
 from ..tl import top_genes as tl_top_genes
-from ._base import ANCHOR_COLOR, OTHER_COLOR, SELECTED_COLOR, check_positive_int, finish
+from ..train import PriorSchedule, prior_schedule
+from ._base import (
+    ANCHOR_COLOR,
+    OTHER_COLOR,
+    SELECTED_COLOR,
+    check_positive_int,
+    finish,
+    switched_off,
+)
 from ._plots import mask_heatmap
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from anndata import AnnData
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
 
 __all__ = [
     "anchor_heatmap",
@@ -29,7 +42,10 @@ __all__ = [
 ]
 
 
-def _grid(n_panels: int, ncols: int, panel_size: tuple[float, float]) -> tuple[Figure, np.ndarray]:
+def _grid(
+    n_panels: int, ncols: int, panel_size: tuple[float, float], **kwargs: Any
+) -> tuple[Figure, np.ndarray]:
+    """A figure with ``n_panels`` axes, ``ncols`` per row; axes beyond them are removed."""
     import matplotlib.pyplot as plt
 
     ncols = max(1, min(ncols, n_panels))
@@ -39,11 +55,37 @@ def _grid(n_panels: int, ncols: int, panel_size: tuple[float, float]) -> tuple[F
         ncols,
         figsize=(panel_size[0] * ncols, panel_size[1] * nrows),
         squeeze=False,
+        **kwargs,
     )
     flat = axes.ravel()
     for ax in flat[n_panels:]:
-        ax.set_visible(False)
+        ax.remove()
     return fig, flat[:n_panels]
+
+
+def _plain_formatter(values: np.ndarray) -> FuncFormatter:
+    """Tick labels as plain decimals (no offset or exponent), trailing zeros dropped."""
+    from matplotlib.ticker import FuncFormatter
+
+    top = float(np.nanmax(np.abs(values), initial=0.0))
+    decimals = max(0, int(np.ceil(-np.log10(top))) + 2) if top > 0 else 1
+
+    def label(x: float, pos: int | None = None) -> str:
+        text = f"{x:.{decimals}f}"
+        text = text.rstrip("0").rstrip(".") if "." in text else text
+        return "0" if text in ("", "-0") else text
+
+    return FuncFormatter(label)
+
+
+def _note_figure(text: str) -> Figure:
+    """A small figure holding only a note (nothing to plot)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4, 2.5))
+    ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=9)
+    ax.set_axis_off()
+    return fig
 
 
 # ---------------------------------------------------------------------------- anchors
@@ -55,14 +97,14 @@ def anchor_heatmap(
     min_pstar: float = 0.5,
     ax: Axes | None = None,
     show: bool | None = None,
-    save: str | os.PathLike | None = None,
+    save: bool | str | os.PathLike | None = None,
     kind: str | None = None,
     key: str = "sparsevae",
-) -> Axes:
+) -> Axes | None:
     """Mask heatmap (:func:`~sparsevae.pl.mask_heatmap`) with the anchor genes marked.
 
     Anchor genes (selected by one factor only, see :func:`sparsevae.tl.anchor_genes`) get a red,
-    bold label and a star in the column of their factor.
+    bold label and a red star in the column of their factor; other selected entries a white dot.
 
     Parameters
     ----------
@@ -76,12 +118,14 @@ def anchor_heatmap(
     min_pstar
         Selection threshold on ``p*``.
     ax
-        Axes to draw in; default a new figure.
+        Axes to draw in (e.g. one panel of your own grid); default a new figure.
     show
-        Show the figure; default: show unless ``save`` is given, following
-        ``scanpy.settings.autoshow``.
+        Show the figure and return ``None``; default ``scanpy.settings.autoshow``. Pass
+        ``False`` to get the Axes back.
     save
-        Path to save the figure to (format from the extension).
+        As in scanpy: ``True`` writes ``sc.settings.figdir / "anchor_heatmap.<ext>"``, a string
+        suffix such as ``"_run1.pdf"`` writes ``figdir / "anchor_heatmap_run1.pdf"``; a path
+        (``pathlib.Path``, or a string with a ``/``) is written as given.
     kind
         Multi-study models: which mask, ``None``/``"shared"`` (default) or a study name; anchors
         as defined by :func:`sparsevae.tl.anchor_genes` for that mask.
@@ -90,7 +134,7 @@ def anchor_heatmap(
 
     Returns
     -------
-    The matplotlib Axes with the heatmap.
+    The matplotlib Axes with the heatmap, or ``None`` when the figure was shown.
 
     Examples
     --------
@@ -99,7 +143,14 @@ def anchor_heatmap(
     res = read_results(data, key)
     anchors = anchor_genes(res, min_pstar=min_pstar, anchors_only=True, kind=kind)
     ax = mask_heatmap(
-        res, n_top=n_top, values=values, threshold=min_pstar, ax=ax, show=False, kind=kind
+        res,
+        n_top=n_top,
+        values=values,
+        threshold=min_pstar,
+        ax=ax,
+        show=False,
+        save=False,
+        kind=kind,
     )
     factor_pos = {str(t.get_text()): i for i, t in enumerate(ax.get_xticklabels())}
     anchor_of = dict(zip(anchors["gene"], anchors["factor"], strict=True))
@@ -113,10 +164,25 @@ def anchor_heatmap(
                 xs.append(factor_pos[anchor_of[gene]])
                 ys.append(row)
     if xs:
-        ax.scatter(xs, ys, marker="*", s=30, color=ANCHOR_COLOR, edgecolors="white", lw=0.3)
-    ax.set_title(f"{ax.get_title()}\nanchor genes in red ({len(anchors)} in all)", fontsize=9)
-    finish(ax.figure, show, save)
-    return ax
+        dots = [c for c in ax.collections if c.get_gid() == "selected"]
+        size = 3.0 * float(dots[0].get_sizes()[0]) if dots else 30.0
+        xlim, ylim = ax.get_xlim(), ax.get_ylim()
+        ax.scatter(
+            xs,
+            ys,
+            marker="*",
+            s=size,
+            color=ANCHOR_COLOR,
+            edgecolors="white",
+            lw=0.3,
+            gid="anchor",
+            zorder=4,
+        )
+        ax.set_xlim(xlim)
+        ax.set_ylim(ylim)
+    title = f"{ax.get_title()}\nred stars and labels: anchor genes ({len(anchors)} in all)"
+    ax.set_title(title, fontsize=9)
+    return finish(ax.figure, ax, name="anchor_heatmap", show=show, save=save)
 
 
 def top_genes(
@@ -127,13 +193,14 @@ def top_genes(
     values: Literal["W", "pstar", "effect"] = "W",
     effects: pd.DataFrame | None = None,
     min_pstar: float = 0.5,
+    include_off: bool = False,
     ncols: int = 4,
     show: bool | None = None,
-    save: str | os.PathLike | None = None,
+    save: bool | str | os.PathLike | None = None,
     kind: str | None = None,
     key: str = "sparsevae",
-) -> Figure:
-    """Bar plot of each factor's top genes (ranked by ``p*`` then ``|W|``).
+) -> Figure | None:
+    """Bar plot of each factor's top genes (ranked by ``p*`` then ``|W|``), one panel per factor.
 
     Bars are red for anchor genes, blue for other selected genes (``p* >= min_pstar``) and grey
     for genes the mask does not select.
@@ -145,7 +212,8 @@ def top_genes(
     n
         Genes per factor.
     factors
-        Factors to plot (names or integer positions); default all.
+        Factors to plot (names or integer positions); default all factors in use. Factors named
+        here are drawn even when switched off.
     values
         Bar length: the signed mask entry ``W``, the inclusion probability ``p*``, or the signed
         gene effect (``model.get_gene_effects()``).
@@ -153,14 +221,20 @@ def top_genes(
         Precomputed genes x factors effects for ``values="effect"``; default the stored ones
         (AnnData) or computed (model).
     min_pstar
-        Selection threshold on ``p*`` for the colours.
+        Selection threshold on ``p*`` for the colours and for which factors are switched off.
+    include_off
+        Also draw the factors that are switched off (they select no gene and the decoder does
+        not use them, see :func:`sparsevae.tl.identifiability_report`); by default they are left
+        out.
     ncols
         Panels per row.
     show
-        Show the figure; default: show unless ``save`` is given, following
-        ``scanpy.settings.autoshow``.
+        Show the figure and return ``None``; default ``scanpy.settings.autoshow``. Pass
+        ``False`` to get the Figure back.
     save
-        Path to save the figure to.
+        As in scanpy: ``True`` writes ``sc.settings.figdir / "top_genes.<ext>"``, a string
+        suffix such as ``"_run1.pdf"`` writes ``figdir / "top_genes_run1.pdf"``; a path
+        (``pathlib.Path``, or a string with a ``/``) is written as given.
     kind
         Multi-study models: which mask, ``None``/``"shared"`` (default) or a study name.
     key
@@ -168,7 +242,8 @@ def top_genes(
 
     Returns
     -------
-    The matplotlib Figure.
+    The matplotlib Figure (one Axes per factor in ``fig.axes``), or ``None`` when shown. When
+    every factor is switched off it holds a note saying so.
 
     Examples
     --------
@@ -183,7 +258,15 @@ def top_genes(
     if values not in ("W", "pstar", "effect"):
         raise ValueError(f"values must be 'W', 'pstar' or 'effect', got {values!r}.")
     res = read_results(data, key)
-    table = tl_top_genes(res, n=n, factors=factors, kind=kind)
+    res.require_prior("top_genes")
+    chosen = res.resolve_factors(factors, kind)
+    off = switched_off(res, kind, min_pstar)
+    if factors is None and not include_off:
+        chosen = [f for f in chosen if f not in off]
+    if not chosen:
+        fig = _note_figure("Every factor is switched off\n(include_off=True draws them anyway)")
+        return finish(fig, fig, name="top_genes", show=show, save=save)
+    table = tl_top_genes(res, n=n, factors=chosen, kind=kind)
     pstar = res.mask(kind).pstar
     if values == "W":
         shown, xlabel = res.mask(kind).W, "W"
@@ -196,7 +279,11 @@ def top_genes(
     selected = res.selected(kind, min_pstar)
     is_anchor = res.anchors(kind, min_pstar)
 
-    fig, axes = _grid(table.shape[1], ncols, (3.0, 0.25 * len(table) + 1.2))
+    longest = max(len(str(g)) for g in table.to_numpy().ravel())
+    width = 1.9 + 0.055 * longest  # room for the gene names, then about 1.8 in of bars
+    n_cols = min(ncols, table.shape[1])
+    width = max(width, 3.6 / n_cols)  # the legend above needs about 3.6 in
+    fig, axes = _grid(table.shape[1], n_cols, (width, 0.22 * len(table) + 1.0))
     for ax, factor in zip(axes, table.columns, strict=True):
         genes = table[factor].tolist()
         vals = shown.loc[genes, factor].to_numpy(dtype=float)
@@ -210,21 +297,24 @@ def top_genes(
         ax.barh(y, vals, color=colors)
         ax.set_yticks(y)
         ax.set_yticklabels(genes, fontsize=7)
-        ax.invert_yaxis()
+        ax.set_ylim(len(genes) - 0.5, -0.5)
         ax.axvline(0.0, color="black", lw=0.5)
-        ax.set_title(str(factor), fontsize=9)
+        ax.grid(False)
+        ax.set_title(f"{factor} (switched off)" if factor in off else str(factor), fontsize=9)
         ax.set_xlabel(xlabel, fontsize=8)
+        ax.tick_params(axis="both", length=2, pad=1)
         ax.tick_params(axis="x", labelsize=7)
-        ax.xaxis.set_major_locator(MaxNLocator(nbins=4))
+        # Plain numbers (no "1e-3" offset text) on few ticks, so that labels never collide.
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=3, min_n_ticks=2))
+        ax.xaxis.set_major_formatter(_plain_formatter(vals))
     handles = [
         Patch(color=ANCHOR_COLOR, label="anchor"),
-        Patch(color=SELECTED_COLOR, label="selected"),
+        Patch(color=SELECTED_COLOR, label=f"selected (p* \u2265 {min_pstar:g})"),
         Patch(color=OTHER_COLOR, label="not selected"),
     ]
-    fig.legend(handles=handles, loc="upper right", fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0, 0.9, 1))
-    finish(fig, show, save)
-    return fig
+    fig.legend(handles=handles, loc="upper center", ncol=3, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()), w_pad=1.0)
+    return finish(fig, fig, name="top_genes", show=show, save=save)
 
 
 # ---------------------------------------------------------------------------- enrichment
@@ -238,8 +328,8 @@ def enrichment_dotplot(
     factors: Sequence[str] | None = None,
     ax: Axes | None = None,
     show: bool | None = None,
-    save: str | os.PathLike | None = None,
-) -> Axes:
+    save: bool | str | os.PathLike | None = None,
+) -> Axes | None:
     """Dot plot of the top enriched gene sets per factor (output of :func:`sparsevae.tl.enrich`).
 
     Parameters
@@ -259,16 +349,19 @@ def enrichment_dotplot(
     factors
         Factors (columns) to show, in order; default those in ``enrich_df``.
     ax
-        Axes to draw in; default a new figure.
+        Axes to draw in (e.g. one panel of your own grid); default a new figure sized to the
+        terms.
     show
-        Show the figure; default: show unless ``save`` is given, following
-        ``scanpy.settings.autoshow``.
+        Show the figure and return ``None``; default ``scanpy.settings.autoshow``. Pass
+        ``False`` to get the Axes back.
     save
-        Path to save the figure to.
+        As in scanpy: ``True`` writes ``sc.settings.figdir / "enrichment_dotplot.<ext>"``, a
+        string suffix such as ``"_run1.pdf"`` writes ``figdir / "enrichment_dotplot_run1.pdf"``;
+        a path (``pathlib.Path``, or a string with a ``/``) is written as given.
 
     Returns
     -------
-    The matplotlib Axes.
+    The matplotlib Axes, or ``None`` when the figure was shown.
 
     Examples
     --------
@@ -308,8 +401,7 @@ def enrichment_dotplot(
     if df.empty:
         ax.text(0.5, 0.5, "no enrichment results to show", ha="center", va="center")
         ax.set_axis_off()
-        finish(fig, show, save)
-        return ax
+        return finish(fig, ax, name="enrichment_dotplot", show=show, save=save)
 
     factor_order = list(factors) if factors is not None else list(enrich_df["factor"])
     present = set(df["factor"])
@@ -352,11 +444,25 @@ def enrichment_dotplot(
         ax.scatter([], [], s=20 + 180 * frac, color="gray", label=f"{size} {frac * smax:.3g}")
     ax.legend(loc="upper left", bbox_to_anchor=(1.3, 1.0), fontsize=7, frameon=False)
     ax.set_title("Gene-set enrichment per factor", fontsize=9)
-    finish(fig, show, save)
-    return ax
+    return finish(fig, ax, name="enrichment_dotplot", show=show, save=save)
 
 
 # ---------------------------------------------------------------------------- embeddings
+def _switched_off_in_obsm(adata: AnnData, key: str) -> set[str]:
+    """Switched-off factors of the results stored with the factors ``adata.obsm[key]``.
+
+    Multi-study: a shared factor by the shared mask, a study-specific factor when it is switched
+    off in every study. Empty when the AnnData holds no readable results.
+    """
+    try:
+        res = read_results(adata, key.removeprefix("X_"))
+    except (KeyError, ValueError, TypeError):
+        return set()
+    off = switched_off(res, "shared", DEFAULT_MIN_PSTAR)
+    per_study = [switched_off(res, kind, DEFAULT_MIN_PSTAR) for kind in res.kinds[1:]]
+    return off | set.intersection(*per_study) if per_study else off
+
+
 def factors_embedding(
     adata: AnnData,
     basis: str = "umap",
@@ -364,11 +470,13 @@ def factors_embedding(
     factors: Sequence[str | int] | None = None,
     key: str = "X_sparsevae",
     obs_keys: Sequence[str] | str | None = None,
+    include_off: bool = False,
     ncols: int = 4,
+    panel_size: tuple[float, float] = (3.2, 3.0),
     show: bool | None = None,
-    save: str | os.PathLike | None = None,
+    save: bool | str | os.PathLike | None = None,
     **kwargs: Any,
-) -> Figure:
+) -> Figure | None:
     """Cells in an embedding (UMAP, t-SNE, ...) coloured by each factor, through scanpy.
 
     ``adata`` is not modified: the factors are read from ``adata.obsm[key]`` (written by
@@ -382,25 +490,36 @@ def factors_embedding(
     basis
         Embedding, e.g. ``"umap"`` (after ``sc.tl.umap``), ``"tsne"`` or ``"pca"``.
     factors
-        Factors to show (names or integer positions); default all. Names come from
-        ``adata.uns[key.removeprefix("X_")]["factor_names"]`` when present, else ``factor_k``.
+        Factors to show (names or integer positions); default all factors in use. Names come
+        from ``adata.uns[key.removeprefix("X_")]["factor_names"]`` when present, else
+        ``factor_k``. Factors named here are drawn even when switched off.
     key
         ``obsm`` key of the factors.
     obs_keys
         Columns of ``adata.obs`` to show first (e.g. cell types).
+    include_off
+        Also draw the factors that are switched off (by the results stored with the factors,
+        see :func:`sparsevae.tl.identifiability_report`; a study-specific factor only when off
+        in every study); by default they are left out.
     ncols
         Panels per row.
+    panel_size
+        Width and height of one panel in inches; enlarge for many cells.
     show
-        Show the figure; default: show unless ``save`` is given, following
-        ``scanpy.settings.autoshow``.
+        Show the figure and return ``None``; default ``scanpy.settings.autoshow``. Pass
+        ``False`` to get the Figure back.
     save
-        Path to save the figure to.
+        As in scanpy: ``True`` writes ``sc.settings.figdir / "factors_embedding.<ext>"``, a
+        string suffix such as ``"_run1.pdf"`` writes ``figdir / "factors_embedding_run1.pdf"``;
+        a path (``pathlib.Path``, or a string with a ``/``) is written as given.
     **kwargs
-        Passed to :func:`scanpy.pl.embedding` (defaults: ``cmap="RdBu_r"``, ``vcenter=0``).
+        Passed to :func:`scanpy.pl.embedding` for each panel (defaults: ``cmap="RdBu_r"``,
+        ``vcenter=0``).
 
     Returns
     -------
-    The matplotlib Figure.
+    The matplotlib Figure (one Axes per panel, plus the colour bars, in ``fig.axes``), or
+    ``None`` when shown.
 
     Examples
     --------
@@ -427,7 +546,10 @@ def factors_embedding(
     if len(names) != z.shape[1]:
         names = [f"factor_{k}" for k in range(z.shape[1])]
     if factors is None:
-        chosen = list(range(z.shape[1]))
+        off = set() if include_off else _switched_off_in_obsm(adata, key)
+        chosen = [i for i, name in enumerate(names) if name not in off]
+        if not chosen:
+            logger.warning("Every factor is switched off; include_off=True draws them anyway.")
     else:
         chosen = []
         for f in [factors] if isinstance(factors, str | int) else factors:
@@ -450,16 +572,29 @@ def factors_embedding(
             tmp.uns[f"{k}_colors"] = list(adata.uns[f"{k}_colors"])
     kwargs.setdefault("cmap", "RdBu_r")
     kwargs.setdefault("vcenter", 0)
-    if obs_keys:
-        kwargs.setdefault("wspace", 0.5)  # room for categorical legends
     colors = obs_keys + [names[i] for i in chosen]
-    fig = sc.pl.embedding(
-        tmp, basis=basis, color=colors, ncols=ncols, show=False, return_fig=True, **kwargs
+    if not colors:
+        fig = _note_figure("Every factor is switched off\n(include_off=True draws them anyway)")
+        return finish(fig, fig, name="factors_embedding", show=show, save=save)
+    # Default dot size: scanpy's (120000 / n_cells) for its 4-inch panels, scaled to ours.
+    kwargs.setdefault("size", 120000 / max(adata.n_obs, 1) * (min(panel_size) / 4.0) ** 2)
+    # One scanpy panel per axes of our own grid, packed by the constrained layout with their
+    # colour bars. The obs panels get their own rows (a subfigure), so that the room their
+    # legends need does not widen a column of factor panels.
+    n_cols = min(ncols, len(colors))
+    groups = [g for g in (obs_keys, colors[len(obs_keys) :]) if g]
+    rows = [int(np.ceil(len(g) / n_cols)) for g in groups]
+    fig = plt.figure(
+        figsize=(panel_size[0] * n_cols, panel_size[1] * sum(rows)), layout="constrained"
     )
-    if fig is None:  # pragma: no cover - older scanpy versions
-        fig = plt.gcf()
-    finish(fig, show, save)
-    return fig
+    parts = fig.subfigures(len(groups), 1, height_ratios=rows, squeeze=False).ravel()
+    for part, group, n_rows in zip(parts, groups, rows, strict=True):
+        axes = part.subplots(n_rows, n_cols, squeeze=False).ravel()
+        for ax in axes[len(group) :]:
+            ax.remove()
+        for ax, color in zip(axes, group, strict=False):
+            sc.pl.embedding(tmp, basis=basis, color=color, ax=ax, show=False, **kwargs)
+    return finish(fig, fig, name="factors_embedding", show=show, save=save)
 
 
 # ---------------------------------------------------------------------------- history
@@ -492,15 +627,89 @@ def _history_groups(history: dict[str, Any]) -> dict[str, dict[str, pd.Series]]:
     return groups
 
 
+def _is_constant(splits: dict[str, pd.Series]) -> bool:
+    """Whether a metric's curves hold at least two points and never change."""
+    values = np.concatenate([s.to_numpy(dtype=float) for s in splits.values()])
+    if len(values) < 2:
+        return False
+    return bool(np.ptp(values) <= 1e-12 * max(1.0, float(np.abs(values).max())))
+
+
+def _prior_phases(model: Any, n_epochs: int) -> tuple[PriorSchedule | None, bool]:
+    """The run's prior schedule, and whether it was derived from the defaults.
+
+    The training plan of the last run records it (``model.trainer.lightning_module.schedule``);
+    a loaded model has no trainer, so the defaults of :func:`~sparsevae.train.prior_schedule`
+    for the epochs in the history are assumed. ``None`` without a mask prior.
+    """
+    module = getattr(model, "module", None)
+    if module is None or getattr(module, "prior", None) is None:
+        return None, False
+    try:
+        schedule = model.trainer.lightning_module.schedule
+    except (AttributeError, RuntimeError):
+        schedule = None
+    if isinstance(schedule, PriorSchedule):
+        return schedule, False
+    return prior_schedule(n_epochs, bool(getattr(module, "is_count", True))), True
+
+
+def _draw_phases(
+    fig: Figure, axes: Sequence[Axes], schedule: PriorSchedule, derived: bool, last_epoch: float
+) -> None:
+    """Shade the warm-up and the spike ladder and mark the start of the full prior."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    warm, full = schedule.warmup, schedule.full_prior_epoch
+    if full == 0:
+        return  # the full prior from the first epoch: nothing to mark
+    end = last_epoch + 0.5  # phase edges lie between epochs
+    handles = []
+    for ax in axes:
+        xlim = ax.get_xlim()
+        if warm > 0:
+            ax.axvspan(-0.5, min(warm - 0.5, end), color="0.8", alpha=0.5, lw=0, zorder=0)
+        if schedule.ramp > 0 and warm - 0.5 < end:
+            ax.axvspan(warm - 0.5, min(full - 0.5, end), color="tab:orange", alpha=0.15, lw=0)
+        if full - 0.5 < end:
+            ax.axvline(full - 0.5, color="0.3", ls="--", lw=0.8)
+        ax.set_xlim(xlim)
+    if warm > 0:
+        handles.append(Patch(color="0.8", alpha=0.5, label=f"warm-up, no mask prior ({warm})"))
+    if schedule.ramp > 0:
+        handles.append(
+            Patch(color="tab:orange", alpha=0.15, label=f"spike-rate ladder ({schedule.ramp})")
+        )
+    if full - 0.5 < end:
+        handles.append(
+            Line2D([], [], color="0.3", ls="--", lw=0.8, label=f"full prior from {full}")
+        )
+    title = "prior schedule, epochs" + (" (default lengths assumed)" if derived else "")
+    fig.legend(
+        handles=handles,
+        loc="upper center",
+        ncol=len(handles),
+        fontsize=7,
+        title=title,
+        title_fontsize=7,
+        frameon=False,
+    )
+
+
 def training_history(
     model: SparseVAE,
     *,
     keys: Sequence[str] | None = None,
+    phases: bool = True,
     ncols: int = 3,
     show: bool | None = None,
-    save: str | os.PathLike | None = None,
-) -> Figure:
+    save: bool | str | os.PathLike | None = None,
+) -> Figure | None:
     """Training curves of a model: one panel per metric, train and validation together.
+
+    The phases of the mask prior's schedule (warm-up without the prior, spike-rate ladder,
+    full prior; see :class:`~sparsevae.train.SparseVAETrainingPlan`) are shaded in every panel.
 
     Parameters
     ----------
@@ -509,26 +718,30 @@ def training_history(
         keys like ``"elbo_train"``, ``"reconstruction_loss_train"``, ``"kl_local_train"``).
     keys
         Metrics to plot (e.g. ``["elbo", "kl_local"]``, without the ``_train`` /
-        ``_validation`` suffix); default all recorded.
+        ``_validation`` suffix); default all recorded whose curve is not constant (such as
+        ``kl_weight`` without a KL warm-up).
+    phases
+        Mark the prior schedule's phases. They come from the last training run; for a loaded
+        model, the default lengths for the epochs recorded are assumed (said in the legend).
     ncols
         Panels per row.
     show
-        Show the figure; default: show unless ``save`` is given, following
-        ``scanpy.settings.autoshow``.
+        Show the figure and return ``None``; default ``scanpy.settings.autoshow``. Pass
+        ``False`` to get the Figure back.
     save
-        Path to save the figure to.
+        As in scanpy: ``True`` writes ``sc.settings.figdir / "training_history.<ext>"``, a
+        string suffix such as ``"_run1.pdf"`` writes ``figdir / "training_history_run1.pdf"``;
+        a path (``pathlib.Path``, or a string with a ``/``) is written as given.
 
     Returns
     -------
-    The matplotlib Figure; when nothing was recorded (e.g. training with ``logger=False``) it
-    holds a note saying so.
+    The matplotlib Figure (one Axes per metric in ``fig.axes``), or ``None`` when shown; when
+    nothing was recorded (e.g. training with ``logger=False``) it holds a note saying so.
 
     Examples
     --------
     >>> sparsevae.pl.training_history(model, keys=["elbo", "kl_local"], show=False)
     """
-    import matplotlib.pyplot as plt
-
     ncols = check_positive_int("ncols", ncols)
     history = model.history or {}
     groups = _history_groups(dict(history))
@@ -537,29 +750,29 @@ def training_history(
         if unknown:
             raise KeyError(f"No history for {unknown}; recorded metrics: {sorted(groups)}.")
         groups = {k: groups[k] for k in keys}
+    else:  # leave out constant curves, unless every curve is
+        groups = {k: v for k, v in groups.items() if not _is_constant(v)} or groups
     if not groups:
-        fig, ax = plt.subplots(figsize=(4, 2.5))
-        ax.text(
-            0.5,
-            0.5,
-            "No training history recorded\n(not trained yet, or trained with logger=False)",
-            ha="center",
-            va="center",
-            fontsize=9,
+        fig = _note_figure(
+            "No training history recorded\n(not trained yet, or trained with logger=False)"
         )
-        ax.set_axis_off()
-        finish(fig, show, save)
-        return fig
-    fig, axes = _grid(len(groups), ncols, (3.6, 2.8))
+        return finish(fig, fig, name="training_history", show=show, save=save)
+    fig, axes = _grid(len(groups), ncols, (3.6, 2.6))
+    last = -np.inf
     for ax, (metric, splits) in zip(axes, groups.items(), strict=True):
         for split, series in splits.items():
             index = np.asarray(series.index, dtype=float)
+            last = max(last, index.max())
             ax.plot(index, series.to_numpy(), marker="." if len(series) < 30 else None, label=split)
         ax.set_title(metric, fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
         ax.tick_params(labelsize=7)
         if len(splits) > 1 or "" not in splits:
             ax.legend(fontsize=7, frameon=False)
-    fig.tight_layout()
-    finish(fig, show, save)
-    return fig
+    schedule, derived = _prior_phases(model, int(last) + 1) if phases else (None, False)
+    top = 1.0
+    if schedule is not None and schedule.full_prior_epoch > 0:
+        _draw_phases(fig, axes, schedule, derived, last)
+        top = 1.0 - 0.45 / fig.get_figheight()
+    fig.tight_layout(rect=(0, 0, 1, top))
+    return finish(fig, fig, name="training_history", show=show, save=save)

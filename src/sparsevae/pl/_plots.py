@@ -23,12 +23,12 @@ def _mask_tables(
     threshold: float | None,
     kind: str | None,
     key: str,
-) -> tuple[pd.DataFrame, pd.DataFrame, str]:
-    """Values to plot, boolean selection and the colorbar label."""
+) -> tuple[pd.DataFrame, pd.DataFrame, str, str]:
+    """Values to plot, boolean selection, the colorbar label and the selection rule in words."""
     threshold = 0.5 if threshold is None else threshold
     if isinstance(data, pd.DataFrame):
         shown = data.astype(float).abs()
-        return shown, shown > threshold, "value"
+        return shown, shown > threshold, "value", f"|value| > {threshold:g}"
     if values not in ("W", "pstar"):
         raise ValueError(f"values must be 'W' or 'pstar', got {values!r}.")
     res = read_results(data, key)
@@ -37,11 +37,12 @@ def _mask_tables(
         if values == "pstar":
             raise ValueError("This fit has no mask prior (mask=None), so it has no p*.")
         W = mask.W.abs()
-        return W, W > threshold, "|W|"
+        return W, W > threshold, "|W|", f"|W| > {threshold:g}"
     selected = res.selected(kind, threshold)
+    rule = f"p* \u2265 {threshold:g}"
     if values == "pstar":
-        return mask.pstar, selected, "inclusion probability p*"
-    return mask.W.abs(), selected, "|W|"
+        return mask.pstar, selected, "inclusion probability p*", rule
+    return mask.W.abs(), selected, "|W|", rule
 
 
 def mask_heatmap(
@@ -52,17 +53,19 @@ def mask_heatmap(
     threshold: float | None = None,
     ax: Axes | None = None,
     show: bool | None = None,
-    save: str | os.PathLike | None = None,
+    save: bool | str | os.PathLike | None = None,
     kind: str | None = None,
     key: str = "sparsevae",
-) -> Axes:
+) -> Axes | None:
     """Heatmap of the decoder mask for the genes it selects, ordered by their main factor.
 
     A gene is selected by a factor when its inclusion probability ``p*`` exceeds ``threshold``
     (for a DataFrame, or a model without a mask prior: when ``|value|`` does). Each selected gene
     is assigned to the factor where its value is largest; genes are grouped by that factor and
-    sorted within each group, keeping the ``n_top`` strongest per factor. When no gene passes the
-    threshold, the ``n_top`` strongest genes of each factor are shown instead (noted in the title).
+    sorted within each group, keeping the ``n_top`` strongest per factor. A white dot marks each
+    selected entry (gene, factor), whatever its colour; the title says so. When no gene passes the
+    threshold, the ``n_top`` strongest genes of each factor are shown instead, without dots
+    (noted in the title).
 
     Parameters
     ----------
@@ -78,12 +81,16 @@ def mask_heatmap(
         Selection threshold; default 0.5 (on ``p*`` for a model with a prior, on ``|value|``
         otherwise).
     ax
-        Axes to draw in; default a new figure sized to the number of genes.
+        Axes to draw in (e.g. one panel of your own grid); default a new figure sized to the
+        number of genes.
     show
-        Show the figure (``plt.show()``); default: show unless ``save`` is given, following
-        ``scanpy.settings.autoshow``.
+        Show the figure (``plt.show()``) and return ``None``; default ``scanpy.settings.autoshow``.
+        Pass ``False`` to get the Axes back.
     save
-        Path to save the figure to (format from the extension).
+        As in scanpy: ``True`` writes ``sc.settings.figdir / "mask_heatmap.<file_format_figs>"``;
+        a string suffix such as ``"_run1.pdf"`` writes ``figdir / "mask_heatmap_run1.pdf"`` (no
+        extension: ``sc.settings.file_format_figs``). A path (``pathlib.Path``, or a string
+        with a ``/``) is written as given.
     kind
         For a multi-study model: which mask, ``None``/``"shared"`` (default) or a study name
         (see :meth:`~sparsevae.SparseVAE.get_mask`); the title names it.
@@ -92,18 +99,20 @@ def mask_heatmap(
 
     Returns
     -------
-    The matplotlib Axes with the heatmap.
+    The matplotlib Axes with the heatmap, or ``None`` when the figure was shown.
 
     Examples
     --------
-    >>> sparsevae.pl.mask_heatmap(model, n_top=8, save="mask.png", show=False)
+    >>> ax = sparsevae.pl.mask_heatmap(model, n_top=8, show=False)
+    >>> sparsevae.pl.mask_heatmap(model, save="_run1.pdf")  # figures/mask_heatmap_run1.pdf
     """
     import matplotlib.pyplot as plt
 
     if not isinstance(n_top, int | np.integer) or n_top < 1:
         raise ValueError(f"n_top must be a positive integer, got {n_top!r}.")
-    shown, selected, label = _mask_tables(data, values, threshold, kind, key)
+    shown, selected, label, rule = _mask_tables(data, values, threshold, kind, key)
     note = ""
+    marked = selected
     if not selected.to_numpy().any():
         note = " (no gene passes the threshold: top genes by value)"
         selected = pd.DataFrame(True, index=shown.index, columns=shown.columns)
@@ -147,8 +156,33 @@ def mask_heatmap(
     ax.set_xlabel("factor")
     ax.set_ylabel(f"genes ({len(genes)})")
     which = "" if kind is None else f" ({kind})"
-    ax.set_title(f"SparseVAE mask{which}{note}", fontsize=9)
+    title = f"SparseVAE mask{which}{note}"
     fig.colorbar(im, ax=ax, label=label, shrink=0.6)
+    if not note:
+        _mark_selected(ax, marked.loc[genes].to_numpy(dtype=bool))
+        title += f"\nwhite dots: selected entries ({rule})"
+    ax.set_title(title, fontsize=9)
+    return finish(fig, ax, name="mask_heatmap", show=show, save=save)
 
-    finish(fig, show, save)
-    return ax
+
+def _mark_selected(ax: Axes, selected: np.ndarray) -> None:
+    """A white dot on each selected cell (genes x factors) of a heat map drawn in ``ax``."""
+    rows, cols = np.nonzero(selected)
+    if not len(rows):
+        return
+    box = ax.get_window_extent()  # pixels; a dot about a third of a cell wide
+    cell = min(box.height / selected.shape[0], box.width / selected.shape[1])
+    size = float(np.clip((0.35 * cell * 72.0 / ax.figure.dpi) ** 2, 2.0, 30.0))
+    xlim, ylim = ax.get_xlim(), ax.get_ylim()
+    ax.scatter(
+        cols,
+        rows,
+        s=size,
+        color="white",
+        edgecolors="black",
+        linewidths=0.3,
+        gid="selected",
+        zorder=3,
+    )
+    ax.set_xlim(xlim)
+    ax.set_ylim(ylim)

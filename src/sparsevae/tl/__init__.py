@@ -1,5 +1,6 @@
 """Tools on trained models."""
 
+from ._activity import factor_activity
 from ._anchors import FitData as FitData  # the input type of tl and pl functions
 from ._anchors import (
     IdentifiabilityReport,
@@ -8,6 +9,7 @@ from ._anchors import (
     identifiability_report,
     top_genes,
 )
+from ._de import differential_expression
 from ._enrich import enrich, read_gmt, translate_gene_sets
 from ._metrics import celltype_accuracy, dci
 from ._multistudy import (
@@ -34,7 +36,9 @@ __all__ = [
     "check_shared_specific",
     "covariance_violations",
     "dci",
+    "differential_expression",
     "enrich",
+    "factor_activity",
     "factor_stability",
     "identifiability_report",
     "mask_f1",
