@@ -22,8 +22,10 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["COLLAPSE_KL", "DEFAULT_TRAIN_SIZE", "TrainingMixin"]
 
-#: Share of the cells used for training by default (scvi-tools' default); the rest validate.
-DEFAULT_TRAIN_SIZE = 0.9
+#: Share of the cells used for training by default: all of them. scvi-tools holds out 10%; here
+#: that cost identifiability (user guide, "Why the defaults are what they are"), so validation
+#: curves are opt-in (``train(train_size=0.9)``).
+DEFAULT_TRAIN_SIZE = 1.0
 
 #: Below this KL (nats per cell, summed over factors) at the last epoch, training warns of
 #: posterior collapse. Healthy fits have several nats per cell.
@@ -73,9 +75,10 @@ class TrainingMixin:
             ``n_epochs_prior_warmup + n_epochs_lambda0_ramp`` epochs), because the schedule
             itself moves the ELBO; pass ``early_stopping_warmup_epochs`` to change that.
         train_size
-            Fraction of cells used for training (0.9, as in scvi-tools); the others give the
-            validation curves in ``model.history`` (every epoch; pass
-            ``check_val_every_n_epoch`` to thin them). ``1.0`` trains on every cell.
+            Fraction of cells used for training; default :data:`DEFAULT_TRAIN_SIZE` (1.0: every
+            cell, unlike scvi-tools' 0.9, see the user guide's "Why the defaults are what they
+            are"), or 0.9 with early stopping. Below 1, the other cells give validation curves
+            in ``model.history`` every epoch (pass ``check_val_every_n_epoch`` to thin them).
         validation_size
             Fraction of cells used for validation; default ``1 - train_size``.
         accelerator
@@ -243,7 +246,7 @@ class TrainingMixin:
         if max_epochs is None:
             max_epochs = default_max_epochs(self.adata.n_obs)
         if train_size is None:
-            train_size = DEFAULT_TRAIN_SIZE
+            train_size = 0.9 if early_stopping else DEFAULT_TRAIN_SIZE
         if train_size < 1.0 and validation_size != 0:
             trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
         plan_kwargs = {
