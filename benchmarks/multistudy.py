@@ -1,6 +1,8 @@
-"""Multi-study SparseVAE on simulate_multistudy: mask recovery, cell types and cost, JSON lines.
+"""Multi-study SparseVAE on simulated data and on real counts with planted programs, JSON lines.
 
-Usage: ``python benchmarks/multistudy.py [--quick] [--seeds 0 1 2] [--studies 2 3 5]``.
+Usage: ``python benchmarks/multistudy.py [--quick] [--seeds 0 1 2] [--studies 2 3 5]``; on real
+counts with planted study-specific programs: ``python benchmarks/multistudy.py --real pbmc
+[--quick] [--seeds 0 1 2] [--folds 1.5 2 4 8] [--n-studies 2]`` (below).
 
 One line per fit (``"benchmark": "multistudy"``): the F1 of the shared mask against the shared
 programs and of each study's mask against that study's programs (learned factors matched to true
@@ -24,6 +26,38 @@ cell's mask by its study.
 numbers of factors (one surplus per mask), seeds 0-11 (about 15 minutes).
 Full run: 2, 3 and 5 studies x seeds 0-2, 400 genes (3 shared programs and 1 per study, 30 genes
 each), 400 cells per study, 100 epochs (about 20-30 minutes).
+
+Real counts (``--real pbmc`` or ``--real zeisel``, ``"benchmark": "multistudy_real"``): does a
+program present in one study only land in that study's specific mask, on a real background?
+The cells of :func:`sparsevae.datasets.pbmc68k_reduced_counts` (700 cells, 765 genes) or of
+``../shared/data/zeisel2015.h5ad`` (3005 cells, its 1000 seurat_v3 HVGs; the run is skipped
+with a ``"record": "skipped"`` line when the file is absent) are split into ``--n-studies``
+studies (2-4) at random, stratified by cell type (``--split random``, the only split: neither
+data set has a study-like covariate; pbmc's ``phase`` is scored from the expression and has 17
+G2M cells, ``louvain`` is a clustering). Program ``p`` is planted in study ``study_p`` (two
+programs, in ``study_0`` and ``study_1``): in half of its cells (``--planted-fraction``), each
+gene of the set gets ``Poisson(x * (fold - 1) * a)`` extra counts, ``a ~ Uniform(0.5, 1.5)``
+per cell (see ``_real_background.py``). Gene sets: pbmc, Hallmark INTERFERON_GAMMA_RESPONSE
+(29 genes present) in study_0 and MTORC1_SIGNALING (22 present, the one shared gene dropped)
+in study_1; Zeisel's copy has no gene names, so 25 random HVGs detected in >= 10% of cells per
+program (drawn per seed). The model is the user's: package defaults, ``n_factors`` 10 (pbmc) or
+15 (Zeisel), ``n_specific_factors=3``, ``max_epochs`` the package default (400 for pbmc, 100
+for Zeisel) unless ``--max-epochs``. One line per (seed, fold) fit: per planted program, the
+shares of its genes that :func:`sparsevae.tl.shared_specific_genes` labels ``specific to`` the
+right study (``specific_right_study``, the target), ``shared`` (the failure mode), ``both``,
+``none`` or specific to another study, and their means over programs (``planted_*``); for the
+data's own programs, among the genes that some mask selects and that were not planted, the
+shares labelled ``shared`` (``data_genes_shared``, target >= 0.9), ``both`` and specific; the
+cell-type accuracy of the shared factors (:func:`sparsevae.tl.celltype_accuracy`); and the
+verdict of :func:`sparsevae.tl.check_shared_specific`. One summary line per fold: the means
+over seeds.
+
+``python benchmarks/multistudy.py --real pbmc --quick``: seed 0, fold 4, 40 epochs (66 s on one
+thread). At the package defaults one pbmc fit (400 epochs) took 12-13 minutes on one thread of
+the shared 2-core machine (1.8-2.0 s per epoch at load 2-3; 1.45 s at load 1.1), so
+``--real pbmc --seeds 0 1 2 --folds 2 4 8`` (nine fits) takes about 2 hours; a Zeisel fit (100
+epochs of about 10 s) about 17 minutes. ``benchmarks/results/multistudy_real.jsonl`` holds
+``--real pbmc --seeds 0 --folds 2 8``.
 """
 
 from __future__ import annotations
@@ -44,6 +78,7 @@ import torch
 import sparsevae
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _real_background as real
 from _common import command_line, machine_info
 
 QUIET = {
@@ -52,6 +87,7 @@ QUIET = {
     "enable_checkpointing": False,
     "logger": False,
 }
+QUICK_REAL_EPOCHS = 40
 
 
 def simulate(n_studies: int, seed: int, size: dict[str, int]) -> Any:
@@ -75,6 +111,7 @@ def fit(
     shared_first: int | None = None,
     extra: int = 0,
     kl_warmup: int | None = None,
+    move_confined: bool = True,
 ) -> dict[str, Any]:
     """Fit one multi-study SparseVAE (``extra`` surplus factors per mask) and score it."""
     ad = simulate(n_studies, seed, size)
@@ -92,6 +129,7 @@ def fit(
         batch_size=size["batch_size"],
         n_epochs_shared_first=shared_first,
         n_epochs_kl_warmup=kl_warmup,
+        move_confined=move_confined,
         **QUIET,
     )
     seconds = time.perf_counter() - t0
@@ -120,6 +158,8 @@ def fit(
         **{k: size[k] for k in ("n_genes", "n_shared", "n_specific", "n_cells_per_study")},
         "extra_factors": extra,
         "n_epochs_kl_warmup": kl_warmup,
+        "move_confined": move_confined,
+        "moved": model.moved_factors_,
         "max_epochs": max_epochs,
         "n_epochs_shared_first": model.trainer.lightning_module.n_epochs_shared_first,
         "f1_shared_mean": round(float(f1_shared.mean()), 4),
@@ -174,6 +214,190 @@ def cost(n_studies: int, size: dict[str, int], n_epochs: int) -> dict[str, Any]:
     }
 
 
+def label_shares(labels: Any, study: str | None = None) -> dict[str, float]:
+    """Shares of genes per :func:`sparsevae.tl.shared_specific_genes` label."""
+    labels = np.asarray(labels, dtype=object)
+    n = max(len(labels), 1)
+    shares = {
+        "shared": float(np.sum(labels == "shared")) / n,
+        "both": float(np.sum(labels == "both")) / n,
+        "none": float(np.sum(labels == "none")) / n,
+    }
+    if study is not None:
+        right = float(np.sum(labels == f"specific to {study}")) / n
+        shares = {"specific_right_study": right, **shares}
+        shares["specific_other"] = 1.0 - sum(shares.values())
+    return {k: round(v, 4) for k, v in shares.items()}
+
+
+def fit_real(
+    data: str,
+    background: Any,
+    programs: list[tuple[str, list[str]]],
+    split: str,
+    seed: int,
+    fold: float,
+    max_epochs: int | None,
+    fraction: float,
+    n_specific: int,
+    move_confined: bool = True,
+) -> dict[str, Any]:
+    """Plant the programs into the real counts, fit with the package defaults, and score."""
+    ad = real.plant(background, programs, fold, fraction, seed)
+    info = real.DATASETS[data]
+    n_shared = info["n_factors"]
+    scvi.settings.seed = seed
+    sparsevae.SparseVAE.setup_anndata(ad, layer="counts", study_key="study")
+    model = sparsevae.SparseVAE(ad, n_factors=n_shared, n_specific_factors=n_specific)
+    t0 = time.perf_counter()
+    model.train(max_epochs=max_epochs, move_confined=move_confined, **QUIET)
+    seconds = time.perf_counter() - t0
+    n_epochs = int(model.trainer.lightning_module.current_epoch) or (max_epochs or 0)
+    label = sparsevae.tl.shared_specific_genes(model).genes["label"].reindex(ad.var_names)
+    scored = []
+    planted: set[str] = set()
+    for truth in ad.uns["planted_programs"]:
+        planted.update(truth["genes"])
+        scored.append(
+            {
+                "name": truth["name"],
+                "study": truth["study"],
+                "n_genes": len(truth["genes"]),
+                "n_cells": len(truth["cells"]),
+                "realised_fold": round(truth["realised_fold"], 3),
+                **label_shares(label[truth["genes"]].to_numpy(), truth["study"]),
+            }
+        )
+    own = label.drop(sorted(planted))
+    own_selected = own[own != "none"].to_numpy()
+    own_shares = label_shares(own_selected)
+    checks = sparsevae.tl.check_shared_specific(model)
+    z = model.get_latent_representation()
+    labels = ad.obs[info["label_key"]].astype(str).to_numpy()
+    acc_shared = sparsevae.tl.celltype_accuracy(z[:, :n_shared], labels)["mean"]
+    return {
+        "benchmark": "multistudy_real",
+        "record": "fit",
+        "data": data,
+        "split": split,
+        "n_studies": int(ad.obs["study"].nunique()),
+        "seed": seed,
+        "fold": fold,
+        "n_cells": ad.n_obs,
+        "n_genes": ad.n_vars,
+        "n_factors": n_shared,
+        "n_specific_factors": n_specific,
+        "max_epochs": max_epochs,
+        "n_epochs": n_epochs,
+        "planted_fraction": fraction,
+        "programs": scored,
+        "planted_specific_right_study": round(
+            float(np.mean([p["specific_right_study"] for p in scored])), 4
+        ),
+        "planted_shared": round(float(np.mean([p["shared"] for p in scored])), 4),
+        "planted_both": round(float(np.mean([p["both"] for p in scored])), 4),
+        "data_genes_selected": len(own_selected),
+        "data_genes_shared": own_shares["shared"],
+        "data_genes_both": own_shares["both"],
+        "data_genes_specific": round(1.0 - own_shares["shared"] - own_shares["both"], 4)
+        if len(own_selected)
+        else 0.0,
+        "celltype_accuracy_shared": round(float(acc_shared), 4),
+        "check_ok": checks.ok,
+        "check_problems": checks.problems,
+        "seconds": round(seconds, 1),
+        "move_confined": move_confined,
+        "moved": model.moved_factors_,
+        "seconds_per_epoch": round(seconds / n_epochs, 4) if n_epochs else None,
+    }
+
+
+SUMMARY_KEYS = (
+    "planted_specific_right_study",
+    "planted_shared",
+    "planted_both",
+    "data_genes_shared",
+    "data_genes_both",
+    "data_genes_specific",
+    "celltype_accuracy_shared",
+    "seconds",
+)
+
+
+def summarise_real(fits: list[dict[str, Any]]) -> dict[str, Any]:
+    """Means over seeds of one (data, split, fold)'s fits."""
+    first = fits[0]
+    per_program: dict[str, list[float]] = {}
+    for f in fits:
+        for p in f["programs"]:
+            per_program.setdefault(f"{p['name']} in {p['study']}", []).append(
+                p["specific_right_study"]
+            )
+    return {
+        "benchmark": "multistudy_real",
+        "record": "summary",
+        **{k: first[k] for k in ("data", "split", "n_studies", "fold", "max_epochs")},
+        "seeds": [f["seed"] for f in fits],
+        **{f"{k}_mean": round(float(np.mean([f[k] for f in fits])), 4) for k in SUMMARY_KEYS},
+        "specific_right_study_by_program": {
+            k: round(float(np.mean(v)), 4) for k, v in per_program.items()
+        },
+        "checks_ok": f"{sum(f['check_ok'] for f in fits)}/{len(fits)}",
+    }
+
+
+def main_real(args: argparse.Namespace) -> None:
+    """``--real``: real counts, random studies, planted study-specific programs."""
+    seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
+    folds = [4.0] if args.quick and args.folds is None else (args.folds or [1.5, 2.0, 4.0, 8.0])
+    max_epochs = args.max_epochs or (QUICK_REAL_EPOCHS if args.quick else None)
+    meta = {
+        "record": "meta",
+        "benchmark": "multistudy_real",
+        "mode": "quick" if args.quick else "full",
+        "command": command_line(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "settings": {
+            "data": args.real,
+            "split": args.split,
+            "n_studies": args.n_studies,
+            "seeds": seeds,
+            "folds": folds,
+            "max_epochs": max_epochs,
+            "planted_fraction": args.planted_fraction,
+            "n_factors": real.DATASETS[args.real]["n_factors"],
+            "n_specific_factors": args.n_specific_factors,
+        },
+        "sparsevae_source": str(Path(sparsevae.__file__).parent),
+        "machine": machine_info(threads=1),
+    }
+    print(json.dumps(meta), flush=True)
+    fits: dict[float, list[dict[str, Any]]] = {fold: [] for fold in folds}
+    for seed in seeds:
+        background, programs = real.background(args.real, args.n_studies, seed)
+        if background is None:
+            reason = f"{real.ZEISEL} is absent"
+            print(json.dumps({"record": "skipped", "data": args.real, "reason": reason}))
+            return
+        for fold in folds:
+            record = fit_real(
+                args.real,
+                background,
+                programs,
+                args.split,
+                seed,
+                fold,
+                max_epochs,
+                args.planted_fraction,
+                args.n_specific_factors,
+                not args.no_move,
+            )
+            fits[fold].append(record)
+            print(json.dumps(record), flush=True)
+    for fold in folds:
+        print(json.dumps(summarise_real(fits[fold])), flush=True)
+
+
 def main() -> None:
     """Run the fits and print one JSON line each."""
     parser = argparse.ArgumentParser(description=__doc__)
@@ -202,16 +426,56 @@ def main() -> None:
         help="epochs with only the shared factors (default: the package's, 20%% of epochs)",
     )
     parser.add_argument(
+        "--no-move",
+        action="store_true",
+        help="train(move_confined=False): leave misassigned factors where the likelihood put them",
+    )
+    parser.add_argument(
         "--kl-warmup",
         type=int,
         default=None,
         help="epochs of linear KL warm-up (default: the package's)",
+    )
+    real_mode = parser.add_argument_group("real counts (--real)")
+    real_mode.add_argument(
+        "--real",
+        choices=sorted(real.DATASETS),
+        default=None,
+        help="real counts with planted study-specific programs instead of the simulation",
+    )
+    real_mode.add_argument(
+        "--split",
+        choices=["random"],
+        default="random",
+        help="how cells are split into studies: at random, stratified by cell type",
+    )
+    real_mode.add_argument(
+        "--folds",
+        type=float,
+        nargs="*",
+        default=None,
+        help="effect sizes of the planted programs (default 1.5 2 4 8; --quick: 4)",
+    )
+    real_mode.add_argument("--n-studies", type=int, default=2, help="studies (2-4)")
+    real_mode.add_argument(
+        "--planted-fraction",
+        type=float,
+        default=0.5,
+        help="share of the study's cells where the program is active",
+    )
+    real_mode.add_argument(
+        "--n-specific-factors", type=int, default=3, help="specific factors per study"
     )
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     logging.getLogger("scvi").setLevel(logging.ERROR)
     torch.set_num_threads(1)
+    if args.real is not None:
+        if not 2 <= args.n_studies <= 4:
+            parser.error("--n-studies must be 2-4")
+        main_real(args)
+        return
     if args.tutorial_size:
         size = {
             "n_genes": 240, "n_shared": 2, "n_specific": 1, "genes_per_program": 30,
@@ -247,6 +511,7 @@ def main() -> None:
             "shared_first_epochs": args.shared_first_epochs,
             "extra_factors": args.extra_factors,
             "kl_warmup": args.kl_warmup,
+            "move_confined": not args.no_move,
             "cost": not args.no_cost,
         },
         "machine": machine_info(threads=1),
@@ -263,6 +528,7 @@ def main() -> None:
                     args.shared_first_epochs,
                     extra,
                     args.kl_warmup,
+                    not args.no_move,
                 )
                 print(json.dumps(record), flush=True)
         if not args.no_cost:

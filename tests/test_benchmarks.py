@@ -325,3 +325,54 @@ def test_stability_script_json_lines():
     stab = records[3]
     assert 0.0 <= stab["median_abs_r"] <= 1.0 and stab["seeds"] == [0, 1]
     assert records[6]["median_jaccard_anchors"] is None  # the VAE has no mask
+
+
+def test_multistudy_real_background_json_lines():
+    """benchmarks/multistudy.py --real pbmc --quick, cut short (3 epochs): a meta line, one fit
+    line per (seed, fold) with the shares of each planted program's genes per label, and one
+    summary line per fold."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    cmd = [
+        sys.executable,
+        str(BENCH / "multistudy.py"),
+        "--real",
+        "pbmc",
+        "--quick",
+        "--max-epochs",
+        "3",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    assert [r["record"] for r in records] == ["meta", "fit", "summary"]
+    assert all(r["benchmark"] == "multistudy_real" for r in records)
+    meta, fit, summary = records
+    assert meta["settings"]["folds"] == [4.0] and meta["settings"]["seeds"] == [0]
+    assert fit["data"] == "pbmc" and fit["split"] == "random" and fit["n_studies"] == 2
+    assert fit["fold"] == 4.0 and fit["n_epochs"] == 3
+    # One planted program per study, disjoint gene sets, in half of that study's cells.
+    assert [p["study"] for p in fit["programs"]] == ["study_0", "study_1"]
+    for p in fit["programs"]:
+        assert p["n_genes"] >= 15 and p["n_cells"] > 100 and p["realised_fold"] > 2
+        shares = ["specific_right_study", "shared", "both", "none", "specific_other"]
+        for key in shares:
+            assert 0.0 <= p[key] <= 1.0
+        assert abs(sum(p[k] for k in shares) - 1.0) < 1e-3
+    for key in (
+        "planted_specific_right_study",
+        "planted_shared",
+        "planted_both",
+        "data_genes_shared",
+        "data_genes_both",
+        "data_genes_specific",
+        "celltype_accuracy_shared",
+    ):
+        assert 0.0 <= fit[key] <= 1.0, key
+        assert 0.0 <= summary[f"{key}_mean"] <= 1.0, key
+    assert fit["data_genes_selected"] >= 0
+    assert isinstance(fit["check_ok"], bool) and isinstance(fit["check_problems"], list)
+    assert summary["fold"] == 4.0 and summary["seeds"] == [0]
+    assert set(summary["specific_right_study_by_program"]) == {
+        f"{p['name']} in {p['study']}" for p in fit["programs"]
+    }

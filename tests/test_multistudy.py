@@ -675,3 +675,95 @@ def test_recovers_shared_and_specific_programs():
     in_program = (ad.var["truth"] != "none").to_numpy()
     agree = (labels.to_numpy() == ad.var["truth"].to_numpy())[in_program].mean()
     assert agree >= 0.9, agree
+
+
+def test_move_to_specific_keeps_the_study_function_and_frees_the_factor():
+    from sparsevae.module import SparseVAEModule
+
+    torch.manual_seed(0)
+    n_genes, K, K_spec, S = 12, 3, 2, 2
+    module = SparseVAEModule(
+        n_input=n_genes, n_factors=K, n_hidden=8, n_specific_factors=K_spec, n_studies=S
+    )
+    module.eval()
+    with torch.no_grad():
+        module.decoder.W_specific[:, :, 1] = 0.0  # slot 1 unused in every study
+        module.prior.p_star[:, 2] = torch.rand(n_genes)
+        module.offset_net[-1].weight.normal_()  # a non-trivial composition offset
+        module.offset_net[0].weight[:, K + 1] = 0.0  # ... that the unused slot does not feed
+    x = torch.poisson(5 * torch.rand(20, n_genes))
+    study = torch.ones(20, 1, dtype=torch.long)  # cells of study 1
+    qz_before = module.inference(x, study=study)["qz"]
+    z = qz_before.loc
+    lib = torch.zeros(20, 1)
+    before = module.generative(z, lib, study=study)["px"].mu
+    pstar = module.prior.p_star[:, 2].clone()
+    module.move_to_specific(factor=2, study=1, slot=1)
+    qz_after = module.inference(x, study=study)["qz"]
+    # the slot's encoder unit is the factor's; the factor's is the prior N(0, 1)
+    torch.testing.assert_close(qz_after.loc[:, K + 1], qz_before.loc[:, 2])
+    torch.testing.assert_close(qz_after.loc[:, 2], torch.zeros(20))
+    torch.testing.assert_close(qz_after.scale[:, 2], torch.ones(20), atol=1e-3, rtol=0)
+    z_after = qz_after.loc
+    after = module.generative(z_after, lib, study=study)["px"].mu
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
+    assert torch.all(module.decoder.W[:, 2] == 0) and torch.all(module.prior.p_star[:, 2] == 0)
+    torch.testing.assert_close(module.prior_specific.p_star[1, :, 1], pstar)
+    assert float(module.prior.eta[2]) < module.prior.eta_off
+
+
+def test_move_to_shared_keeps_a_program_repeated_in_every_study():
+    from sparsevae.model._reassign import MoveConfinedFactors
+    from sparsevae.module import SparseVAEModule
+
+    torch.manual_seed(1)
+    n_genes, K, K_spec, S = 10, 2, 2, 3
+    module = SparseVAEModule(
+        n_input=n_genes, n_factors=K, n_hidden=8, n_specific_factors=K_spec, n_studies=S
+    )
+    module.eval()
+    with torch.no_grad():
+        module.decoder.W[:, 1] = 0.0  # shared factor 1 unused
+        module.decoder.W_specific[:, :, 0] = module.decoder.W_specific[0, :, 0]  # same program
+        module.offset_net[0].weight[:, 1] = 0.0
+    x = torch.poisson(5 * torch.rand(9, n_genes))
+    study = torch.arange(9).remainder(S).reshape(-1, 1)
+    lib = torch.zeros(9, 1)
+    z = module.inference(x, study=study)["qz"].loc
+    before = module.generative(z, lib, study=study)["px"].mu
+    module.move_to_shared(slot=0, factor=1)
+    z_after = module.inference(x, study=study)["qz"].loc
+    torch.testing.assert_close(z_after[:, 1], z[:, K])
+    after = module.generative(z_after, lib, study=study)["px"].mu
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
+    assert torch.all(module.decoder.W_specific[:, :, 0] == 0)
+    # the move happens half-way through the epochs with the full prior
+    assert MoveConfinedFactors.move_epoch(full_prior_epoch=60, max_epochs=100) == 79
+    assert MoveConfinedFactors.move_epoch(full_prior_epoch=0, max_epochs=100) == 49
+
+
+def test_swap_roles_exchanges_a_confined_shared_factor_and_a_repeated_slot():
+    from sparsevae.module import SparseVAEModule
+
+    torch.manual_seed(2)
+    n_genes, K, K_spec, S = 10, 2, 1, 2
+    module = SparseVAEModule(
+        n_input=n_genes, n_factors=K, n_hidden=8, n_specific_factors=K_spec, n_studies=S
+    )
+    module.eval()
+    with torch.no_grad():
+        module.decoder.W_specific[:] = module.decoder.W_specific[0]  # one program, both studies
+    x = torch.poisson(5 * torch.rand(6, n_genes))
+    study = torch.zeros(6, 1, dtype=torch.long)  # cells of study 0
+    lib = torch.zeros(6, 1)
+    z = module.inference(x, study=study)["qz"].loc
+    before = module.generative(z, lib, study=study)["px"].mu
+    w_shared = module.decoder.W[:, 1].clone()
+    module.swap_roles(factor=1, study=0, slot=0)
+    z_after = module.inference(x, study=study)["qz"].loc
+    torch.testing.assert_close(z_after[:, 1], z[:, K])
+    torch.testing.assert_close(z_after[:, K], z[:, 1])
+    after = module.generative(z_after, lib, study=study)["px"].mu
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(module.decoder.W_specific[0, :, 0], w_shared)
+    assert torch.all(module.decoder.W_specific[1, :, 0] == 0)

@@ -14,6 +14,7 @@ import torch
 from ..priors import anchors, factor_use, is_selected
 from ..train import DivergenceError, default_max_epochs, prior_schedule
 from ._checks import shared_specific_checks
+from ._reassign import MoveConfinedFactors
 from ._validate import (
     check_n_cells,
 )
@@ -56,6 +57,7 @@ class TrainingMixin:
         n_epochs_fixed_correlation: int | None = None,
         plan_kwargs: dict[str, Any] | None = None,
         n_restarts: int = 1,
+        move_confined: bool = True,
         **trainer_kwargs: Any,
     ):
         """Train the model with Lightning (on a GPU when one is available).
@@ -116,6 +118,16 @@ class TrainingMixin:
             ``model.restart_elbos_``. Costs ``n_restarts`` times the training time; use it when
             fits from different seeds disagree (user guide, "Stability across random starts").
             Start ``r`` re-initialises the network with seed ``scvi.settings.seed + r``.
+        move_confined
+            Multi-study models: half-way through the epochs with the full mask prior, hand
+            every shared factor that varies in one study only to an unused specific factor of
+            that study, and every program that all studies' specific masks carry on one
+            specific factor to an unused shared factor, or exchange the two when no unused
+            factor is left (the checks of
+            :func:`~sparsevae.tl.check_shared_specific`); the remaining epochs refit the masks.
+            What moved is kept in ``model.moved_factors_``. Turn it off to leave the
+            assignment to the likelihood (user guide, "The multi-study model"). Ignored by
+            single-study models.
         **trainer_kwargs
             Passed to :class:`scvi.train.Trainer` (Lightning), e.g. ``enable_progress_bar``.
 
@@ -139,7 +151,7 @@ class TrainingMixin:
             n_epochs_lambda0_ramp=n_epochs_lambda0_ramp,
             n_epochs_shared_first=n_epochs_shared_first,
             n_epochs_fixed_correlation=n_epochs_fixed_correlation,
-            plan_kwargs=plan_kwargs, **trainer_kwargs,
+            plan_kwargs=plan_kwargs, move_confined=move_confined, **trainer_kwargs,
         )  # fmt: skip
         if n_restarts == 1:
             result = self._fit_once(**kwargs)
@@ -214,6 +226,22 @@ class TrainingMixin:
                         else ""
                     )
                 )
+            for m in getattr(self, "moved_factors_", []):
+                if m["kind"] == "to_specific":
+                    lines.append(
+                        f"moved: shared factor {m['factor']} varied in {m['study']} only; it is "
+                        f"now {m['study']}'s specific_{m['slot']}"
+                    )
+                elif m["kind"] == "to_shared":
+                    lines.append(
+                        f"moved: specific_{m['slot']} carried one program in every study; it is "
+                        f"now shared factor {m['factor']}"
+                    )
+                else:
+                    lines.append(
+                        f"swapped: shared factor {m['factor']} (varied in {m['study']} only) and "
+                        f"specific_{m['slot']} (one program in every study)"
+                    )
             lines.append("details: sparsevae.tl.identifiability_report(model)")
         problems = getattr(self, "train_problems_", [])
         if problems:
@@ -239,6 +267,7 @@ class TrainingMixin:
         n_epochs_shared_first: int | None,
         n_epochs_fixed_correlation: int | None,
         plan_kwargs: dict[str, Any] | None,
+        move_confined: bool = True,
         **trainer_kwargs: Any,
     ) -> Any:
         """One training run from the module's current initialisation (see :meth:`train`)."""
@@ -275,6 +304,16 @@ class TrainingMixin:
             # A minibatch of one cell breaks the encoder's BatchNorm; drop it (another cell at
             # random each epoch, as the loader shuffles).
             datasplitter_kwargs["drop_last"] = True
+        mover = None
+        self.moved_factors_: list[dict[str, Any]] = []
+        if (
+            move_confined
+            and self.is_multistudy
+            and self.module.prior is not None
+            and self.module.latent_prior != "correlated"
+        ):
+            mover = MoveConfinedFactors(self)
+            trainer_kwargs["callbacks"] = [*trainer_kwargs.get("callbacks", []), mover]
         # Lightning keeps the modules' train/eval state; after inference (eval mode) a further
         # train() call would otherwise run without dropout.
         self.module.train()
@@ -290,6 +329,8 @@ class TrainingMixin:
             datasplitter_kwargs=datasplitter_kwargs,
             **trainer_kwargs,
         )
+        if mover is not None:
+            self.moved_factors_ = list(mover.moves)
         bad = self.module.non_finite_parameters()
         if bad:
             raise DivergenceError(

@@ -662,6 +662,164 @@ class SparseVAEModule(BaseModuleClass):
             )
 
     @torch.no_grad()
+    def move_to_specific(self, factor: int, study: int, slot: int) -> None:
+        """Hand shared factor ``factor`` over to specific factor ``slot`` of study ``study``.
+
+        For the cells of ``study`` the decoder computes the same function afterwards: the slot
+        takes the factor's encoder output unit, its first-layer column (and composition-offset
+        column), its mask column (as the study's specific mask column) and its prior state
+        (``p*``, ``eta``, gates). The shared factor is reset to an unused one: its mask column
+        and ``p*`` are zero, ``eta`` is below the prior's "off" level and its encoder unit outputs
+        the prior ``N(0, 1)``. Other studies lose the factor, and the composition offset loses
+        what the slot's former output fed it: use it only for a factor that is quiet outside
+        ``study`` and a slot that no study uses, and train on afterwards.
+
+        Parameters
+        ----------
+        factor
+            Index of the shared factor (``0 <= factor < n_factors``).
+        study
+            Index of the study.
+        slot
+            Index of the specific factor (``0 <= slot < n_specific_factors``).
+        """
+        if not self.is_multistudy or self.prior is None:
+            raise ValueError("move_to_specific needs a multi-study module with mask priors.")
+        if self.latent_prior == "correlated":
+            raise ValueError("move_to_specific does not support latent_prior='correlated'.")
+        K = self.n_factors
+        if not (
+            0 <= factor < K and 0 <= study < self.n_studies and 0 <= slot < self.n_specific_factors
+        ):
+            raise ValueError(f"factor, study or slot out of range: {factor}, {study}, {slot}.")
+        target = K + slot
+        dec = self.decoder
+        dec.first.weight[:, target] = dec.first.weight[:, factor]
+        dec.W_specific[study, :, slot] = dec.W[:, factor]
+        dec.gate_specific[study, :, slot] = dec.gate[:, factor]
+        dec.W[:, factor] = 0.0
+        dec.gate[:, factor] = 0.0 if self.gate_on else 1.0
+        if self.composition_offset:
+            first = self.offset_net[0].weight
+            first[:, target] = first[:, factor]
+            first[:, factor] = 0.0
+        for layer in (self.encoder.mean_encoder, self.encoder.var_encoder):
+            layer.weight[target] = layer.weight[factor]
+            layer.bias[target] = layer.bias[factor]
+            layer.weight[factor] = 0.0
+            layer.bias[factor] = 0.0  # mean 0; variance exp(0) = 1 (scvi's default exp link)
+        spec, shared = self.prior_specific, self.prior
+        spec.p_star[study, :, slot] = shared.p_star[:, factor]
+        spec.eta[study, slot] = shared.eta[factor]
+        shared.p_star[:, factor] = 0.0
+        shared.eta[factor] = min(float(shared.eta[factor]), 0.5 * shared.eta_off)
+
+    @torch.no_grad()
+    def move_to_shared(self, slot: int, factor: int) -> None:
+        """Hand specific factor ``slot`` (the same program in every study) to shared ``factor``.
+
+        The reverse of :meth:`move_to_specific`, for a program that every study's specific mask
+        carries on the same slot: the shared factor takes the slot's encoder output unit, its
+        first-layer (and composition-offset) column, the mean over studies of the slot's mask
+        columns and prior state. The slot is reset to an unused one in every study. Use it only
+        for an unused shared factor, and train on afterwards.
+
+        Parameters
+        ----------
+        slot
+            Index of the specific factor.
+        factor
+            Index of the (unused) shared factor.
+        """
+        if not self.is_multistudy or self.prior is None:
+            raise ValueError("move_to_shared needs a multi-study module with mask priors.")
+        if self.latent_prior == "correlated":
+            raise ValueError("move_to_shared does not support latent_prior='correlated'.")
+        K = self.n_factors
+        if not (0 <= factor < K and 0 <= slot < self.n_specific_factors):
+            raise ValueError(f"factor or slot out of range: {factor}, {slot}.")
+        source = K + slot
+        dec = self.decoder
+        dec.first.weight[:, factor] = dec.first.weight[:, source]
+        dec.W[:, factor] = dec.W_specific[:, :, slot].mean(0)
+        dec.gate[:, factor] = dec.gate_specific[:, :, slot].amax(0)
+        dec.W_specific[:, :, slot] = 0.0
+        dec.gate_specific[:, :, slot] = 0.0 if self.gate_on else 1.0
+        if self.composition_offset:
+            first = self.offset_net[0].weight
+            first[:, factor] = first[:, source]
+            first[:, source] = 0.0
+        for layer in (self.encoder.mean_encoder, self.encoder.var_encoder):
+            layer.weight[factor] = layer.weight[source]
+            layer.bias[factor] = layer.bias[source]
+            layer.weight[source] = 0.0
+            layer.bias[source] = 0.0
+        spec, shared = self.prior_specific, self.prior
+        shared.p_star[:, factor] = spec.p_star[:, :, slot].mean(0)
+        shared.eta[factor] = spec.eta[:, slot].mean()
+        spec.p_star[:, :, slot] = 0.0
+        spec.eta[:, slot] = torch.clamp(spec.eta[:, slot], max=0.5 * spec.eta_off)
+
+    @torch.no_grad()
+    def swap_roles(self, factor: int, study: int, slot: int) -> None:
+        """Exchange shared ``factor`` (one study's program) and specific ``slot`` (a shared one).
+
+        The combination of :meth:`move_to_specific` and :meth:`move_to_shared` when neither an
+        unused specific factor nor an unused shared factor is left (a *role swap*): the shared
+        factor's program goes to ``slot`` of ``study``, and the program that every study's
+        ``slot`` carries goes to ``factor`` (the mean of the studies' mask columns). Encoder
+        units, first-layer and composition-offset columns are exchanged. Train on afterwards.
+
+        Parameters
+        ----------
+        factor
+            Index of the shared factor that varies in ``study`` only.
+        study
+            Index of that study.
+        slot
+            Index of the specific factor that carries the same program in every study.
+        """
+        if not self.is_multistudy or self.prior is None:
+            raise ValueError("swap_roles needs a multi-study module with mask priors.")
+        if self.latent_prior == "correlated":
+            raise ValueError("swap_roles does not support latent_prior='correlated'.")
+        K = self.n_factors
+        if not (
+            0 <= factor < K and 0 <= study < self.n_studies and 0 <= slot < self.n_specific_factors
+        ):
+            raise ValueError(f"factor, study or slot out of range: {factor}, {study}, {slot}.")
+        t = K + slot
+        dec = self.decoder
+
+        def swap_columns(weight: torch.Tensor) -> None:
+            col = weight[:, factor].clone()
+            weight[:, factor] = weight[:, t]
+            weight[:, t] = col
+
+        swap_columns(dec.first.weight)
+        if self.composition_offset:
+            swap_columns(self.offset_net[0].weight)
+        for layer in (self.encoder.mean_encoder, self.encoder.var_encoder):
+            row, bias = layer.weight[factor].clone(), layer.bias[factor].clone()
+            layer.weight[factor], layer.bias[factor] = layer.weight[t], layer.bias[t]
+            layer.weight[t], layer.bias[t] = row, bias
+        w_old, g_old = dec.W[:, factor].clone(), dec.gate[:, factor].clone()
+        dec.W[:, factor] = dec.W_specific[:, :, slot].mean(0)
+        dec.gate[:, factor] = dec.gate_specific[:, :, slot].amax(0)
+        dec.W_specific[:, :, slot] = 0.0
+        dec.W_specific[study, :, slot] = w_old
+        dec.gate_specific[:, :, slot] = 0.0 if self.gate_on else 1.0
+        dec.gate_specific[study, :, slot] = g_old
+        spec, shared = self.prior_specific, self.prior
+        p_old, e_old = shared.p_star[:, factor].clone(), shared.eta[factor].clone()
+        shared.p_star[:, factor] = spec.p_star[:, :, slot].mean(0)
+        shared.eta[factor] = spec.eta[:, slot].mean()
+        spec.p_star[:, :, slot] = 0.0
+        spec.p_star[study, :, slot] = p_old
+        spec.eta[:, slot] = torch.clamp(spec.eta[:, slot], max=0.5 * spec.eta_off)
+        spec.eta[study, slot] = e_old
+
+    @torch.no_grad()
     def em_step(self, update_eta: bool = True) -> None:
         """Update the prior's inclusion probabilities and factor weights (no-op without mask)."""
         if self.prior is not None:

@@ -1,0 +1,168 @@
+"""Multi-study training: hand shared factors that vary in one study only to that study's mask.
+
+A shared factor that varies in one study and is quiet in the others fits as well as a specific
+factor of that study (the symmetry described in the multi-study guide), so the likelihood does
+not move it; likewise a program that every study's specific mask carries on the same specific
+factor fits as well as a shared factor. Half-way through the epochs with the full mask prior
+(the prior has switched the unused factors off by then), this callback runs the fit's own check
+(:func:`shared_specific_checks`, the same that :func:`sparsevae.tl.check_shared_specific`
+reports), hands every shared factor confined to one study over to an unused specific factor of
+that study (:meth:`~sparsevae.module.SparseVAEModule.move_to_specific`), and every program
+repeated on one specific factor in all studies to an unused shared factor
+(:meth:`~sparsevae.module.SparseVAEModule.move_to_shared`), or, when no unused factor is left,
+exchanges the two (:meth:`~sparsevae.module.SparseVAEModule.swap_roles`); the remaining epochs
+refit the masks.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+from lightning.pytorch.callbacks import Callback
+from scvi import REGISTRY_KEYS
+
+from ..module import STUDY_KEY
+from ..priors import factor_use, is_selected
+from ._checks import shared_specific_checks
+
+if TYPE_CHECKING:
+    from ._model import SparseVAE
+
+__all__ = ["MoveConfinedFactors"]
+
+
+class MoveConfinedFactors(Callback):
+    """Lightning callback: move misassigned factors between the shared and specific masks, once.
+
+    Parameters
+    ----------
+    model
+        The multi-study :class:`~sparsevae.SparseVAE` being trained.
+    min_ratio
+        A shared factor is confined when its spread (sd of its posterior means) in one study is
+        at least ``min_ratio`` times its spread in every other study.
+    max_cells
+        Training cells (at most) on which the spreads are computed.
+    """
+
+    def __init__(self, model: SparseVAE, min_ratio: float = 3.0, max_cells: int = 2000) -> None:
+        self.model = model
+        self.min_ratio = float(min_ratio)
+        self.max_cells = int(max_cells)
+        self.moves: list[dict[str, Any]] = []
+
+    @staticmethod
+    def move_epoch(full_prior_epoch: int, max_epochs: int) -> int:
+        """The epoch after which factors move: half-way through the full prior's epochs.
+
+        By then ``eta`` has switched the unused factors off (it is held at 0.5 until the prior
+        reaches full strength), and half of those epochs remain to refit the masks.
+        """
+        return full_prior_epoch + max(0, max_epochs - full_prior_epoch) // 2 - 1
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        """Half-way through the full prior's epochs, move the misassigned factors."""
+        epoch = self.move_epoch(pl_module.schedule.full_prior_epoch, int(trainer.max_epochs))
+        if pl_module.current_epoch != epoch:
+            return
+        self.moves.extend(self.move(pl_module.module))
+
+    @staticmethod
+    def _free_slots(module: Any, masks: list[Any]) -> list[int]:
+        """Specific factors that select no gene in any study (switched off or unselected)."""
+        prior = module.prior_specific
+        free = []
+        for slot in range(module.n_specific_factors):
+            off = [
+                any(
+                    factor_use(
+                        float(m.W[:, slot].abs().max()), int(is_selected(m.p_star[:, slot]).sum()),
+                        float(m.eta[slot]), prior.w_off, prior.eta_off,
+                    )
+                )
+                for m in masks[1:]
+            ]  # fmt: skip
+            if all(off):
+                free.append(slot)
+        return free
+
+    @staticmethod
+    def _free_shared(module: Any, mask: Any) -> list[int]:
+        """Shared factors that select no gene (switched off or unselected)."""
+        prior = module.prior
+        off, unselected = factor_use(
+            mask.W.abs().amax(0).cpu().numpy(), is_selected(mask.p_star).sum(0).cpu().numpy(),
+            mask.eta.cpu().numpy(), prior.w_off, prior.eta_off,
+        )  # fmt: skip
+        return [int(k) for k in np.flatnonzero(off | unselected)]
+
+    @torch.no_grad()
+    def move(self, module: Any) -> list[dict[str, Any]]:
+        """Find confined shared factors and free specific slots; move; return what moved."""
+        model = self.model
+        n = model.adata.n_obs
+        rng = np.random.default_rng(0)
+        idx = np.sort(rng.choice(n, size=min(n, self.max_cells), replace=False))
+        was_training = module.training
+        module.eval()
+        parts = []
+        for tensors in model._make_data_loader(adata=model.adata, indices=idx, batch_size=512):
+            out = module.inference(
+                x=tensors[REGISTRY_KEYS.X_KEY].to(module.device),
+                size_factor=tensors.get(REGISTRY_KEYS.SIZE_FACTOR_KEY),
+                study=tensors[STUDY_KEY].to(module.device),
+            )
+            parts.append(out["qz"].loc.cpu().numpy())
+        module.train(was_training)
+        z = np.concatenate(parts)
+        codes = pd.Categorical(
+            model.adata.obs[model.study_key].astype(str).to_numpy()[idx],
+            categories=model.studies,
+        ).codes
+        masks = module.masks()
+        names = model.mask_kinds
+        selections = {
+            kind: pd.DataFrame(
+                is_selected(m.p_star).cpu().numpy(), columns=model.kind_factor_names(kind)
+            )
+            for kind, m in zip(names, masks, strict=True)
+        }
+        checks = shared_specific_checks(
+            z, codes, list(model.factor_names), selections, self.min_ratio
+        )
+        free = self._free_slots(module, masks)
+        free_shared = self._free_shared(module, masks[0])
+        moves: list[dict[str, Any]] = []
+        confined = checks.confined
+        pending_confined = []
+        for factor, row in confined[confined["flagged"]].iterrows():
+            varies = [v for v in str(row["varies_in"]).split(";") if v]
+            if len(varies) != 1:
+                continue
+            k = list(model.shared_factor_names).index(str(factor))
+            item = {"factor": str(factor), "study": varies[0], "n_genes": int(row["n_genes"]),
+                    "ratio": float(row["ratio"])}  # fmt: skip
+            if not free:
+                pending_confined.append((k, item))
+                continue
+            slot = free.pop(0)
+            module.move_to_specific(k, model.studies.index(varies[0]), slot)
+            moves.append({"kind": "to_specific", **item, "slot": slot})
+        for _, row in checks.repeated.iterrows():
+            slots = {str(f).split(":", 1)[1] for f in str(row["factors"]).split(";")}
+            if not row["in_all_studies"] or len(slots) != 1:
+                continue  # not in every study, or carried on different slots
+            slot = list(model.specific_factor_names).index(slots.pop())
+            item = {"slot": slot, "n_genes": int(row["n_genes"]), "jaccard": float(row["jaccard"])}
+            if free_shared:
+                k = free_shared.pop(0)
+                module.move_to_shared(slot, k)
+                moves.append({"kind": "to_shared", "factor": model.shared_factor_names[k], **item})
+            elif pending_confined:
+                k, conf = pending_confined.pop(0)
+                module.swap_roles(k, model.studies.index(conf["study"]), slot)
+                moves.append({"kind": "swap", **conf, "slot": slot})
+        return moves
