@@ -1,13 +1,39 @@
-import sys, json, numpy as np, scvi, torch, warnings, logging
+"""The multi-study tutorial's simulation with and without train(move_confined=...), JSON lines.
+
+Usage: ``PYTHONPATH=src python <this file> 1|0 <seeds...>`` (1: moves on). See README.md.
+"""
+
+import json
+import logging
+import sys
+import warnings
+
+import scvi
+import torch
+
+import sparsevae
+
 warnings.filterwarnings("ignore")
 torch.set_num_threads(1)
-import sparsevae
-logging.getLogger("sparsevae").setLevel(logging.ERROR)
-for n in ("lightning","lightning.pytorch","scvi"): logging.getLogger(n).setLevel(logging.ERROR)
-QUIET=dict(enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, logger=False)
+for name in ("sparsevae", "lightning", "lightning.pytorch", "scvi"):
+    logging.getLogger(name).setLevel(logging.ERROR)
+QUIET = {
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+    "enable_checkpointing": False,
+    "logger": False,
+}
 move = sys.argv[1] == "1"
 for seed in [int(x) for x in sys.argv[2:]]:
-    ad = sparsevae.datasets.simulate_multistudy(n_studies=3, n_genes=240, n_shared=2, n_specific=1, genes_per_program=30, n_cells_per_study=300, seed=seed)
+    ad = sparsevae.datasets.simulate_multistudy(
+        n_studies=3,
+        n_genes=240,
+        n_shared=2,
+        n_specific=1,
+        genes_per_program=30,
+        n_cells_per_study=300,
+        seed=seed,
+    )
     scvi.settings.seed = seed
     sparsevae.SparseVAE.setup_anndata(ad, study_key="study")
     m = sparsevae.SparseVAE(ad, n_factors=3, n_specific_factors=2)
@@ -16,10 +42,20 @@ for seed in [int(x) for x in sys.argv[2:]]:
     for kind in m.mask_kinds:
         key = "true_mask_shared" if kind == "shared" else f"true_mask_{kind}"
         if key in ad.varm:
-            f1[kind] = round(float(sparsevae.tl.mask_f1(m.get_inclusion_probabilities(kind) >= 0.5, ad.varm[key])["f1"].mean()), 3)
-    lab = sparsevae.tl.shared_specific_genes(m).genes["label"]
+            sel = m.get_inclusion_probabilities(kind) >= 0.5
+            f1[kind] = round(float(sparsevae.tl.mask_f1(sel, ad.varm[key])["f1"].mean()), 3)
+    label = sparsevae.tl.shared_specific_genes(m).genes["label"]
     truth = ad.var["truth"]
-    prog = truth != "none"
-    acc = float((lab[prog].to_numpy() == truth[prog].to_numpy()).mean())
-    ch = sparsevae.tl.check_shared_specific(m)
-    print(json.dumps({"seed": seed, "move": move, "moved": m.moved_factors_, "f1": f1, "label_acc": round(acc,3), "ok": ch.ok, "problems": ch.problems}), flush=True)
+    program = truth != "none"
+    acc = float((label[program].to_numpy() == truth[program].to_numpy()).mean())
+    checks = sparsevae.tl.check_shared_specific(m)
+    record = {
+        "seed": seed,
+        "move": move,
+        "moved": m.moved_factors_,
+        "f1": f1,
+        "label_acc": round(acc, 3),
+        "ok": checks.ok,
+        "problems": checks.problems,
+    }
+    print(json.dumps(record), flush=True)
