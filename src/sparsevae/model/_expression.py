@@ -227,6 +227,14 @@ class ExpressionMixin(RNASeqMixin):
         ``delta``, ``fdr_target``, ...) are scvi-tools'; ``batch_correction`` and ``weights=
         "importance"`` are not supported.
 
+        Parameters
+        ----------
+        adata
+            AnnData with the model's genes; default the training data.
+        *args, **kwargs
+            scvi-tools' arguments (``groupby``, ``group1``, ``group2``, ``idx1``, ``idx2``,
+            ``mode``, ``delta``, ``fdr_target``, ...).
+
         Returns
         -------
         DataFrame with one row per gene (per group for one-vs-rest comparisons).
@@ -407,14 +415,50 @@ class ExpressionMixin(RNASeqMixin):
         return self.get_gene_effects(scale="link", kind=kind)
 
     def get_latent_library_size(self, *args: Any, **kwargs: Any) -> np.ndarray:
-        """Not available: the library size is observed (total counts or ``size_factor_key``)."""
+        """Not available: the library size is observed (total counts or ``size_factor_key``).
+
+        Parameters
+        ----------
+        *args, **kwargs
+            scvi-tools' arguments (ignored).
+
+        Returns
+        -------
+        Nothing: it raises :class:`NotImplementedError`, naming the alternative.
+        """
         raise NotImplementedError(
             "SparseVAE does not infer a latent library size: it uses each cell's observed total "
             "count (or the size_factor_key given to setup_anndata)."
         )
 
+    def get_importance_weights(self, *args: Any, **kwargs: Any) -> np.ndarray:
+        """Not available: importance-weighted expression is not supported (use uniform weights).
+
+        Parameters
+        ----------
+        *args, **kwargs
+            scvi-tools' arguments (ignored).
+
+        Returns
+        -------
+        Nothing: it raises :class:`NotImplementedError`, naming the alternative.
+        """
+        raise NotImplementedError(
+            "Importance weights are not supported by SparseVAE; use weights='uniform'."
+        )
+
     def get_feature_correlation_matrix(self, *args: Any, **kwargs: Any) -> pd.DataFrame:
-        """Not available; correlate samples of :meth:`get_normalized_expression` instead."""
+        """Not available; correlate samples of :meth:`get_normalized_expression` instead.
+
+        Parameters
+        ----------
+        *args, **kwargs
+            scvi-tools' arguments (ignored).
+
+        Returns
+        -------
+        Nothing: it raises :class:`NotImplementedError`, naming the alternative.
+        """
         raise NotImplementedError(
             "get_feature_correlation_matrix is not available for SparseVAE; use "
             "`model.get_normalized_expression(n_samples=..., return_mean=False)` and "
