@@ -81,6 +81,30 @@ class ExpressionMixin(RNASeqMixin):
             kwargs = {} if study is None else {"study": study.repeat(draws, 1)}
             yield draws, module.generative(z=z, library=library, **kwargs)["px"]
 
+    def _eval_batches(
+        self, adata: AnnData, indices: Any, batch_size: int | None, **loader_kwargs: Any
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """The minibatches of ``adata``, with the module in eval mode (restored afterwards)."""
+        module = self.module
+        was_training = module.training
+        module.eval()
+        try:
+            yield from self._make_data_loader(
+                adata=adata, indices=indices, batch_size=batch_size, **loader_kwargs
+            )
+        finally:
+            module.train(was_training)
+
+    @staticmethod
+    def _gene_mask(adata: AnnData, gene_list: Sequence[str] | None) -> np.ndarray:
+        """Boolean mask of the genes in ``gene_list`` (all genes for ``None``)."""
+        if gene_list is None:
+            return np.ones(adata.n_vars, dtype=bool)
+        mask = np.asarray(adata.var_names.isin(gene_list))
+        if not mask.any():
+            raise ValueError("None of the genes in gene_list are among the model's genes.")
+        return mask
+
     @staticmethod
     def _mean_of(px: Any) -> torch.Tensor:
         """Expected count of the negative binomial (before zero inflation) or Poisson."""
@@ -173,31 +197,19 @@ class ExpressionMixin(RNASeqMixin):
         indices = np.asarray(indices)
         if n_samples_overall is not None:
             n_samples = int(n_samples_overall) // max(len(indices), 1) + 1
-        if gene_list is None:
-            gene_mask = np.ones(adata.n_vars, dtype=bool)
-        else:
-            gene_mask = np.asarray(adata.var_names.isin(gene_list))
-            if not gene_mask.any():
-                raise ValueError("None of the genes in gene_list are among the model's genes.")
-        module = self.module
-        was_training = module.training
-        module.eval()
+        gene_mask = self._gene_mask(adata, gene_list)
         exprs: list[np.ndarray] = []
-        try:
-            loader = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
-            for tensors in loader:
-                samples = []
-                for draws, px in self._decoded_samples(tensors, n_samples):
-                    mu = self._mean_of(px)
-                    if library_size == "latent":
-                        out = mu
-                    else:
-                        out = mu / mu.sum(-1, keepdim=True) * float(library_size)
-                    out = out[..., gene_mask].cpu().numpy()
-                    samples.append(out.reshape(draws, -1, out.shape[-1]))
-                exprs.append(np.concatenate(samples))  # (S, B, G)
-        finally:
-            module.train(was_training)
+        for tensors in self._eval_batches(adata, indices, batch_size):
+            samples = []
+            for draws, px in self._decoded_samples(tensors, n_samples):
+                mu = self._mean_of(px)
+                if library_size == "latent":
+                    out = mu
+                else:
+                    out = mu / mu.sum(-1, keepdim=True) * float(library_size)
+                out = out[..., gene_mask].cpu().numpy()
+                samples.append(out.reshape(draws, -1, out.shape[-1]))
+            exprs.append(np.concatenate(samples))  # (S, B, G)
         values = np.concatenate(exprs, axis=1)  # (S, n_cells, G)
         if n_samples_overall is not None:
             flat = values.reshape(-1, values.shape[-1])
@@ -302,32 +314,17 @@ class ExpressionMixin(RNASeqMixin):
         if not isinstance(n_samples, int | np.integer) or n_samples < 1:
             raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}.")
         adata = self._validate_anndata(adata)
-        gene_mask = (
-            np.ones(adata.n_vars, dtype=bool)
-            if gene_list is None
-            else np.asarray(adata.var_names.isin(gene_list))
-        )
-        if not gene_mask.any():
-            raise ValueError("None of the genes in gene_list are among the model's genes.")
-        module = self.module
-        was_training = module.training
-        module.eval()
+        gene_mask = self._gene_mask(adata, gene_list)
         out = []
-        try:
-            loader = self._make_data_loader(
-                adata=adata, indices=indices, batch_size=batch_size, **data_loader_kwargs
-            )
-            for tensors in loader:
-                n_cells = tensors[REGISTRY_KEYS.X_KEY].shape[0]
-                draws = [
-                    px.sample()[:, gene_mask].reshape(k, n_cells, -1)
-                    for k, px in self._decoded_samples(tensors, n_samples)
-                ]
-                x = torch.cat(draws)  # (S, B, G)
-                x = x[0] if n_samples == 1 else x.permute(1, 2, 0)
-                out.append(sparse.GCXS.from_numpy(x.cpu().numpy()))
-        finally:
-            module.train(was_training)
+        for tensors in self._eval_batches(adata, indices, batch_size, **data_loader_kwargs):
+            n_cells = tensors[REGISTRY_KEYS.X_KEY].shape[0]
+            draws = [
+                px.sample()[:, gene_mask].reshape(k, n_cells, -1)
+                for k, px in self._decoded_samples(tensors, n_samples)
+            ]
+            x = torch.cat(draws)  # (S, B, G)
+            x = x[0] if n_samples == 1 else x.permute(1, 2, 0)
+            out.append(sparse.GCXS.from_numpy(x.cpu().numpy()))
         return sparse.concatenate(out, axis=0)
 
     @torch.inference_mode()
@@ -365,28 +362,20 @@ class ExpressionMixin(RNASeqMixin):
         if not isinstance(n_samples, int | np.integer) or n_samples < 1:
             raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}.")
         adata = self._validate_anndata(adata)
-        module = self.module
-        was_training = module.training
-        module.eval()
         parts: dict[str, list[np.ndarray]] = {}
-        try:
-            loader = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
-            for tensors in loader:
-                n_cells = tensors[REGISTRY_KEYS.X_KEY].shape[0]
-                batch: dict[str, list[np.ndarray]] = {}
-                for draws, px in self._decoded_samples(tensors, n_samples):
-                    values = {"mean": self._mean_of(px)}
-                    if not isinstance(px, torch.distributions.Poisson):
-                        values["dispersions"] = px.theta.expand_as(values["mean"])
-                    if module.likelihood == "zinb":
-                        values["dropout"] = px.zi_logits
-                    for key, v in values.items():
-                        v = v.cpu().numpy().reshape(draws, n_cells, -1)
-                        batch.setdefault(key, []).append(v)
-                for key, v in batch.items():
-                    parts.setdefault(key, []).append(np.concatenate(v))
-        finally:
-            module.train(was_training)
+        for tensors in self._eval_batches(adata, indices, batch_size):
+            n_cells = tensors[REGISTRY_KEYS.X_KEY].shape[0]
+            batch: dict[str, list[np.ndarray]] = {}
+            for draws, px in self._decoded_samples(tensors, n_samples):
+                values = {"mean": self._mean_of(px)}
+                if not isinstance(px, torch.distributions.Poisson):
+                    values["dispersions"] = px.theta.expand_as(values["mean"])
+                if self.module.likelihood == "zinb":
+                    values["dropout"] = px.zi_logits
+                for key, v in values.items():
+                    batch.setdefault(key, []).append(v.cpu().numpy().reshape(draws, n_cells, -1))
+            for key, v in batch.items():
+                parts.setdefault(key, []).append(np.concatenate(v))
         out = {key: np.concatenate(v, axis=1) for key, v in parts.items()}
         if give_mean or n_samples == 1:
             out = {key: v.mean(0) for key, v in out.items()}
