@@ -7,7 +7,7 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
-__all__ = ["simulate_moran2022", "simulate_multistudy", "simulate_programs"]
+__all__ = ["simulate_ivae", "simulate_moran2022", "simulate_multistudy", "simulate_programs"]
 
 
 def simulate_moran2022(
@@ -321,4 +321,89 @@ def simulate_multistudy(
         "effect": effect,
         "seed": seed,
     }
+    return adata
+
+
+def simulate_ivae(
+    n_per_segment: int = 100,
+    n_segments: int = 40,
+    n_sources: int = 5,
+    n_features: int = 20,
+    n_layers: int = 3,
+    noise: float = 0.1,
+    seed: int = 0,
+) -> AnnData:
+    """Non-stationary sources mixed by a random invertible network (the iVAE's simulation design).
+
+    Khemakhem et al. (AISTATS 2020), section 6: the ``n_sources`` sources are Gaussian with a
+    mean and a standard deviation that change from segment to segment, ``s_ik ~ N(mu_mk,
+    sigma_mk^2)`` for a cell ``i`` of segment ``m`` (``mu ~ U(-3, 3)``, ``sigma ~ U(0.5, 2)``),
+    and are mixed by a random multilayer perceptron with leaky ReLU units (slope 0.2): a first
+    layer with orthonormal columns (``n_sources`` -> ``n_features``), then square orthogonal
+    layers, the last one linear, so the mixing is injective. ``x = f(s) + N(0, noise^2)``. The
+    segment is the auxiliary variable ``u`` of ``latent_prior="conditional"``.
+
+    Parameters
+    ----------
+    n_per_segment
+        Observations per segment.
+    n_segments
+        Number of segments (values of ``u``).
+    n_sources
+        Number of sources (true factors).
+    n_features
+        Number of observed features (``>= n_sources``).
+    n_layers
+        Layers of the mixing network (``>= 1``).
+    noise
+        Standard deviation of the observation noise.
+    seed
+        Random seed.
+
+    Returns
+    -------
+    AnnData with the features in ``X``, the segment in ``obs["segment"]`` (categorical) and the
+    true sources in ``obsm["true_factors"]``.
+    """
+    if n_features < n_sources or n_sources < 1 or n_segments < 2 or n_layers < 1:
+        raise ValueError(
+            "Need n_features >= n_sources >= 1, n_segments >= 2 and n_layers >= 1, got "
+            f"{n_features}, {n_sources}, {n_segments} and {n_layers}."
+        )
+    if n_per_segment < 1 or noise < 0:
+        raise ValueError("n_per_segment must be >= 1 and noise >= 0.")
+    rng = np.random.default_rng(seed)
+    mu = rng.uniform(-3.0, 3.0, size=(n_segments, n_sources))
+    sigma = rng.uniform(0.5, 2.0, size=(n_segments, n_sources))
+    segment = np.repeat(np.arange(n_segments), n_per_segment)
+    s = mu[segment] + sigma[segment] * rng.normal(size=(len(segment), n_sources))
+
+    def orthonormal(rows: int, cols: int) -> np.ndarray:
+        q, r = np.linalg.qr(rng.normal(size=(rows, cols)))
+        return q * np.sign(np.diag(r))
+
+    h = s @ orthonormal(n_features, n_sources).T
+    for _ in range(1, n_layers):
+        h = np.where(h > 0, h, 0.2 * h)  # leaky ReLU: invertible
+        h = h @ orthonormal(n_features, n_features).T
+    if n_layers == 1:
+        h = np.where(h > 0, h, 0.2 * h)
+    x = h + rng.normal(0.0, noise, size=h.shape)
+    adata = AnnData(
+        X=x.astype(np.float32),
+        obs=pd.DataFrame(
+            {
+                "segment": pd.Categorical(
+                    [f"seg{m}" for m in segment], categories=[f"seg{m}" for m in range(n_segments)]
+                )
+            },
+            index=[f"cell{i}" for i in range(len(segment))],
+        ),
+        var=pd.DataFrame(index=[f"x{j}" for j in range(n_features)]),
+    )
+    adata.obsm["true_factors"] = s.astype(np.float32)
+    adata.uns["simulation"] = {
+        "design": "ivae", "n_segments": n_segments, "n_sources": n_sources,
+        "n_features": n_features, "n_layers": n_layers, "noise": noise, "seed": seed,
+    }  # fmt: skip
     return adata

@@ -20,17 +20,21 @@ from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField, LayerField, NumericalObsField
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin, VAEMixin
 
-from ..module import LIKELIHOODS, STUDY_KEY, SparseVAEModule
+from ..module import AUXILIARY_KEY, LATENT_PRIORS, LIKELIHOODS, STUDY_KEY, SparseVAEModule
 from ..train import SparseVAETrainingPlan, default_max_epochs
 from ._expression import ExpressionMixin
 from ._interpret import InterpretabilityMixin
+from ._latent_prior import LatentPriorMixin
 from ._results import ResultsMixin
 from ._save_load import SaveLoadMixin
 from ._studies import StudiesMixin
 from ._training import TrainingMixin
 from ._validate import (
+    auxiliary_is_categorical,
+    check_auxiliary_column,
     check_counts,
     check_finite,
+    check_known_auxiliary,
     check_known_studies,
     check_n_cells,
     check_new_data,
@@ -56,6 +60,7 @@ class SparseVAE(
     ResultsMixin,
     StudiesMixin,
     InterpretabilityMixin,
+    LatentPriorMixin,
     ExpressionMixin,
     SaveLoadMixin,
     VAEMixin,
@@ -108,6 +113,18 @@ class SparseVAE(
         :data:`DEFAULT_N_SPECIFIC_FACTORS` (5) with a ``study_key``; the prior switches off the
         factors a study does not need, so a few too many do little harm (see the user guide's
         "Why the defaults are what they are"). Without a ``study_key`` leave it out (or 0).
+    latent_prior
+        Prior of the factors. ``"normal"`` (default): ``N(0, I)``, the paper's. ``"conditional"``:
+        the iVAE's ``p(z | u)``, a Gaussian whose mean and variance per factor depend on the
+        covariate ``u`` registered with ``setup_anndata(..., auxiliary_key=...)`` (condition,
+        time point, donor, pseudotime); factors whose distribution changes across ``u`` become
+        identifiable even without a mask. ``"mixture"``: a Gaussian mixture with
+        ``n_components`` components that clusters the cells
+        (:meth:`get_cluster_probabilities`). ``"correlated"``: ``N(0, R)`` with a learned
+        correlation ``R``. See the user guide, "Priors of the factors".
+    n_components
+        ``latent_prior="mixture"``: number of components (clusters); between 2 and the number of
+        cells. Ignored by other priors.
     **module_kwargs
         Passed to :class:`~sparsevae.module.SparseVAEModule` (e.g. ``n_layers_encoder``,
         ``dropout_rate``).
@@ -149,6 +166,8 @@ class SparseVAE(
         weight_prior_precision: float | None = None,
         kl_weight: float = 1.0,
         n_specific_factors: int | None = None,
+        latent_prior: Literal["normal", "conditional", "mixture", "correlated"] = "normal",
+        n_components: int = 10,
         **module_kwargs: Any,
     ) -> None:
         super().__init__(adata)
@@ -191,6 +210,7 @@ class SparseVAE(
             )
         if kl_weight < 0:
             raise ValueError(f"kl_weight must be >= 0, got {kl_weight}.")
+        prior_kwargs = self._latent_prior_kwargs(latent_prior, n_components)
         X = self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
         stats = matrix_stats(X)
         if likelihood == "auto":
@@ -226,6 +246,7 @@ class SparseVAE(
                 if n_specific_factors
                 else {}
             ),
+            **prior_kwargs,
             **module_kwargs,
         )
         self.module = self._module_cls(**self._module_kwargs)
@@ -245,9 +266,49 @@ class SparseVAE(
         self._model_summary_string = (
             f"SparseVAE: {factors}, likelihood={likelihood}, mask={mask}, "
             f"n_hidden={n_hidden}, n_layers={n_layers}, lambda0={lambda0}, lambda1={lambda1}, "
-            f"kl_weight={kl_weight}"
+            f"kl_weight={kl_weight}, latent_prior={latent_prior}"
+            + (f" (n_components={n_components})" if latent_prior == "mixture" else "")
+            + (f" (u: {self.auxiliary_key!r})" if latent_prior == "conditional" else "")
         )
         self.init_params_ = self._get_init_params(locals())
+
+    def _latent_prior_kwargs(self, latent_prior: str, n_components: int) -> dict[str, Any]:
+        """Module arguments of the factors' prior, checked against the registered data."""
+        if latent_prior not in LATENT_PRIORS:
+            raise ValueError(f"latent_prior must be one of {LATENT_PRIORS}, got {latent_prior!r}.")
+        out: dict[str, Any] = {"latent_prior": latent_prior}
+        if latent_prior == "conditional":
+            if self.auxiliary_key is None:
+                raise ValueError(
+                    "latent_prior='conditional' needs the covariate u: register it with "
+                    "`SparseVAE.setup_anndata(adata, ..., auxiliary_key='<obs column>')`."
+                )
+            categories = self.auxiliary_categories
+            if categories is not None:
+                out["n_auxiliary_categories"] = len(categories)
+            else:
+                u = np.asarray(self.adata_manager.get_from_registry(AUXILIARY_KEY), dtype=float)
+                out["auxiliary_loc"] = float(u.mean())
+                out["auxiliary_scale"] = float(u.std())
+        elif self.auxiliary_key is not None:
+            raise ValueError(
+                f"The AnnData was registered with auxiliary_key={self.auxiliary_key!r}, which "
+                "only latent_prior='conditional' uses. Pass latent_prior='conditional', or "
+                "register the AnnData without auxiliary_key."
+            )
+        if latent_prior == "mixture":
+            n_obs = self.summary_stats.n_cells
+            if (
+                not isinstance(n_components, int | np.integer)
+                or isinstance(n_components, bool)
+                or not 2 <= n_components <= n_obs
+            ):
+                raise ValueError(
+                    f"n_components must be an integer between 2 and the number of cells "
+                    f"({n_obs}), got {n_components!r}."
+                )
+            out["n_components"] = int(n_components)
+        return out
 
     # ------------------------------------------------------------------------ setup
     @classmethod
@@ -257,6 +318,7 @@ class SparseVAE(
         layer: str | None = None,
         size_factor_key: str | None = None,
         study_key: str | None = None,
+        auxiliary_key: str | None = None,
         **kwargs: Any,
     ) -> None:
         """Register an AnnData for SparseVAE.
@@ -281,6 +343,12 @@ class SparseVAE(
             column's categories (sorted for a non-categorical column), and must be unique as
             strings and differ from ``"shared"``. ``None`` (default): the
             single-study model.
+        auxiliary_key
+            Column of ``adata.obs`` with the observed covariate ``u`` of
+            ``latent_prior="conditional"`` (the iVAE): categorical (category, string or bool
+            dtype: a prior per category; at least two) or continuous (numeric dtype: the prior's
+            mean and variance are a small network of ``u``). No missing values. Store categories
+            coded as numbers as a categorical column.
         **kwargs
             Passed to :meth:`scvi.data.AnnDataManager.register_fields`.
 
@@ -308,12 +376,18 @@ class SparseVAE(
                 )
         if study_key is not None and not loading:
             check_study_column(adata, study_key)
+        if auxiliary_key is not None and not loading:
+            check_auxiliary_column(adata, auxiliary_key)
         anndata_fields = [
             LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=False),
             NumericalObsField(REGISTRY_KEYS.SIZE_FACTOR_KEY, size_factor_key, required=False),
         ]
         if study_key is not None:
             anndata_fields.append(CategoricalObsField(STUDY_KEY, study_key))
+        if auxiliary_key is not None:
+            categorical = auxiliary_is_categorical(adata.obs[auxiliary_key])
+            field = CategoricalObsField if categorical else NumericalObsField
+            anndata_fields.append(field(AUXILIARY_KEY, auxiliary_key))
         adata_manager = AnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
         adata_manager.register_fields(adata, **kwargs)
         cls.register_manager(adata_manager)
@@ -327,6 +401,8 @@ class SparseVAE(
             check_new_data(adata, layer, self.likelihood)
             if self.is_multistudy:
                 check_known_studies(adata, self.study_key, self.studies)
+            if self.auxiliary_key is not None:
+                check_known_auxiliary(adata, self.auxiliary_key, self.auxiliary_categories)
         return super()._validate_anndata(adata, copy_if_view=copy_if_view)
 
     # ------------------------------------------------------------------------ studies

@@ -171,6 +171,11 @@ class ResultsMixin:
         ``effect_keys`` (the varm keys in the order of ``mask_kinds``), ``eta_shared`` and
         ``eta_specific`` (studies x specific factors).
 
+        Models with ``latent_prior="mixture"`` also write each cell's most probable cluster to
+        ``obs[f"{key_added}_cluster"]`` (categorical) and its cluster probabilities
+        (:meth:`get_cluster_probabilities`) to ``obsm[f"{key_added}_cluster_probabilities"]``;
+        ``uns[key_added]["mixture_weights"]`` holds the mixture's weights.
+
         Parameters
         ----------
         adata
@@ -197,10 +202,13 @@ class ResultsMixin:
         W_keys = [f"{key_added}_W{x}" for x in suffix]
         pstar_keys = [f"{key_added}_pstar{x}" for x in suffix] if has_prior else []
         effect_keys = [f"{key_added}_effect{x}" for x in suffix] if effects else []
+        mixture = self.module.latent_prior == "mixture"
         keys = {
-            "obsm": [f"X_{key_added}"],
+            "obsm": [f"X_{key_added}"]
+            + ([f"{key_added}_cluster_probabilities"] if mixture else []),
             "varm": W_keys + pstar_keys + effect_keys,
             "uns": [key_added],
+            "obs": [f"{key_added}_cluster"] if mixture else [],
         }
         if len(set(keys["varm"])) < len(keys["varm"]):
             raise ValueError(
@@ -211,7 +219,12 @@ class ResultsMixin:
         # Compute everything first, so that a failure writes nothing.
         z = self.get_latent_representation(adata)
         effect_values = [self._effects_or_nan(adata, kind) for kind in kinds] if effects else []
+        probs = self.get_cluster_probabilities(adata) if mixture else None
         adata.obsm[f"X_{key_added}"] = z
+        if probs is not None:
+            adata.obsm[f"{key_added}_cluster_probabilities"] = probs.to_numpy()
+            labels = np.asarray(probs.columns)[probs.to_numpy().argmax(1)]
+            adata.obs[f"{key_added}_cluster"] = pd.Categorical(labels, categories=probs.columns)
         for kind, key in zip(kinds, W_keys, strict=True):
             adata.varm[key] = self.get_mask(kind).to_numpy()
         for kind, key in zip(kinds, pstar_keys, strict=False):  # none without a prior
@@ -236,6 +249,8 @@ class ResultsMixin:
             uns["specific_factor_names"] = self.specific_factor_names
             uns["study_key"] = self.study_key
             uns["studies"] = self.studies
+        if mixture:
+            uns["mixture_weights"] = self.get_mixture_weights().to_numpy()
         if has_prior:
             uns["prior"] = self.module.prior.thresholds()
             if self.is_multistudy:

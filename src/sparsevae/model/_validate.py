@@ -289,3 +289,86 @@ def compare_var_names(expected: pd.Index, got: pd.Index) -> None:
             "`adata = adata[:, model.adata.var_names].copy()`, if all are present."
         )
     raise ValueError(f"The AnnData's genes do not match the trained model: {detail}. {fix}")
+
+
+def auxiliary_is_categorical(col: pd.Series) -> bool:
+    """Whether an auxiliary column is categorical (category, string, object or bool dtype).
+
+    Numbers are continuous; store categories coded as numbers as a categorical column.
+    """
+    return not (pd.api.types.is_numeric_dtype(col.dtype) and not pd.api.types.is_bool_dtype(col))
+
+
+def check_auxiliary_column(adata: AnnData, auxiliary_key: str) -> None:
+    """Raise if ``adata.obs[auxiliary_key]`` cannot be the ``u`` of the conditional prior."""
+    if auxiliary_key not in adata.obs:
+        raise KeyError(
+            f"auxiliary_key {auxiliary_key!r} is not a column of adata.obs (columns: "
+            f"{list(adata.obs.columns)[:10]})."
+        )
+    col = adata.obs[auxiliary_key]
+    n_missing = int(col.isna().sum())
+    if n_missing:
+        raise ValueError(
+            f"adata.obs[{auxiliary_key!r}] has {n_missing} missing values; the conditional prior "
+            f"needs u for every cell. Drop those cells (`adata = adata[adata.obs["
+            f"{auxiliary_key!r}].notna()].copy()`) or fill them in."
+        )
+    if not auxiliary_is_categorical(col):
+        values = col.to_numpy(dtype=float)
+        if not np.all(np.isfinite(values)):
+            raise ValueError(f"adata.obs[{auxiliary_key!r}] has infinite values.")
+        if float(np.std(values)) == 0.0:
+            raise ValueError(
+                f"adata.obs[{auxiliary_key!r}] is constant; p(z | u) needs u to vary across cells."
+            )
+        return
+    if isinstance(col.dtype, pd.CategoricalDtype):
+        unused = [c for c in col.cat.categories if c not in set(col.unique())]
+        if unused:
+            raise ValueError(
+                f"adata.obs[{auxiliary_key!r}] has categories without cells: {unused[:5]}. "
+                f"Remove them (`adata.obs[{auxiliary_key!r}] = adata.obs[{auxiliary_key!r}]"
+                ".cat.remove_unused_categories()`)."
+            )
+    if col.astype(str).nunique() < 2:
+        raise ValueError(
+            f"adata.obs[{auxiliary_key!r}] holds a single category; the conditional prior needs "
+            "u to take at least two values (use latent_prior='normal' otherwise)."
+        )
+
+
+def check_known_auxiliary(adata: AnnData, auxiliary_key: str, categories: list[str] | None) -> None:
+    """Raise if new cells lack ``u`` or have categories unseen at training.
+
+    ``categories`` is ``None`` for a continuous ``u``.
+    """
+    if auxiliary_key not in adata.obs:
+        raise ValueError(
+            f"This model's prior is conditional on adata.obs[{auxiliary_key!r}], which this "
+            "AnnData lacks. Add it (the same variable as at training)."
+        )
+    col = adata.obs[auxiliary_key]
+    n_missing = int(col.isna().sum())
+    if n_missing:
+        raise ValueError(
+            f"adata.obs[{auxiliary_key!r}] has {n_missing} missing values; every cell needs u."
+        )
+    if categories is None:
+        if auxiliary_is_categorical(col):
+            raise ValueError(
+                f"adata.obs[{auxiliary_key!r}] must be numeric: the model was trained on a "
+                "continuous u."
+            )
+        if not np.all(np.isfinite(col.to_numpy(dtype=float))):
+            raise ValueError(f"adata.obs[{auxiliary_key!r}] has infinite values.")
+        return
+    unknown = sorted(set(col.astype(str)) - set(categories))
+    if unknown:
+        raise ValueError(
+            f"adata.obs[{auxiliary_key!r}] has categories the model never saw: {unknown[:5]} "
+            f"(it was trained on {categories[:10]}). p(z | u) is learned per category, so a "
+            "new category needs a model trained with it; restrict the AnnData to the known "
+            f"categories (`adata[adata.obs[{auxiliary_key!r}].astype(str).isin("
+            "model.auxiliary_categories)]`)."
+        )

@@ -1,5 +1,21 @@
 """Torch modules."""
 
-from ._module import DEFAULT_PRIOR_CELLS, LIKELIHOODS, STUDY_KEY, ModuleMask, SparseVAEModule
+from ._module import (
+    AUXILIARY_KEY,
+    DEFAULT_PRIOR_CELLS,
+    LATENT_PRIORS,
+    LIKELIHOODS,
+    STUDY_KEY,
+    ModuleMask,
+    SparseVAEModule,
+)
 
-__all__ = ["DEFAULT_PRIOR_CELLS", "LIKELIHOODS", "STUDY_KEY", "ModuleMask", "SparseVAEModule"]
+__all__ = [
+    "AUXILIARY_KEY",
+    "DEFAULT_PRIOR_CELLS",
+    "LATENT_PRIORS",
+    "LIKELIHOODS",
+    "STUDY_KEY",
+    "ModuleMask",
+    "SparseVAEModule",
+]

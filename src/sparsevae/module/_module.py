@@ -15,12 +15,24 @@ from torch import nn
 from torch.distributions import MultivariateNormal, Normal, Poisson, kl_divergence
 
 from ..nn import MaskedDecoder
-from ..priors import SpikeSlabLasso, is_selected
+from ..priors import ConditionalPrior, MixturePrior, SpikeSlabLasso, is_selected
 
-__all__ = ["DEFAULT_PRIOR_CELLS", "LIKELIHOODS", "STUDY_KEY", "ModuleMask", "SparseVAEModule"]
+__all__ = [
+    "AUXILIARY_KEY",
+    "DEFAULT_PRIOR_CELLS",
+    "LATENT_PRIORS",
+    "LIKELIHOODS",
+    "STUDY_KEY",
+    "ModuleMask",
+    "SparseVAEModule",
+]
 
 #: Registry key of the study index (multi-study models).
 STUDY_KEY = "study"
+#: Registry key of the auxiliary variable ``u`` of the conditional prior.
+AUXILIARY_KEY = "auxiliary"
+
+LATENT_PRIORS = ("normal", "correlated", "conditional", "mixture")
 
 LIKELIHOODS = ("gaussian", "nb", "zinb", "poisson")
 Likelihood = Literal["gaussian", "nb", "zinb", "poisson"]
@@ -127,9 +139,13 @@ class SparseVAEModule(BaseModuleClass):
         reading (gene ``j``'s expression relative to the cell's composition depends only on the
         factors in ``w_j``). Default ``True``; ignored by the Gaussian likelihood.
     latent_prior
-        Prior of the factors: ``"normal"`` (``z ~ N(0, I)``) or ``"correlated"`` (``z ~ N(0,
+        Prior of the factors: ``"normal"`` (``z ~ N(0, I)``), ``"correlated"`` (``z ~ N(0,
         R)`` with ``R`` a correlation matrix, unit diagonal, learned with the other global
-        parameters). Default ``"normal"``, the paper's prior. The identifiability theorem allows
+        parameters), ``"conditional"`` (the iVAE's ``p(z | u)``, see
+        :class:`~sparsevae.priors.ConditionalPrior`; needs ``n_auxiliary_categories`` or a
+        continuous ``u``) or ``"mixture"`` (a Gaussian mixture with a Dirichlet prior on its
+        weights, see :class:`~sparsevae.priors.MixturePrior`; ``n_components``). Default
+        ``"normal"``, the paper's prior. The identifiability theorem allows
         correlated factors (``min(Var z_k, Var z_k') > |Cov(z_k, z_k')|``), but with ``N(0, I)``
         the ELBO charges correlated codes ``-0.5 log det(corr)`` nats per cell (the aggregate
         posterior's mismatch with the prior), far more than the mask prior rewards a sparse
@@ -163,6 +179,21 @@ class SparseVAEModule(BaseModuleClass):
         thousands of cells; lower is sparser. Default ``None``, the exact MAP weight: 200 lost
         factors on the simulations. Measurements in the user guide, "Why the defaults are what
         they are".
+    n_auxiliary_categories
+        ``latent_prior="conditional"`` with a categorical ``u``: its number of categories
+        (``None`` for a continuous ``u``).
+    auxiliary_loc, auxiliary_scale
+        ``latent_prior="conditional"`` with a continuous ``u``: its mean and standard deviation
+        on the training data.
+    encode_auxiliary
+        ``latent_prior="conditional"``: give the encoder ``u`` as an extra input (one-hot, or the
+        standardised value), ``q(z | x, u)`` as in the iVAE. Off by default: the factors are
+        read from expression alone and only the prior ties them to ``u``.
+    n_components
+        ``latent_prior="mixture"``: number of mixture components (cell clusters).
+    mixture_alpha
+        ``latent_prior="mixture"``: concentration of the Dirichlet prior on the mixture weights
+        (``>= 1``; above 1 keeps every component in use).
     """
 
     def __init__(
@@ -195,6 +226,12 @@ class SparseVAEModule(BaseModuleClass):
         latent_prior: Literal["normal", "correlated"] | None = None,
         spike_gate: bool = False,
         prior_cells: float | None = DEFAULT_PRIOR_CELLS,
+        n_auxiliary_categories: int | None = None,
+        auxiliary_loc: float = 0.0,
+        auxiliary_scale: float = 1.0,
+        encode_auxiliary: bool = False,
+        n_components: int = 10,
+        mixture_alpha: float = 2.0,
     ) -> None:
         super().__init__()
         if likelihood not in LIKELIHOODS:
@@ -248,9 +285,22 @@ class SparseVAEModule(BaseModuleClass):
         # strength); until then every gate is open.
         self.gate_on = False
 
+        if latent_prior is None:
+            latent_prior = "normal"
+        if latent_prior not in LATENT_PRIORS:
+            raise ValueError(f"latent_prior must be one of {LATENT_PRIORS}, got {latent_prior!r}.")
+        self.latent_prior = latent_prior
+        n_z = n_factors + self.n_specific_factors
+        self.encode_auxiliary = bool(encode_auxiliary) and latent_prior == "conditional"
+        self.n_auxiliary_categories = (
+            None if n_auxiliary_categories is None else int(n_auxiliary_categories)
+        )
+        n_u_features = 0
+        if self.encode_auxiliary:
+            n_u_features = self.n_auxiliary_categories or 1
         self.encoder = Encoder(
-            n_input,
-            n_factors + self.n_specific_factors,
+            n_input + n_u_features,
+            n_z,
             n_cat_list=[self.n_studies] if self.encode_study else None,
             n_layers=n_layers_encoder,
             n_hidden=n_hidden,
@@ -291,15 +341,16 @@ class SparseVAEModule(BaseModuleClass):
             if mask is not None and self.is_multistudy
             else None
         )
-        if latent_prior is None:
-            latent_prior = "normal"
-        if latent_prior not in ("normal", "correlated"):
-            raise ValueError(
-                f"latent_prior must be 'normal' or 'correlated', got {latent_prior!r}."
+        if latent_prior == "conditional":
+            self.conditional_prior = ConditionalPrior(
+                n_z,
+                n_categories=self.n_auxiliary_categories,
+                u_loc=auxiliary_loc,
+                u_scale=auxiliary_scale,
             )
-        self.latent_prior = latent_prior
+        if latent_prior == "mixture":
+            self.mixture_prior = MixturePrior(n_components, n_z, alpha=mixture_alpha)
         if latent_prior == "correlated":
-            n_z = n_factors + self.n_specific_factors
             # Free lower-triangular parameters of the prior's Cholesky factor (rows normalised
             # to unit length in latent_scale_tril, so the diagonal of R stays 1); 0 gives R = I.
             self.latent_tril = nn.Parameter(torch.zeros(n_z, n_z))
@@ -349,6 +400,8 @@ class SparseVAEModule(BaseModuleClass):
         }
         if self.is_multistudy:
             out["study"] = tensors[STUDY_KEY]
+        if self.encode_auxiliary:
+            out["auxiliary"] = tensors[AUXILIARY_KEY]
         return out
 
     def _get_generative_input(
@@ -357,6 +410,8 @@ class SparseVAEModule(BaseModuleClass):
         out = {"z": inference_outputs["z"], "library": inference_outputs["library"]}
         if self.is_multistudy:
             out["study"] = tensors[STUDY_KEY]
+        if self.latent_prior == "conditional":
+            out["auxiliary"] = tensors[AUXILIARY_KEY]
         return out
 
     @auto_move_data
@@ -366,6 +421,7 @@ class SparseVAEModule(BaseModuleClass):
         size_factor: torch.Tensor | None = None,
         n_samples: int = 1,
         study: torch.Tensor | None = None,
+        auxiliary: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor | Normal]:
         """Encode cells into the approximate posterior of their factors.
 
@@ -379,6 +435,8 @@ class SparseVAEModule(BaseModuleClass):
             Multi-study: each cell's study index, ``(n_cells, 1)``.
         n_samples
             Number of posterior samples of ``z``.
+        auxiliary
+            ``encode_auxiliary``: each cell's auxiliary value ``u``, ``(n_cells, 1)``.
 
         Returns
         -------
@@ -393,6 +451,12 @@ class SparseVAEModule(BaseModuleClass):
         else:
             log_library = torch.zeros(x.shape[0], 1, device=x.device, dtype=x.dtype)
             x_enc = (x - self.gene_loc) / self.gene_scale
+        if self.encode_auxiliary:
+            if auxiliary is None:
+                raise ValueError(
+                    "encode_auxiliary needs each cell's auxiliary value (`auxiliary=`)."
+                )
+            x_enc = torch.cat([x_enc, self._auxiliary_features(auxiliary).to(x_enc)], dim=-1)
         if self.encode_study:
             if study is None:
                 raise ValueError("A multi-study model needs each cell's study index (`study=`).")
@@ -403,9 +467,41 @@ class SparseVAEModule(BaseModuleClass):
             z = qz.sample((n_samples,))
         return {"qz": qz, "z": z, "library": log_library}
 
+    @torch.no_grad()
+    def posterior(self, tensors: dict[str, torch.Tensor]) -> Normal:
+        """Posterior of the factors of a minibatch (no decoding).
+
+        Parameters
+        ----------
+        tensors
+            Minibatch from the data loader.
+
+        Returns
+        -------
+        The Normal ``q(z | x)`` with batch shape ``(n_cells, n_factors + n_specific_factors)``.
+        """
+        return self.inference(**self._get_inference_input(tensors))["qz"]
+
+    def _auxiliary_features(self, auxiliary: torch.Tensor) -> torch.Tensor:
+        """The encoder's view of ``u``: one-hot categories, or the standardised value."""
+        prior = self.conditional_prior
+        if prior.is_categorical:
+            codes = auxiliary.reshape(-1).long()
+            return torch.nn.functional.one_hot(codes, prior.n_categories).float()
+        return (auxiliary.reshape(-1, 1).float() - prior.u_loc) / prior.u_scale
+
+    @property
+    def mixture_on(self) -> bool:
+        """``latent_prior="mixture"``: whether the mixture is in use (its components are placed)."""
+        return self.latent_prior == "mixture" and bool(self.mixture_prior.initialised)
+
     @auto_move_data
     def generative(
-        self, z: torch.Tensor, library: torch.Tensor, study: torch.Tensor | None = None
+        self,
+        z: torch.Tensor,
+        library: torch.Tensor,
+        study: torch.Tensor | None = None,
+        auxiliary: torch.Tensor | None = None,
     ) -> dict[str, torch.distributions.Distribution]:
         """Decode factors into the distribution of the data.
 
@@ -418,11 +514,14 @@ class SparseVAEModule(BaseModuleClass):
         study
             Multi-study: each cell's study index, ``(n_cells, 1)``; selects the cell's specific
             mask.
+        auxiliary
+            ``latent_prior="conditional"``: each cell's auxiliary value ``u``, ``(n_cells, 1)``.
 
         Returns
         -------
-        dict with ``px`` (the likelihood) and ``pz`` (the factors' prior: standard normal, or
-        a multivariate normal with the learned correlation, see ``latent_prior``).
+        dict with ``px`` (the likelihood) and ``pz`` (the factors' prior: standard normal, a
+        multivariate normal with the learned correlation, ``p(z | u)``, or the Gaussian
+        mixture; see ``latent_prior``).
         """
         z_dec = z
         if self.is_multistudy and not self.specific_on:
@@ -450,6 +549,12 @@ class SparseVAEModule(BaseModuleClass):
                 )
         if self.latent_prior == "correlated":
             pz = MultivariateNormal(torch.zeros_like(z), scale_tril=self.latent_scale_tril())
+        elif self.latent_prior == "conditional":
+            if auxiliary is None:
+                raise ValueError("latent_prior='conditional' needs each cell's `auxiliary` value.")
+            pz = self.conditional_prior(auxiliary, like=z)
+        elif self.mixture_on:
+            pz = self.mixture_prior.get_prior(z)
         else:
             pz = Normal(torch.zeros_like(z), torch.ones_like(z))
         return {"px": px, "pz": pz}
@@ -565,20 +670,24 @@ class SparseVAEModule(BaseModuleClass):
         if isinstance(pz, MultivariateNormal):
             qz = MultivariateNormal(qz.loc, scale_tril=torch.diag_embed(qz.scale))
             kl = kl_divergence(qz, pz)
-        else:
+        elif isinstance(pz, Normal):
             kl = kl_divergence(qz, pz).sum(-1)
+        else:  # the mixture: scvi-tools' Monte Carlo estimate
+            kl = self.mixture_prior.kl(qz)
         decoder_penalty = self.decoder_prior_penalty()
-        variance_penalty = self.variance_prior_penalty()
+        global_penalty = self.variance_prior_penalty()
+        if self.latent_prior == "mixture":
+            global_penalty = global_penalty + self.mixture_prior.dirichlet_penalty()
         loss = (
             torch.mean(reconst + self.kl_weight * kl_weight * kl)
             + decoder_penalty / self.prior_divisor(n_obs)
-            + variance_penalty / max(n_obs, 1)
+            + global_penalty / max(n_obs, 1)
         )
         return LossOutput(
             loss=loss,
             reconstruction_loss=reconst,
             kl_local=kl,
-            kl_global=decoder_penalty + variance_penalty,
+            kl_global=decoder_penalty + global_penalty,
         )
 
     def mask_priors(self) -> list[SpikeSlabLasso]:
@@ -662,6 +771,40 @@ class SparseVAEModule(BaseModuleClass):
             )
 
     @torch.no_grad()
+    def _latent_prior_columns(self) -> list[tuple[torch.Tensor, int, float]]:
+        """Per-factor parameters of the factors' prior, as (tensor, dim of factors, reset value)."""
+        if self.latent_prior == "conditional":
+            prior = self.conditional_prior
+            if prior.is_categorical:
+                return [(prior.mean, 1, 0.0), (prior.log_var, 1, 0.0)]
+            n_z = prior.n_latent
+            last = prior.net[-1]
+            return [
+                (last.weight[:n_z], 0, 0.0), (last.bias[:n_z], 0, 0.0),
+                (last.weight[n_z:], 0, 0.0), (last.bias[n_z:], 0, 0.0),
+            ]  # fmt: skip
+        if self.latent_prior == "mixture":
+            prior = self.mixture_prior
+            return [(prior.prior_means, 1, 0.0), (prior.prior_log_scales, 1, 0.0)]
+        return []
+
+    @torch.no_grad()
+    def _move_latent_prior(self, dst: int, src: int, mode: str) -> None:
+        """Factor ``dst`` takes factor ``src``'s prior.
+
+        ``mode="move"``: ``src`` is reset to ``N(0, 1)``; ``"swap"``: they exchange;
+        ``"copy"``: ``src`` keeps its own.
+        """
+        for tensor, dim, reset in self._latent_prior_columns():
+            a, b = tensor.select(dim, dst), tensor.select(dim, src)
+            saved = a.clone()
+            a.copy_(b)
+            if mode == "move":
+                b.fill_(reset)
+            elif mode == "swap":
+                b.copy_(saved)
+
+    @torch.no_grad()
     def move_to_specific(self, factor: int, study: int, slot: int) -> None:
         """Hand shared factor ``factor`` over to specific factor ``slot`` of study ``study``.
 
@@ -708,6 +851,7 @@ class SparseVAEModule(BaseModuleClass):
             layer.bias[target] = layer.bias[factor]
             layer.weight[factor] = 0.0
             layer.bias[factor] = 0.0  # mean 0; variance exp(0) = 1 (scvi's default exp link)
+        self._move_latent_prior(target, factor, "move")
         spec, shared = self.prior_specific, self.prior
         spec.p_star[study, :, slot] = shared.p_star[:, factor]
         spec.eta[study, slot] = shared.eta[factor]
@@ -754,6 +898,7 @@ class SparseVAEModule(BaseModuleClass):
             layer.bias[factor] = layer.bias[source]
             layer.weight[source] = 0.0
             layer.bias[source] = 0.0
+        self._move_latent_prior(factor, source, "move")
         spec, shared = self.prior_specific, self.prior
         shared.p_star[:, factor] = spec.p_star[:, :, slot].mean(0)
         shared.eta[factor] = spec.eta[:, slot].mean()
@@ -803,6 +948,7 @@ class SparseVAEModule(BaseModuleClass):
             row, bias = layer.weight[factor].clone(), layer.bias[factor].clone()
             layer.weight[factor], layer.bias[factor] = layer.weight[t], layer.bias[t]
             layer.weight[t], layer.bias[t] = row, bias
+        self._move_latent_prior(t, factor, "swap")
         w_old, g_old = dec.W[:, factor].clone(), dec.gate[:, factor].clone()
         dec.W[:, factor] = dec.W_specific[:, :, slot].mean(0)
         dec.gate[:, factor] = dec.gate_specific[:, :, slot].amax(0)

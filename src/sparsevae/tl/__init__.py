@@ -11,7 +11,7 @@ from ._anchors import (
 )
 from ._de import differential_expression
 from ._enrich import enrich, read_gmt, translate_gene_sets
-from ._metrics import celltype_accuracy, dci
+from ._metrics import celltype_accuracy, dci, mcc
 from ._multistudy import (
     MultiStudyChecks,
     SharedSpecificGenes,
@@ -42,6 +42,7 @@ __all__ = [
     "factor_stability",
     "identifiability_report",
     "mask_f1",
+    "mcc",
     "read_gmt",
     "read_results",
     "shared_specific_genes",

@@ -25,6 +25,9 @@ PRIOR_WARMUP_SHARE = 0.2
 LAMBDA0_RAMP_SHARE = 0.4
 #: ``latent_prior="correlated"``: epochs with the prior's correlation held at the identity.
 FIXED_CORRELATION_EPOCHS = 20
+#: ``latent_prior="mixture"``: share of ``max_epochs`` with the ``N(0, I)`` prior before the
+#: mixture's components are placed on the factors (k-means) and the mixture takes over.
+MIXTURE_PRETRAIN_SHARE = 0.2
 
 
 def default_max_epochs(n_obs: int) -> int:
@@ -151,6 +154,12 @@ class SparseVAETrainingPlan(TrainingPlan):
         Modules with ``latent_prior="correlated"``: epochs at the start during which the prior's
         correlation stays the identity (0: learned from the first step; ``None``:
         ``FIXED_CORRELATION_EPOCHS``, 20).
+    n_epochs_mixture_pretrain
+        Modules with ``latent_prior="mixture"``: epochs with the ``N(0, I)`` prior at the start;
+        then the components are placed by k-means on the training cells' factors and the mixture
+        takes over (``None``: ``MIXTURE_PRETRAIN_SHARE`` of ``max_epochs``, 20%). Started from
+        random components, a GMVAE tends to put every cell in one component or to keep uniform
+        assignments.
     **kwargs
         Passed to :class:`scvi.train.TrainingPlan`.
     """
@@ -166,6 +175,7 @@ class SparseVAETrainingPlan(TrainingPlan):
         n_epochs_lambda0_ramp: int | None = None,
         n_epochs_shared_first: int | None = None,
         n_epochs_fixed_correlation: int | None = None,
+        n_epochs_mixture_pretrain: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(
@@ -178,6 +188,7 @@ class SparseVAETrainingPlan(TrainingPlan):
         for name, value in (
             ("n_epochs_shared_first", n_epochs_shared_first),
             ("n_epochs_fixed_correlation", n_epochs_fixed_correlation),
+            ("n_epochs_mixture_pretrain", n_epochs_mixture_pretrain),
         ):
             if value is not None and value < 0:
                 raise ValueError(f"{name} must be >= 0 or None, got {value}.")
@@ -191,6 +202,8 @@ class SparseVAETrainingPlan(TrainingPlan):
             if n_epochs_fixed_correlation is None
             else n_epochs_fixed_correlation
         )
+        self._mixture_pretrain_arg = n_epochs_mixture_pretrain
+        self.n_epochs_mixture_pretrain = 0
         self._em_on = True
         self._update_eta = True
 
@@ -206,8 +219,11 @@ class SparseVAETrainingPlan(TrainingPlan):
 
     def on_train_start(self) -> None:
         """Fill in the schedule's defaults from the trainer's ``max_epochs``."""
-        self.schedule = prior_schedule(
-            int(self.trainer.max_epochs), self.module.is_count, *self._schedule_args
+        max_epochs = int(self.trainer.max_epochs)
+        self.schedule = prior_schedule(max_epochs, self.module.is_count, *self._schedule_args)
+        arg = self._mixture_pretrain_arg
+        self.n_epochs_mixture_pretrain = (
+            round(MIXTURE_PRETRAIN_SHARE * max_epochs) if arg is None else int(arg)
         )
 
     def on_train_epoch_start(self) -> None:
@@ -220,9 +236,44 @@ class SparseVAETrainingPlan(TrainingPlan):
         self.module.set_prior_schedule(penalty_on=self._em_on, ramp=t)
         self.module.specific_on = epoch >= self.n_epochs_shared_first
         self.module.correlation_on = epoch >= self.n_epochs_fixed_correlation
+        if epoch >= self.n_epochs_mixture_pretrain:
+            self._place_mixture()
+
+    @torch.no_grad()
+    def _place_mixture(self) -> None:
+        """``latent_prior="mixture"``: place the components on the training cells' factors, once."""
+        module = self.module
+        if module.latent_prior != "mixture" or bool(module.mixture_prior.initialised):
+            return
+        means, variances = self._posteriors()
+        module.mixture_prior.init_components(means, variances)
+        module.mixture_prior.em_update(means, variances)
+
+    def on_train_epoch_end(self) -> None:
+        """``latent_prior="mixture"``: refit the mixture's components to the posteriors (EM)."""
+        module = self.module
+        if not module.mixture_on:
+            return
+        means, variances = self._posteriors()
+        module.mixture_prior.em_update(means, variances)
+
+    @torch.no_grad()
+    def _posteriors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior means and variances of the factors of every training cell (eval mode)."""
+        module = self.module
+        was_training = module.training
+        module.eval()
+        means, variances = [], []
+        for batch in self.trainer.train_dataloader:
+            qz = module.posterior(batch)
+            means.append(qz.loc)
+            variances.append(qz.scale.pow(2))
+        module.train(was_training)
+        return torch.cat(means), torch.cat(variances)
 
     def on_train_end(self) -> None:
         """Leave the prior at its full strength (matters when training stops early)."""
+        self._place_mixture()
         self.module.set_prior_schedule(penalty_on=True, ramp=1.0)
         if self.module.gate_on:
             self.module.close_spike_gates()
