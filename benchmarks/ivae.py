@@ -35,13 +35,22 @@ METHODS: dict[str, dict[str, Any]] = {
 QUICK = {"n_per_segment": 50, "n_segments": 20, "max_epochs": 40}
 
 
-def fit(method: str, seed: int, n_per_segment: int, n_segments: int, max_epochs: int | None):
+def fit(
+    method: str,
+    seed: int,
+    n_per_segment: int,
+    n_segments: int,
+    max_epochs: int | None,
+    encode_auxiliary: bool = False,
+) -> dict[str, Any]:
     """Fit one method on one simulated data set and score it."""
     ad = sparsevae.datasets.simulate_ivae(
         n_per_segment=n_per_segment, n_segments=n_segments, seed=seed
     )
-    kwargs = METHODS[method]
+    kwargs = dict(METHODS[method])
     conditional = kwargs.get("latent_prior") == "conditional"
+    if conditional and encode_auxiliary:
+        kwargs["encode_auxiliary"] = True
     sparsevae.SparseVAE.setup_anndata(ad, auxiliary_key="segment" if conditional else None)
     scvi.settings.seed = seed
     model = sparsevae.SparseVAE(ad, n_factors=5, likelihood="gaussian", **kwargs)
@@ -60,6 +69,7 @@ def fit(method: str, seed: int, n_per_segment: int, n_segments: int, max_epochs:
         "benchmark": "ivae",
         "record": "fit",
         "method": method,
+        "encode_auxiliary": bool(conditional and encode_auxiliary),
         "seed": seed,
         "n_cells": ad.n_obs,
         "n_segments": n_segments,
@@ -79,6 +89,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="*", default=None)
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--max-epochs", type=int, default=None)
+    parser.add_argument(
+        "--encode-auxiliary", action="store_true", help="conditional methods: q(z | x, u)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     quiet_logs()
@@ -91,14 +104,23 @@ def main() -> None:
         "mode": "quick" if args.quick else "full",
         "command": command_line(),
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "settings": {**size, "max_epochs": max_epochs, "seeds": seeds, "methods": args.methods},
+        "settings": {
+            **size,
+            "max_epochs": max_epochs,
+            "seeds": seeds,
+            "methods": args.methods,
+            "encode_auxiliary": args.encode_auxiliary,
+        },
         "machine": machine_info(threads=1),
     }
     print(json.dumps(meta), flush=True)
     records: dict[str, list[dict[str, Any]]] = {m: [] for m in args.methods}
     for seed in seeds:
         for method in args.methods:
-            rec = fit(method, seed, size["n_per_segment"], size["n_segments"], max_epochs)
+            rec = fit(
+                method, seed, size["n_per_segment"], size["n_segments"], max_epochs,
+                args.encode_auxiliary,
+            )  # fmt: skip
             records[method].append(rec)
             print(json.dumps(rec), flush=True)
     for method, recs in records.items():

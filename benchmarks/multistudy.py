@@ -253,11 +253,13 @@ def fit_real(
     model.train(max_epochs=max_epochs, move_confined=move_confined, **QUIET)
     seconds = time.perf_counter() - t0
     n_epochs = int(model.trainer.lightning_module.current_epoch) or (max_epochs or 0)
-    label = sparsevae.tl.shared_specific_genes(model).genes["label"].reindex(ad.var_names)
+    table = sparsevae.tl.shared_specific_genes(model).genes.reindex(ad.var_names)
+    label = table["label"]
     scored = []
     planted: set[str] = set()
     for truth in ad.uns["planted_programs"]:
         planted.update(truth["genes"])
+        in_studies = table.loc[truth["genes"], "studies"].fillna("").str.split(";")
         scored.append(
             {
                 "name": truth["name"],
@@ -266,6 +268,11 @@ def fit_real(
                 "n_cells": len(truth["cells"]),
                 "realised_fold": round(truth["realised_fold"], 3),
                 **label_shares(label[truth["genes"]].to_numpy(), truth["study"]),
+                # selected by a specific factor of the right study (label "specific to" it, or
+                # "both": also by a shared factor, e.g. a cell-type marker the program contains)
+                "in_right_specific_mask": round(
+                    float(np.mean([truth["study"] in s for s in in_studies])), 4
+                ),
             }
         )
     own = label.drop(sorted(planted))
@@ -294,6 +301,9 @@ def fit_real(
         "planted_specific_right_study": round(
             float(np.mean([p["specific_right_study"] for p in scored])), 4
         ),
+        "planted_in_right_specific_mask": round(
+            float(np.mean([p["in_right_specific_mask"] for p in scored])), 4
+        ),
         "planted_shared": round(float(np.mean([p["shared"] for p in scored])), 4),
         "planted_both": round(float(np.mean([p["both"] for p in scored])), 4),
         "data_genes_selected": len(own_selected),
@@ -314,6 +324,7 @@ def fit_real(
 
 SUMMARY_KEYS = (
     "planted_specific_right_study",
+    "planted_in_right_specific_mask",
     "planted_shared",
     "planted_both",
     "data_genes_shared",
