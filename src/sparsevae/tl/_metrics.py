@@ -212,8 +212,8 @@ def mcc(
     Parameters
     ----------
     factors
-        Learned factors, cells x ``K`` (``K >= `` the number of true factors; the surplus is left
-        unmatched).
+        Learned factors, cells x ``K``, with ``K`` at least the number of true factors (the
+        surplus is left unmatched).
     true_factors
         True factors, cells x ``d``.
     method
