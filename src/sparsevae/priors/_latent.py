@@ -163,6 +163,10 @@ class MixturePrior(MogPrior):
         self.register_buffer("initialised", torch.tensor(False))
         # Number of re-seedings of almost empty components so far (see em_update).
         self.register_buffer("n_reseeded", torch.tensor(0))
+        # The frame the components were fitted in: the posteriors' aggregate mean and spread at
+        # the last EM update (see _standardise); responsibilities() maps factors into it.
+        self.register_buffer("frame_loc", torch.zeros(int(n_latent)))
+        self.register_buffer("frame_scale", torch.ones(int(n_latent)))
 
     def weights(self) -> torch.Tensor:
         """Mixture weights ``pi`` (``n_components``)."""
@@ -201,6 +205,9 @@ class MixturePrior(MogPrior):
     def responsibilities(self, z: torch.Tensor) -> torch.Tensor:
         """Cluster probabilities ``p(c | z)`` in closed form.
 
+        The factors are first mapped into the frame the components were fitted in (the training
+        posteriors standardised at the last EM update, see :meth:`em_update`).
+
         Parameters
         ----------
         z
@@ -210,6 +217,7 @@ class MixturePrior(MogPrior):
         -------
         ``(n_cells, n_components)``, rows summing to 1.
         """
+        z = (z.to(self.frame_loc) - self.frame_loc) / self.frame_scale
         return torch.softmax(self.log_joint(z), dim=-1)
 
     @torch.no_grad()
@@ -268,6 +276,8 @@ class MixturePrior(MogPrior):
         mean, var = mean.to(self.prior_means), var.to(self.prior_means)
         centre = mean.mean(0)
         spread = (mean.var(0, unbiased=False) + var.mean(0)).sqrt().clamp_min(1e-6)
+        self.frame_loc.copy_(centre)
+        self.frame_scale.copy_(spread)
         return (mean - centre) / spread, var / spread.pow(2)
 
     @torch.no_grad()
@@ -309,7 +319,7 @@ class MixturePrior(MogPrior):
         n, C = mean.shape[0], self.n_components
         floor = 1e-4 * float(var.mean().clamp_min(1e-8))
         for _ in range(n_iter):
-            r = self.responsibilities(mean)  # (n, C)
+            r = torch.softmax(self.log_joint(mean), dim=-1)  # (n, C), in the fitted frame
             n_c = r.sum(0)
             pi = (n_c + self.alpha - 1.0) / (n + C * (self.alpha - 1.0))
             keep = n_c > 1e-6  # an empty component keeps its place (alpha > 1 refills it)
