@@ -166,9 +166,13 @@ class SparseVAEModule(BaseModuleClass):
         still carries signal (the per-gene head makes up for its size), so "not selected" does
         not mean "not used" and a stronger prior empties the masks instead of thinning them.
         Use it with ``prior_cells`` (e.g. ``spike_gate=True, prior_cells=200``) for sparse masks
-        with anchors on real counts. Off by default: on the paper's simulation it left one
-        feature at ``p*`` 0.53 on the wrong factor (user guide, "Why the defaults are what they
-        are").
+        with anchors on real counts. Default ``None``: on for multi-study models, off for
+        single-study ones. Single-study: on the paper's simulation it left one feature at ``p*``
+        0.53 on the wrong factor. Multi-study: a study's specific factor selects few genes, so
+        its ``eta`` is small and an entry needs a large ``|w|`` to reach ``p* >= 0.5``; without
+        the gates a program planted in one study of real counts was carried by that study's
+        specific factor (its largest ``|w|`` were exactly the planted genes) but stayed below
+        the selection threshold (user guide, "Why the defaults are what they are").
     prior_cells
         The decoder's prior (mask penalty and weight prior) is weighed against at most this many
         cells: the per-cell loss adds ``penalty / min(N, prior_cells)``. Up to ``prior_cells``
@@ -224,7 +228,7 @@ class SparseVAEModule(BaseModuleClass):
         encode_study: bool = False,
         composition_offset: bool | None = None,
         latent_prior: Literal["normal", "correlated"] | None = None,
-        spike_gate: bool = False,
+        spike_gate: bool | None = None,
         prior_cells: float | None = DEFAULT_PRIOR_CELLS,
         n_auxiliary_categories: int | None = None,
         auxiliary_loc: float = 0.0,
@@ -278,8 +282,10 @@ class SparseVAEModule(BaseModuleClass):
                 f"prior_cells must be a positive number of cells or None, got {prior_cells!r}."
             )
         self.prior_cells = None if prior_cells is None else float(prior_cells)
+        if spike_gate is None:
+            spike_gate = self.is_multistudy
         if not isinstance(spike_gate, bool):
-            raise ValueError(f"spike_gate must be True or False, got {spike_gate!r}.")
+            raise ValueError(f"spike_gate must be True, False or None, got {spike_gate!r}.")
         self.spike_gate = spike_gate and mask is not None
         # Whether the gates follow the prior (set by the training plan once the prior is at full
         # strength); until then every gate is open.
