@@ -132,7 +132,9 @@ def test_spike_gates_follow_the_prior_once_it_is_at_full_strength():
     assert gate[:4, 0].all() and gate.sum() == 4
     module.set_prior_schedule(penalty_on=False, ramp=0.0)  # training again from the warm-up
     assert bool((gate == 1).all())
-    plain = SparseVAEModule(12, n_factors=3, n_hidden=8)  # default: no gates
+    multi = SparseVAEModule(12, n_factors=3, n_hidden=8, n_specific_factors=1, n_studies=2)
+    assert multi.spike_gate  # default with studies: gates
+    plain = SparseVAEModule(12, n_factors=3, n_hidden=8)  # default without studies: no gates
     plain.set_prior_schedule(penalty_on=True, ramp=1.0)
     plain.em_step()
     assert not plain.gate_on and bool((plain.decoder.gate == 1).all())
@@ -160,7 +162,7 @@ def test_decoder_prior_is_spread_over_at_most_prior_cells(prior_cells):
         with pytest.raises(ValueError, match="prior_cells must be a positive number"):
             SparseVAEModule(10, n_factors=2, prior_cells=bad)
     assert SparseVAEModule(10, n_factors=2, prior_cells=np.int64(200)).prior_cells == 200.0
-    with pytest.raises(ValueError, match="spike_gate must be True or False"):
+    with pytest.raises(ValueError, match="spike_gate must be True, False or None"):
         SparseVAEModule(10, n_factors=2, spike_gate="yes")
 
 
