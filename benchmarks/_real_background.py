@@ -172,3 +172,11 @@ def background(name: str, n_studies: int, seed: int, n_programs: int = N_PROGRAM
     adata.obs["study"] = split_studies(labels, n_studies, rng)
     programs = choose_programs(adata, name, min(n_programs, n_studies), rng)
     return adata, programs
+
+
+def detected_share(adata: Any, truth: dict[str, Any]) -> np.ndarray:
+    """Per planted gene, the share of the planted cells where its (planted) count is nonzero."""
+    cells = adata.obs_names.get_indexer(truth["cells"])
+    cols = adata.var_names.get_indexer(truth["genes"])
+    block = adata.layers["counts"][cells][:, cols]
+    return np.asarray((block > 0).mean(0)).ravel()
