@@ -270,6 +270,12 @@ def test_mixture_prior_finds_clusters_and_writes_them():
     assert adata.obs["sparsevae_cluster"].dtype.name == "category"
     assert adata.obsm["sparsevae_cluster_probabilities"].shape == (adata.n_obs, 3)
     assert "mixture_weights" in adata.uns["sparsevae"]
+    assert "mixture: 3 components, 3 holding cells" in model.training_summary()
+    # a mixture whose other components sit far from every cell has collapsed: train() warns
+    with torch.no_grad():
+        model.module.mixture_prior.prior_means[1:] += 100.0
+    with pytest.warns(UserWarning, match="in one of its 3 components"):
+        model._warn_if_mixture_collapsed()
 
 
 def test_sparse_mixture_model_on_counts_with_studies():

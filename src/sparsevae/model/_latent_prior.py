@@ -101,3 +101,18 @@ class LatentPriorMixin:
         with torch.no_grad():
             pi = self.module.mixture_prior.weights().cpu().numpy()
         return pd.Series(pi, index=[f"cluster_{c}" for c in range(len(pi))], name="weight")
+
+    def _mixture_stats(self, max_cells: int = 20000) -> dict[str, float]:
+        """Components holding cells, the largest one's share, and the re-seedings so far."""
+        n = self.adata.n_obs
+        idx = None
+        if n > max_cells:
+            idx = np.sort(np.random.default_rng(0).choice(n, size=max_cells, replace=False))
+        probs = self.get_cluster_probabilities(indices=idx).to_numpy()
+        counts = np.bincount(probs.argmax(1), minlength=probs.shape[1])
+        return {
+            "n_components": probs.shape[1],
+            "n_holding": int((counts > 0).sum()),
+            "largest_share": float(counts.max() / max(counts.sum(), 1)),
+            "reseeded": int(self.module.mixture_prior.n_reseeded),
+        }

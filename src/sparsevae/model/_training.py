@@ -159,6 +159,7 @@ class TrainingMixin:
             result = self._fit_restarts(int(n_restarts), kwargs)
         if not self._warn_if_collapsed():
             self._warn_if_misassigned()
+            self._warn_if_mixture_collapsed()
         logger.info(self.training_summary())
         return result
 
@@ -243,6 +244,12 @@ class TrainingMixin:
                         f"specific_{m['slot']} (one program in every study)"
                     )
             lines.append("details: sparsevae.tl.identifiability_report(model)")
+        if self.module.latent_prior == "mixture":
+            st = self._mixture_stats()
+            lines.append(
+                f"mixture: {st['n_components']} components, {st['n_holding']} holding cells, the "
+                f"largest {100 * st['largest_share']:.0f}% of them; {st['reseeded']} re-seedings"
+            )
         problems = getattr(self, "train_problems_", [])
         if problems:
             lines.append("checks failed: " + "; ".join(_first_sentence(p) for p in problems))
@@ -448,6 +455,19 @@ class TrainingMixin:
             "`sparsevae.tl.check_shared_specific(model)`; if the checks keep failing, reconsider "
             "the numbers of shared and specific factors."
         )
+
+    def _warn_if_mixture_collapsed(self, max_share: float = 0.9) -> None:
+        """``latent_prior="mixture"``: warn when one component holds almost every cell."""
+        if self.module.latent_prior != "mixture":
+            return
+        st = self._mixture_stats()
+        if st["largest_share"] > max_share:
+            self._warn(
+                f"The mixture prior put {100 * st['largest_share']:.0f}% of the cells in one of "
+                f"its {st['n_components']} components, so its clusters say little. Train longer "
+                "(`max_epochs`), or try fewer components; Leiden on the factors "
+                "(`sc.tl.leiden` on obsm['X_sparsevae']) is the alternative."
+            )
 
     def _all_factors_off(self) -> bool:
         """Whether every factor of every mask is switched off (unused and unselected)."""
