@@ -74,6 +74,8 @@ def hand_model():
         m.prior_specific.p_star.copy_(torch.where(V != 0, 0.99, 0.01))
         m.prior.eta.copy_(torch.tensor([0.1, 0.08]))
         m.prior_specific.eta.copy_(torch.tensor([[0.1, 1e-6], [0.08, 0.02], [0.1, 1e-6]]))
+    if m.gate_on:  # multi-study models close the spike gates: let them follow the hand-set p*
+        m.close_spike_gates()
     return model
 
 
