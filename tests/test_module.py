@@ -133,7 +133,7 @@ def test_spike_gates_follow_the_prior_once_it_is_at_full_strength():
     module.set_prior_schedule(penalty_on=False, ramp=0.0)  # training again from the warm-up
     assert bool((gate == 1).all())
     multi = SparseVAEModule(12, n_factors=3, n_hidden=8, n_specific_factors=1, n_studies=2)
-    assert multi.spike_gate  # default with studies: gates
+    assert multi.gate_specific and not multi.gate_shared  # default with studies
     plain = SparseVAEModule(12, n_factors=3, n_hidden=8)  # default without studies: no gates
     plain.set_prior_schedule(penalty_on=True, ramp=1.0)
     plain.em_step()
@@ -162,7 +162,7 @@ def test_decoder_prior_is_spread_over_at_most_prior_cells(prior_cells):
         with pytest.raises(ValueError, match="prior_cells must be a positive number"):
             SparseVAEModule(10, n_factors=2, prior_cells=bad)
     assert SparseVAEModule(10, n_factors=2, prior_cells=np.int64(200)).prior_cells == 200.0
-    with pytest.raises(ValueError, match="spike_gate must be True, False or None"):
+    with pytest.raises(ValueError, match="spike_gate must be True, False, 'specific' or None"):
         SparseVAEModule(10, n_factors=2, spike_gate="yes")
 
 
@@ -178,3 +178,23 @@ def test_trained_model_with_spike_gates_does_not_use_unselected_entries():
     effects = model.get_gene_effects().to_numpy()
     np.testing.assert_array_equal(effects[~selected], 0.0)
     assert model.module.prior_divisor(120) == 5
+
+
+def test_specific_gates_leave_the_shared_mask_open():
+    """Multi-study default: only the study-specific masks have spike gates."""
+    torch.manual_seed(0)
+    module = SparseVAEModule(10, n_factors=2, n_hidden=8, n_specific_factors=2, n_studies=2)
+    with torch.no_grad():
+        module.prior.p_star.zero_()
+        module.prior_specific.p_star.zero_()
+        module.prior_specific.p_star[1, :3, 0] = 0.9
+    module.set_prior_schedule(penalty_on=True, ramp=1.0)
+    module.close_spike_gates()
+    assert module.gate_on
+    assert bool((module.decoder.gate == 1).all())  # shared: open although every p* is 0
+    expected = torch.zeros(2, 10, 2)
+    expected[1, :3, 0] = 1.0
+    assert torch.equal(module.decoder.gate_specific, expected)
+    both = SparseVAEModule(10, n_factors=2, n_hidden=8, n_specific_factors=2, n_studies=2,
+                           spike_gate=True)  # fmt: skip
+    assert both.gate_shared and both.gate_specific
