@@ -83,5 +83,5 @@ def test_new_files_round_trip_exactly(tmp_path: Path) -> None:
     # A new file holds no copy of the data in its registry.
     saved = torch.load(tmp_path / "m" / "model.pt", weights_only=False)
     assert set(saved["attr_dict"]["registry_"]["setup_args"]) == {
-        "layer", "size_factor_key", "study_key"
+        "layer", "size_factor_key", "study_key", "auxiliary_key"
     }  # fmt: skip
