@@ -133,7 +133,7 @@ def test_spike_gates_follow_the_prior_once_it_is_at_full_strength():
     module.set_prior_schedule(penalty_on=False, ramp=0.0)  # training again from the warm-up
     assert bool((gate == 1).all())
     multi = SparseVAEModule(12, n_factors=3, n_hidden=8, n_specific_factors=1, n_studies=2)
-    assert multi.gate_specific and not multi.gate_shared  # default with studies
+    assert not multi.spike_gate  # default with studies: no gates either
     plain = SparseVAEModule(12, n_factors=3, n_hidden=8)  # default without studies: no gates
     plain.set_prior_schedule(penalty_on=True, ramp=1.0)
     plain.em_step()
@@ -181,9 +181,11 @@ def test_trained_model_with_spike_gates_does_not_use_unselected_entries():
 
 
 def test_specific_gates_leave_the_shared_mask_open():
-    """Multi-study default: only the study-specific masks have spike gates."""
+    """``spike_gate="specific"``: only the study-specific masks have spike gates."""
     torch.manual_seed(0)
-    module = SparseVAEModule(10, n_factors=2, n_hidden=8, n_specific_factors=2, n_studies=2)
+    module = SparseVAEModule(
+        10, n_factors=2, n_hidden=8, n_specific_factors=2, n_studies=2, spike_gate="specific"
+    )
     with torch.no_grad():
         module.prior.p_star.zero_()
         module.prior_specific.p_star.zero_()

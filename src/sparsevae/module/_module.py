@@ -166,15 +166,13 @@ class SparseVAEModule(BaseModuleClass):
         still carries signal (the per-gene head makes up for its size), so "not selected" does
         not mean "not used" and a stronger prior empties the masks instead of thinning them.
         Use it with ``prior_cells`` (e.g. ``spike_gate=True, prior_cells=200``) for sparse masks
-        with anchors on real counts. ``"specific"`` gates the study-specific masks only.
-        Default ``None``: ``"specific"`` for multi-study models, ``False`` for single-study ones.
-        Single-study: on the paper's simulation the gates left one feature at ``p*`` 0.53 on the
-        wrong factor. Multi-study: a study's specific factor selects few genes, so its ``eta``
-        is small and an entry needs a large ``|w|`` to reach ``p* >= 0.5``; without gates a
-        program planted in one study of real counts was carried by that study's specific
-        factor (its largest ``|w|`` were exactly the planted genes) but stayed below the
-        selection threshold. Gates on the shared mask too lowered the shared mask's F1 on the
-        multi-study simulation (user guide, "Why the defaults are what they are").
+        with anchors on real counts. ``"specific"`` gates the study-specific masks only: use it
+        for multi-study models on real counts, where a program of one study is carried by that
+        study's specific factor but, that factor selecting few genes (a small ``eta``), stays
+        below ``p* = 0.5`` without gates. Default ``None`` (off): on the paper's simulation the
+        gates left one feature at ``p*`` 0.53 on the wrong factor, and on the multi-study
+        simulation ``"specific"`` lowered the specific masks' F1 and left one of 12 fits
+        misassigned (user guide, "Why the defaults are what they are").
     prior_cells
         The decoder's prior (mask penalty and weight prior) is weighed against at most this many
         cells: the per-cell loss adds ``penalty / min(N, prior_cells)``. Up to ``prior_cells``
@@ -285,7 +283,7 @@ class SparseVAEModule(BaseModuleClass):
             )
         self.prior_cells = None if prior_cells is None else float(prior_cells)
         if spike_gate is None:
-            spike_gate = "specific" if self.is_multistudy else False
+            spike_gate = False
         if not (isinstance(spike_gate, bool) or spike_gate == "specific"):
             raise ValueError(
                 f"spike_gate must be True, False, 'specific' or None, got {spike_gate!r}."
