@@ -1,6 +1,8 @@
 """The simulators with planted truth (datasets)."""
 
 import numpy as np
+import pandas as pd
+import pytest
 from anndata import AnnData
 
 import sparsevae
@@ -26,3 +28,15 @@ def test_program_simulator():
     X = ad.X.toarray()
     assert (X == np.round(X)).all() and (X >= 0).all() and (X.sum(1) > 0).all()
     assert isinstance(ad, AnnData)
+
+
+def test_simulate_ivae_segments_change_the_sources():
+    import sparsevae
+
+    ad = sparsevae.datasets.simulate_ivae(n_per_segment=50, n_segments=6, n_sources=3, n_features=8)
+    assert ad.shape == (300, 8) and ad.obsm["true_factors"].shape == (300, 3)
+    assert ad.obs["segment"].cat.categories.size == 6
+    means = pd.DataFrame(ad.obsm["true_factors"]).groupby(ad.obs["segment"].to_numpy()).mean()
+    assert means.std().min() > 0.5  # the sources' means move across segments
+    with pytest.raises(ValueError, match="n_features >= n_sources"):
+        sparsevae.datasets.simulate_ivae(n_sources=5, n_features=3)

@@ -56,3 +56,24 @@ def test_dci_rejects_bad_input():
         sparsevae.tl.dci(np.full_like(f, np.nan), f)
     with pytest.raises(ValueError, match="shape"):
         sparsevae.tl.dci(f, f, importance_matrix=np.ones((3, 2)))
+
+
+def test_mcc_is_one_for_permuted_scaled_copies_and_low_for_noise():
+    import sparsevae
+
+    rng = np.random.default_rng(0)
+    truth = rng.normal(size=(500, 3))
+    learned = np.column_stack(
+        [-2 * truth[:, 2], truth[:, 0] + 1, 0.5 * truth[:, 1], rng.normal(size=500)]
+    )
+    res = sparsevae.tl.mcc(learned, truth)
+    assert res["mcc"] > 0.999
+    assert res["match"].tolist() == [1, 2, 0]
+    monotone = np.column_stack([np.exp(truth[:, 0]), truth[:, 1] ** 3, truth[:, 2]])
+    assert sparsevae.tl.mcc(monotone, truth, "spearman")["mcc"] > 0.999
+    assert sparsevae.tl.mcc(monotone, truth)["mcc"] < 0.95  # Pearson sees the nonlinearity
+    assert sparsevae.tl.mcc(rng.normal(size=(500, 3)), truth)["mcc"] < 0.2
+    with pytest.raises(ValueError, match="at least as many learned factors"):
+        sparsevae.tl.mcc(learned[:, :2], truth)
+    with pytest.raises(ValueError, match="same cells"):
+        sparsevae.tl.mcc(learned[:10], truth)
