@@ -172,9 +172,10 @@ def test_conditional_multistudy_model_trains():
     adata.obs["study"] = np.where(np.arange(adata.n_obs) % 2 == 0, "s0", "s1")
     SparseVAE.setup_anndata(adata, study_key="study", auxiliary_key="condition")
     model = SparseVAE(
-        adata, n_factors=2, n_specific_factors=1, n_hidden=8, latent_prior="conditional"
-    )
-    model.train(max_epochs=4, **QUIET)
+        adata, n_factors=2, n_specific_factors=1, n_hidden=8, latent_prior="conditional",
+        encode_auxiliary=True,
+    )  # fmt: skip
+    model.train(max_epochs=6, **QUIET)  # the move check (an inference pass with u) runs too
     assert model.get_latent_representation().shape == (adata.n_obs, 3)
 
 

@@ -22,9 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 from lightning.pytorch.callbacks import Callback
-from scvi import REGISTRY_KEYS
 
-from ..module import STUDY_KEY
 from ..priors import factor_use, is_selected
 from ._checks import shared_specific_checks
 
@@ -110,12 +108,7 @@ class MoveConfinedFactors(Callback):
         module.eval()
         parts = []
         for tensors in model._make_data_loader(adata=model.adata, indices=idx, batch_size=512):
-            out = module.inference(
-                x=tensors[REGISTRY_KEYS.X_KEY].to(module.device),
-                size_factor=tensors.get(REGISTRY_KEYS.SIZE_FACTOR_KEY),
-                study=tensors[STUDY_KEY].to(module.device),
-            )
-            parts.append(out["qz"].loc.cpu().numpy())
+            parts.append(module.posterior(tensors).loc.cpu().numpy())
         module.train(was_training)
         z = np.concatenate(parts)
         codes = pd.Categorical(
