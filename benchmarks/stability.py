@@ -1,7 +1,7 @@
 """Do fits from different random starts give the same factors? One JSON line per fit and method.
 
 Usage: ``python benchmarks/stability.py [--data zeisel|pbmc] [--seeds 5] [--methods sparsevae vae]
-[--n-restarts 1] [--quick]``.
+[--n-restarts 1] [--auxiliary-key KEY] [--quick]``.
 
 Each method is fitted from ``scvi.settings.seed`` 0..N-1 on the same cells (package defaults,
 15 factors, counts with the NB likelihood). A ``fit`` line per fit gives the active and
@@ -15,6 +15,12 @@ matches are the baseline to beat.
 Data: ``zeisel`` reads ``../shared/data/zeisel2015.h5ad`` (1000 ``seurat_v3`` genes, as
 ``zeisel.py``); ``pbmc`` uses scanpy's bundled ``pbmc68k_reduced`` with approximate counts
 (``sparsevae.datasets.pbmc68k_reduced_counts``, 765 genes).
+
+Conditional prior (issue 18): ``--auxiliary-key`` names an ``obs`` column used as ``u`` by the
+methods ``ivae`` (``mask=None, latent_prior="conditional"``) and ``sparse_conditional``
+(``latent_prior="conditional"`` with the mask); e.g. ``--data pbmc --methods vae ivae
+--auxiliary-key bulk_labels`` asks whether a prior conditional on the cell type makes the
+factors reproducible across starts where the VAE's are not.
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ from _common import (
 )
 
 N_FACTORS = 15
+#: Methods with the conditional prior (they need ``--auxiliary-key``).
+CONDITIONAL = ("ivae", "sparse_conditional")
 
 
 def load(data: str, n_cells: int | None) -> tuple[Any, str]:
@@ -62,11 +70,17 @@ def fit(method: str, adata: Any, label: str, seed: int, args: argparse.Namespace
     sparsevae = import_sparsevae()
     scvi.settings.seed = seed
     ad = adata.copy()
-    sparsevae.SparseVAE.setup_anndata(ad, layer="counts")
+    conditional = method in CONDITIONAL
+    if conditional and args.auxiliary_key is None:
+        raise SystemExit(f"method {method!r} needs --auxiliary-key")
+    sparsevae.SparseVAE.setup_anndata(
+        ad, layer="counts", auxiliary_key=args.auxiliary_key if conditional else None
+    )
     model = sparsevae.SparseVAE(
         ad,
         n_factors=N_FACTORS,
-        mask="ssl" if method == "sparsevae" else None,
+        mask="ssl" if method in ("sparsevae", "sparse_conditional") else None,
+        **({"latent_prior": "conditional"} if conditional else {}),
         **(json.loads(args.module_kwargs) if method == "sparsevae" else {}),
     )
     t0 = time.perf_counter()
@@ -90,7 +104,9 @@ def fit(method: str, adata: Any, label: str, seed: int, args: argparse.Namespace
         "accuracy": round(float(acc["mean"]), 4),
         "train_seconds": round(seconds, 1),
     }
-    if method == "sparsevae":
+    if conditional:
+        record["auxiliary_key"] = args.auxiliary_key
+    if method in ("sparsevae", "sparse_conditional"):
         report = sparsevae.tl.identifiability_report(ad)
         f = report.factors
         active = f[~f["switched_off"]]
@@ -123,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         "--module-kwargs",
         default="{}",
         help="JSON of extra SparseVAE arguments for the Sparse VAE, e.g. '{\"spike_gate\": false}'",
+    )
+    p.add_argument(
+        "--auxiliary-key", default=None, help="obs column used as u by ivae, sparse_conditional"
     )
     p.add_argument("--quick", action="store_true", help="pbmc, 200 cells, 2 seeds, 3 epochs")
     args = p.parse_args(argv)
