@@ -169,11 +169,21 @@ class MixturePrior(MogPrior):
         self.register_buffer("frame_scale", torch.ones(int(n_latent)))
 
     def weights(self) -> torch.Tensor:
-        """Mixture weights ``pi`` (``n_components``)."""
+        """Mixture weights ``pi``.
+
+        Returns
+        -------
+        ``(n_components,)`` tensor summing to 1.
+        """
         return torch.softmax(self.prior_logits, dim=0)
 
     def scales(self) -> torch.Tensor:
-        """Component standard deviations, ``(n_components, n_latent)`` (as MogPrior uses them)."""
+        """Component standard deviations (as :class:`~scvi.module.base.MogPrior` uses them).
+
+        Returns
+        -------
+        ``(n_components, n_latent)`` tensor.
+        """
         return torch.exp(self.prior_log_scales) + 1e-4
 
     def dirichlet_penalty(self) -> torch.Tensor:
