@@ -32,8 +32,15 @@ Per fit (one JSON line, ``"record": "fit"``):
 - ``heldout_mse_lognorm``: MSE on the log-normalised scale of held-out cells for every method
   (count models: ``log1p(1e4 mu / total)`` of the decoded mean ``mu``). It favours the methods
   that fit that scale directly (Gaussian, PCA, FA, NMF);
-- SparseVAE: ``active_factors`` (factors selecting at least one gene with ``p* >= 0.5``),
-  ``anchors_per_factor`` (genes selected by that factor only) and ``factors_with_2_anchors``.
+- SparseVAE: ``active_factors`` (factors selecting at least one gene, by the rule of
+  :func:`sparsevae.tl.identifiability_report`), ``identifiable_factors`` (active with at least
+  two anchors), ``anchors_per_factor`` (genes selected by that factor only),
+  ``median_selected_share`` (median over active factors of the share of genes selected).
+
+After the fits, one ``"record": "stability"`` line per SparseVAE / VAE method fitted from two or
+more seeds: :func:`sparsevae.tl.factor_stability` over the seeds' factors of all cells (median
+matched ``|r|``, median anchor-set Jaccard, reproducible factors). ``--module-kwargs`` passes
+options to the SparseVAE methods (e.g. ``'{"spike_gate": true, "prior_cells": 200}'``).
 
 At the end one ``"record": "summary"`` line per method: mean and sd over seeds.
 
@@ -51,6 +58,7 @@ Full run (5 seeds; hours on 2 CPU cores)::
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 import time
@@ -136,18 +144,58 @@ def dense(x: Any) -> np.ndarray:
 
 
 def mask_summary(model: Any) -> dict[str, Any]:
-    """Active factors and anchor genes per factor from the inclusion probabilities."""
-    P = model.get_inclusion_probabilities().to_numpy()
-    sel = P >= 0.5
-    anchors = sel & (sel.sum(1, keepdims=True) == 1)
-    per_factor = anchors.sum(0)
+    """Active and identifiable factors and anchors per factor, by the package's own rules
+    (:func:`sparsevae.tl.identifiability_report`)."""
+    sparsevae = import_sparsevae()
+    f = sparsevae.tl.identifiability_report(model).factors
+    active = f[~f["switched_off"] & ~f["unselected"]]
     return {
-        "active_factors": int((sel.sum(0) > 0).sum()),
-        "genes_per_factor": sel.sum(0).tolist(),
-        "anchors_per_factor": per_factor.tolist(),
-        "factors_with_2_anchors": int((per_factor >= 2).sum()),
+        "active_factors": len(active),
+        "in_use_no_gene": int(f["unselected"].sum()),
+        "identifiable_factors": int(f["identifiable"].sum()),
+        "all_active_identifiable": bool(len(active) > 0 and active["identifiable"].all()),
+        "genes_per_factor": f["n_selected"].tolist(),
+        "anchors_per_factor": f["n_anchors"].tolist(),
+        "factors_with_2_anchors": int((f["n_anchors"] >= 2).sum()),
+        "median_selected_share": float(active["n_selected"].median() / model.adata.n_vars)
+        if len(active)
+        else 0.0,
         "eta": model.get_eta().to_numpy().tolist(),
     }
+
+
+#: Per method, the AnnData of all cells with each seed's results (``write_results``), for the
+#: stability record at the end of the run.
+FITS: dict[str, list[Any]] = defaultdict(list)
+
+
+def stability_records(fits: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Per method fitted from two or more seeds: how reproducible its factors are
+    (:func:`sparsevae.tl.factor_stability`, the first seed as reference)."""
+    sparsevae = import_sparsevae()
+    out = []
+    for method, ads in fits.items():
+        if len(ads) < 2:
+            continue
+        stab = sparsevae.tl.factor_stability(ads)
+        active = stab.factors[stab.factors["active"]]
+        out.append(
+            {
+                "record": "stability",
+                "benchmark": "zeisel",
+                "method": method,
+                "n_fits": len(ads),
+                "median_abs_r": stab.median_abs_r,
+                # None where no reference factor has anchors (Jaccard of empty sets)
+                "median_jaccard_anchors": None
+                if np.isnan(stab.median_jaccard_anchors)
+                else stab.median_jaccard_anchors,
+                "reproducible_factors": int(active["reproducible"].sum()),
+                "active_reference_factors": len(active),
+                "per_factor_median_abs_r": active["median_abs_r"].round(3).tolist(),
+            }
+        )
+    return out
 
 
 def fit_vae_type(
@@ -178,7 +226,8 @@ def fit_vae_type(
             n_factors=N_FACTORS,
             likelihood="nb" if counts else "gaussian",
             mask="ssl" if method.startswith("sparsevae") else None,
-            latent_prior="correlated" if method.endswith("_corr") else None,
+            latent_prior="correlated" if method.endswith("_corr") else "normal",
+            **(json.loads(args.module_kwargs) if method.startswith("sparsevae") else {}),
         )
         batch_size = args.batch_size
     t0 = time.perf_counter()
@@ -199,6 +248,11 @@ def fit_vae_type(
         lognorm_hat = mean_test
     if method.startswith("sparsevae"):
         extra = mask_summary(model)
+    if method not in ("scvi", "linear_scvi"):
+        kept = full.copy()
+        del kept.layers["lognorm"]
+        model.write_results(kept, effects=False)
+        FITS[method].append(kept)
     return {
         "z": z_all,
         "lognorm_hat": lognorm_hat,
@@ -274,7 +328,9 @@ SUMMARY_KEYS = (
     "heldout_mse_lognorm",
     "train_seconds",
     "active_factors",
+    "identifiable_factors",
     "factors_with_2_anchors",
+    "median_selected_share",
 )
 
 
@@ -351,6 +407,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--heldout", type=float, default=0.1, help="held-out share of cells")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--out", default=None, help="also append the JSON lines to this file")
+    p.add_argument(
+        "--module-kwargs",
+        default="{}",
+        help="JSON passed to SparseVAE(...) for the sparsevae_* methods, e.g. "
+        '\'{"spike_gate": true, "prior_cells": 200}\'',
+    )
     p.add_argument("--note", default=None, help="free text stored in the meta record")
     args = p.parse_args(argv)
     q = args.quick
@@ -413,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
                 status = status if ok else 1
         for s in summarise(records):
             s["benchmark"] = "zeisel"
+            emit(s)
+        for s in stability_records(FITS):
             emit(s)
     return status
 
