@@ -72,3 +72,39 @@ def test_closed_gate_cuts_the_entry_but_lets_its_gradient_through():
     assert dec.W.grad[1, 0] != 0 and dec.W_specific.grad[1, 2, 1] != 0
     W, V = dec.gated_masks()
     assert W[1, 0] == 0 and V[1, 2, 1] == 0 and W[0, 0] == dec.W[0, 0]
+
+
+@pytest.mark.parametrize("n_specific", [0, 2])
+@pytest.mark.parametrize("exp_output", [False, True])
+def test_effect_sums_equal_forward_mode_derivatives(n_specific, exp_output):
+    # One backward pass for all factors must give the per-factor forward-mode derivatives,
+    # through closed gates, two outputs per gene (zinb) and several gene chunks.
+    torch.manual_seed(0)
+    dec = MaskedDecoder(
+        23, 4, n_hidden=8, n_layers=3, n_output=2, n_specific=n_specific, n_studies=3,
+        max_chunk_elements=8 * 8 * 5,
+    )  # fmt: skip
+    with torch.no_grad():
+        dec.W.mul_(torch.randn(23, 4))
+        dec.gate[torch.rand(23, 4) < 0.3] = 0.0
+        dec.first.bias.normal_()
+    z = torch.randn(9, 4 + n_specific)
+    study = torch.tensor([0, 1, 2, 0, 1, 2, 0, 0, 1]) if n_specific else None
+    shared, specific = dec.effect_sums(z, study, exp_output=exp_output)
+    with torch.no_grad():
+        cols = []
+        for k in range(4 + n_specific):
+            tangent = torch.zeros_like(z)
+            tangent[:, k] = 1.0
+            out, d = torch.func.jvp(lambda t: dec(t, study=study)[..., 0], (z,), (tangent,))
+            cols.append(d * torch.exp(out) if exp_output else d)  # (cells, genes)
+    expected = torch.stack([c.sum(0) for c in cols[:4]], dim=1).double()
+    torch.testing.assert_close(shared, expected, rtol=1e-4, atol=1e-5)
+    if n_specific:
+        for s in range(3):
+            m = study == s
+            exp_s = torch.stack([c[m].sum(0) for c in cols[4:]], dim=1).double()
+            torch.testing.assert_close(specific[s], exp_s, rtol=1e-4, atol=1e-5)
+    else:
+        assert specific is None
+    assert (shared[dec.gate == 0] == 0).all()

@@ -87,6 +87,7 @@ class InterpretabilityMixin:
         study_codes = self._study_codes(adata, indices)
         factor_idx = list(range(n_factors))
         names = list(self.factor_names)
+        s = None  # the study whose specific factors are asked for
         if study_codes is not None:
             s = self._kind_index(kind)
             n_shared = len(self.shared_factor_names)
@@ -104,32 +105,19 @@ class InterpretabilityMixin:
             raise ValueError(f"Unknown mask kind {kind!r}: this model has only the shared mask.")
         device = next(module.parameters()).device
         decoder = module.decoder
-        study_all = None if study_codes is None else torch.as_tensor(study_codes, device=device)
-        study_batch: torch.Tensor | None = None
-
-        def linear_predictor(z: torch.Tensor) -> torch.Tensor:
-            if study_batch is None:
-                return decoder(z)[..., 0]
-            return decoder(z, study=study_batch)[..., 0]
-
         total = torch.zeros(decoder.n_genes, len(factor_idx), dtype=torch.float64, device=device)
+        exp_output = scale == "expression" and likelihood != "gaussian"
         was_training = module.training
         module.eval()
         try:
-            with torch.no_grad():
-                for start in range(0, n_cells, batch_size):
-                    zb = torch.as_tensor(z_all[start : start + batch_size], device=device)
-                    if study_all is not None:
-                        study_batch = study_all[start : start + batch_size]
-                    for col, k in enumerate(factor_idx):
-                        # Forward mode: the tangent e_k in every cell gives d out_ij / d z_ik
-                        # for all cells and genes at once (cells are decoded independently).
-                        tangent = torch.zeros_like(zb)
-                        tangent[:, k] = 1.0
-                        out, d_out = torch.func.jvp(linear_predictor, (zb,), (tangent,))
-                        if scale == "expression" and likelihood != "gaussian":
-                            d_out = d_out * torch.exp(out)  # d exp(f) / dz = exp(f) df / dz
-                        total[:, col] += d_out.sum(0, dtype=torch.float64)
+            for start in range(0, n_cells, batch_size):
+                zb = torch.as_tensor(z_all[start : start + batch_size], device=device)
+                study_batch = None
+                if study_codes is not None:
+                    study_batch = torch.as_tensor(study_codes[start : start + batch_size])
+                    study_batch = study_batch.to(device)
+                shared, specific = decoder.effect_sums(zb, study_batch, exp_output=exp_output)
+                total += shared if s is None else specific[s]
         finally:
             module.train(was_training)
         if scale == "expression" and likelihood == "gaussian":

@@ -278,6 +278,18 @@ class MaskedDecoder(nn.Module):
         study: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Decode a block of genes; returns ``(n_block_genes, n_cells, n_output)``."""
+        pre = self._first_layer(z, genes, first, masks, study)
+        return self._after_first_layer(pre, genes, hidden)
+
+    def _first_layer(
+        self,
+        z: torch.Tensor,
+        genes: slice,
+        first: torch.Tensor,
+        masks: tuple[torch.Tensor, torch.Tensor | None],
+        study: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The first layer's pre-activation (without bias) of a block of genes, ``(g, B, H)``."""
         W, V = masks
         w = W[genes]  # (g, K)
         g = w.shape[0]
@@ -294,13 +306,80 @@ class MaskedDecoder(nn.Module):
             h = torch.addmm(
                 h.view(-1, self.n_hidden), u.reshape(-1, self.n_specific), first[:, K:].t()
             )
-        h = h.view(z.shape[0], g, self.n_hidden).transpose(0, 1)  # (g, B, H) view
-        h = torch.relu(h + self.first.bias)
-        h = h.contiguous()
+        return h.view(z.shape[0], g, self.n_hidden).transpose(0, 1)  # (g, B, H) view
+
+    def _after_first_layer(
+        self, pre: torch.Tensor, genes: slice, hidden: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """From the first layer's pre-activation ``(g, B, H)`` to the outputs ``(g, B, O)``."""
+        h = torch.relu(pre + self.first.bias).contiguous()
         for layer, weight in zip(self.hidden, hidden, strict=True):
             h = torch.relu(F.linear(h, weight, layer.bias))
         # Per-gene head: (g, B, H) @ (g, H, O) + (g, 1, O)
         return torch.baddbmm(self.head_bias[genes].unsqueeze(1), h, self.head_weight[genes])
+
+    def effect_sums(
+        self,
+        z: torch.Tensor,
+        study: torch.Tensor | None = None,
+        exp_output: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Sums over cells of the derivatives of the first output with respect to each factor.
+
+        Gene ``j`` depends on ``z`` only through its first layer's pre-activation
+        ``a_ij = W_1 (w_j * z_i)``, and ``a_ij`` reaches no other gene. So one backward pass
+        from all outputs gives ``d out_ij / d a_ij`` for every gene and cell at once, and the
+        chain rule through the (linear) first layer gives every factor's derivative:
+        ``d out_ij / d z_ik = w_jk (d out_ij / d a_ij) . W_1[:, k]``. The cost is one forward and
+        one backward pass per block of genes, whatever the number of factors.
+
+        Parameters
+        ----------
+        z
+            Factors, shape ``(n_cells, n_factors + n_specific)``.
+        study
+            Multi-study only: each cell's study index.
+        exp_output
+            Differentiate ``exp(out_ij)`` instead of ``out_ij`` (counts: the expected normalised
+            expression instead of its log).
+
+        Returns
+        -------
+        The sums over cells for the shared factors, ``(n_genes, n_factors)``, and, with
+        study-specific factors, per study over that study's cells, ``(n_studies, n_genes,
+        n_specific)`` (else ``None``).
+        """
+        study = self._check_study(z, study)
+        K = self.n_factors
+        shared = torch.zeros(self.n_genes, K, dtype=torch.float64, device=z.device)
+        specific = None
+        if self.n_specific:
+            specific = torch.zeros(
+                self.n_studies, self.n_genes, self.n_specific, dtype=torch.float64,
+                device=z.device,
+            )  # fmt: skip
+            onehot = F.one_hot(study, self.n_studies).to(z.dtype)  # (B, S)
+        with torch.no_grad():
+            first, hidden = self.shared_weights()
+            W, V = self.gated_masks()
+        step = self.chunk_size(z.shape[0])
+        z = z.detach()
+        for g0 in range(0, self.n_genes, step):
+            block = slice(g0, min(g0 + step, self.n_genes))
+            with torch.enable_grad():
+                with torch.no_grad():
+                    pre = self._first_layer(z, block, first, (W, V), study)
+                pre = pre.detach().requires_grad_(True)
+                out = self._after_first_layer(pre, block, hidden)[..., 0]  # (g, B)
+                weight = torch.exp(out.detach()) if exp_output else torch.ones_like(out)
+                (grad_pre,) = torch.autograd.grad(out, pre, weight)  # (g, B, H)
+            with torch.no_grad():
+                summed = grad_pre.sum(1)  # (g, H): the shared factors' effects are linear in it
+                shared[block] += ((summed @ first[:, :K]) * W[block]).double()
+                if specific is not None:
+                    per_study = torch.einsum("gbh,bs->sgh", grad_pre, onehot)  # (S, g, H)
+                    specific[:, block] += ((per_study @ first[:, K:]) * V[:, block]).double()
+        return shared, specific
 
     def forward_loop(self, z: torch.Tensor, study: torch.Tensor | None = None) -> torch.Tensor:
         """Reference evaluation with a Python loop over genes (slow; for tests and benchmarks).
