@@ -168,11 +168,17 @@ def test_setup_anndata_refuses(case):
     assert not any(k.startswith("_scvi") for k in adata.uns)
 
 
-def test_backed_anndata_is_refused_with_advice(tmp_path):
-    adata = _backed(tmp_path)
-    with pytest.raises(ValueError, match=r"backed.*adata\.to_memory\(\)"):
-        SparseVAE.setup_anndata(adata)
-    assert not any(k.startswith("_scvi") for k in adata.uns)
+def test_backed_anndata_with_bad_values_is_refused(tmp_path):
+    # Data that stay on disk get the same checks, read in blocks of rows.
+    adata = small_counts()
+    X = adata.X.toarray()
+    X[3, 4] = np.nan
+    adata.X = sp.csr_matrix(X)
+    adata.write_h5ad(tmp_path / "nan.h5ad")
+    backed = anndata.read_h5ad(tmp_path / "nan.h5ad", backed="r")
+    with pytest.raises(ValueError, match="NaN"):
+        SparseVAE.setup_anndata(backed)
+    assert not any(k.startswith("_scvi") for k in backed.uns)
 
 
 # --------------------------------------------------------------------------- model creation
@@ -272,13 +278,19 @@ def test_new_data_gets_the_training_checks(trained, case, call):
     expect_error(adata, lambda: NEW_DATA_CALLS[call](model, path, adata), exc, phrase)
 
 
-def test_backed_new_data_is_refused(trained, tmp_path):
+def test_backed_new_data_are_checked_and_encoded_like_in_memory(trained, tmp_path):
     model, path = trained
     adata = _backed(tmp_path)
-    with pytest.raises(ValueError, match="backed"):
-        model.get_latent_representation(adata)
-    with pytest.raises(ValueError, match="backed"):
-        SparseVAE.load(path, adata=adata)
+    z_backed = model.get_latent_representation(adata)
+    z_memory = model.get_latent_representation(adata.to_memory())
+    np.testing.assert_allclose(z_backed, z_memory, rtol=1e-5, atol=1e-6)
+    loaded = SparseVAE.load(path, adata=adata)
+    assert loaded.get_latent_representation(adata).shape == z_backed.shape
+    bad = small_counts(seed=1)
+    bad.X = sp.csr_matrix(np.log1p(bad.X.toarray()))
+    bad.write_h5ad(tmp_path / "log.h5ad")
+    with pytest.raises(ValueError, match="non-integer"):
+        model.get_latent_representation(anndata.read_h5ad(tmp_path / "log.h5ad", backed="r"))
 
 
 def test_write_results_refuses_existing_keys(trained):

@@ -116,8 +116,8 @@ def _build_parser() -> argparse.ArgumentParser:
     fit.add_argument(
         "--no-effects",
         action="store_true",
-        help="skip the signed gene effects (varm[KEY_effect]): one decoder pass per factor, "
-        "the slow part of writing results on large data",
+        help="skip the signed gene effects (varm[KEY_effect]): a forward and a backward "
+        "decoder pass over the cells, the slow part of writing results on large data",
     )
     fit.add_argument("--key-added", default="sparsevae", help="base name of the result keys")
     fit.add_argument("--save-model", metavar="DIR", default=None, help="also save the model here")

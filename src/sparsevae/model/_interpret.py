@@ -75,56 +75,68 @@ class InterpretabilityMixin:
             raise ValueError(f"scale must be 'expression' or 'link', got {scale!r}.")
         if not isinstance(batch_size, int | np.integer) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
-        module = self.module
-        likelihood = module.likelihood
-        z_all = self.get_latent_representation(adata=adata, indices=indices, batch_size=batch_size)
-        z_all = np.asarray(z_all, dtype=np.float32)
-        n_cells, n_factors = z_all.shape
-        if n_cells == 0:
-            raise ValueError("No cells to average over: indices is empty.")
-        # Multi-study: each cell is decoded with its own study's mask; the shared factors are
-        # averaged over all cells, study s's specific factors over the cells of study s.
-        study_codes = self._study_codes(adata, indices)
-        factor_idx = list(range(n_factors))
-        names = list(self.factor_names)
-        s = None  # the study whose specific factors are asked for
-        if study_codes is not None:
-            s = self._kind_index(kind)
-            n_shared = len(self.shared_factor_names)
-            if s is None:
-                factor_idx = list(range(n_shared))
-            else:
-                keep = np.flatnonzero(study_codes == s)
-                if len(keep) == 0:
-                    raise ValueError(f"No cells of study {kind!r} to average over.")
-                z_all, study_codes = z_all[keep], study_codes[keep]
-                n_cells = len(keep)
-                factor_idx = list(range(n_shared, n_factors))
-            names = [names[k] for k in factor_idx]
-        elif kind not in (None, "shared"):
+        s = self._kind_index(kind) if self.is_multistudy else None
+        if not self.is_multistudy and kind not in (None, "shared"):
             raise ValueError(f"Unknown mask kind {kind!r}: this model has only the shared mask.")
-        device = next(module.parameters()).device
+        z = self.get_latent_representation(adata=adata, indices=indices, batch_size=batch_size)
+        if len(z) == 0:
+            raise ValueError("No cells to average over: indices is empty.")
+        tables = self._gene_effect_tables(z, self._study_codes(adata, indices), scale, batch_size)
+        table = tables["shared" if s is None else self.studies[s]]
+        if table.isna().all().all():
+            raise ValueError(f"No cells of study {kind!r} to average over.")
+        return table
+
+    def _gene_effect_tables(
+        self,
+        z: np.ndarray,
+        study_codes: np.ndarray | None,
+        scale: EffectScale,
+        batch_size: int,
+    ) -> dict[str, pd.DataFrame]:
+        """Gene effects of every mask (``"shared"``, then each study) from the cells' factors.
+
+        One pass over the cells in batches (:meth:`~sparsevae.nn.MaskedDecoder.effect_sums`
+        gives all masks at once). Shared factors are averaged over all cells, study ``s``'s
+        specific factors over its cells (NaN for a study without cells).
+        """
+        module = self.module
         decoder = module.decoder
-        total = torch.zeros(decoder.n_genes, len(factor_idx), dtype=torch.float64, device=device)
-        exp_output = scale == "expression" and likelihood != "gaussian"
+        device = next(module.parameters()).device
+        z = np.asarray(z, dtype=np.float32)
+        exp_output = scale == "expression" and module.likelihood != "gaussian"
+        shared = torch.zeros(decoder.n_genes, decoder.n_factors, dtype=torch.float64)
+        specific = None
         was_training = module.training
         module.eval()
         try:
-            for start in range(0, n_cells, batch_size):
-                zb = torch.as_tensor(z_all[start : start + batch_size], device=device)
-                study_batch = None
+            for start in range(0, len(z), batch_size):
+                zb = torch.as_tensor(z[start : start + batch_size], device=device)
+                study = None
                 if study_codes is not None:
-                    study_batch = torch.as_tensor(study_codes[start : start + batch_size])
-                    study_batch = study_batch.to(device)
-                shared, specific = decoder.effect_sums(zb, study_batch, exp_output=exp_output)
-                total += shared if s is None else specific[s]
+                    study = torch.as_tensor(study_codes[start : start + batch_size], device=device)
+                sh, sp = decoder.effect_sums(zb, study, exp_output=exp_output)
+                shared += sh.cpu()
+                if sp is not None:
+                    specific = sp.cpu() if specific is None else specific + sp.cpu()
         finally:
             module.train(was_training)
-        if scale == "expression" and likelihood == "gaussian":
-            total *= module.gene_scale.to(total).unsqueeze(1)
-        effects = (total / n_cells).cpu().numpy()
-        return pd.DataFrame(
-            effects,
-            index=pd.Index(np.asarray(self.adata.var_names).astype(str), name="gene"),
-            columns=names,
-        )
+        scale_by = None
+        if scale == "expression" and module.likelihood == "gaussian":
+            scale_by = module.gene_scale.detach().cpu().double().unsqueeze(1)
+        genes = pd.Index(np.asarray(self.adata.var_names).astype(str), name="gene")
+
+        def table(total: torch.Tensor, n: int, names: list[str]) -> pd.DataFrame:
+            if scale_by is not None:
+                total = total * scale_by
+            values = total.numpy() / n if n else np.full(tuple(total.shape), np.nan)
+            return pd.DataFrame(values, index=genes, columns=names)
+
+        tables = {"shared": table(shared, len(z), list(self.shared_factor_names))}
+        if specific is not None and study_codes is not None:
+            counts = np.bincount(study_codes, minlength=len(self.studies))
+            for i, study_name in enumerate(self.studies):
+                tables[study_name] = table(
+                    specific[i], int(counts[i]), list(self.specific_factor_names)
+                )
+        return tables

@@ -38,7 +38,6 @@ from ._validate import (
     check_known_studies,
     check_n_cells,
     check_new_data,
-    check_not_backed,
     check_registrable,
     check_study_column,
     compare_var_names,
@@ -361,7 +360,6 @@ class SparseVAE(
         # scvi-tools' load() calls setup_anndata with the saved registry (``source_registry``);
         # SparseVAE.load has then checked the data against the trained model already.
         loading = "source_registry" in kwargs
-        check_not_backed(adata)
         check_registrable(adata)
         if not loading:
             check_n_cells(adata)
@@ -395,7 +393,6 @@ class SparseVAE(
     def _validate_anndata(self, adata: AnnData | None = None, copy_if_view: bool = True):
         if adata is not None and adata is not self.adata:
             # New data get the checks of training data, before scvi-tools registers them.
-            check_not_backed(adata)
             self._check_var_names(adata.var_names)
             layer = self.adata_manager.registry["setup_args"].get("layer")
             check_new_data(adata, layer, self.likelihood)

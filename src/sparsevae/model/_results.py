@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import scvi
 import torch
 from anndata import AnnData
 
@@ -150,6 +151,7 @@ class ResultsMixin:
         key_added: str = "sparsevae",
         overwrite: bool = False,
         effects: bool = True,
+        batch_size: int | None = None,
     ) -> AnnData:
         """Write factors, mask, inclusion probabilities and settings into an AnnData.
 
@@ -186,8 +188,11 @@ class ResultsMixin:
             Replace existing keys; by default an existing key raises an error and nothing is
             written.
         effects
-            Also compute and write the signed gene effects (one decoder pass per factor over
-            the cells; set ``False`` to skip it on large data).
+            Also compute and write the signed gene effects (a forward and a backward pass of
+            the decoder over the cells; set ``False`` to skip it on large data).
+        batch_size
+            Cells processed at once; default ``scvi.settings.batch_size``. Memory is bounded by
+            it, not by the number of cells: raise it on a GPU, lower it if memory runs short.
 
         Returns
         -------
@@ -217,9 +222,14 @@ class ResultsMixin:
         if not overwrite:
             _check_no_clash(adata, keys)
         # Compute everything first, so that a failure writes nothing.
-        z = self.get_latent_representation(adata)
-        effect_values = [self._effects_or_nan(adata, kind) for kind in kinds] if effects else []
-        probs = self.get_cluster_probabilities(adata) if mixture else None
+        z = self.get_latent_representation(adata, batch_size=batch_size)
+        effect_values = []
+        if effects:
+            tables = self._gene_effect_tables(
+                z, self._study_codes(adata), "expression", batch_size or scvi.settings.batch_size
+            )
+            effect_values = [tables[kind].to_numpy() for kind in kinds]
+        probs = self.get_cluster_probabilities(adata, batch_size=batch_size) if mixture else None
         adata.obsm[f"X_{key_added}"] = z
         if probs is not None:
             adata.obsm[f"{key_added}_cluster_probabilities"] = probs.to_numpy()
@@ -260,14 +270,6 @@ class ResultsMixin:
                 uns["eta"] = self.get_eta().to_numpy()
         adata.uns[key_added] = uns
         return adata
-
-    def _effects_or_nan(self, adata: AnnData, kind: str) -> np.ndarray:
-        """Gene effects of mask ``kind``; NaN for a study without cells in ``adata``."""
-        if kind != "shared":
-            cells = adata.obs[self.study_key].astype(str)
-            if not (cells == kind).any():
-                return np.full((adata.n_vars, len(self.specific_factor_names)), np.nan)
-        return self.get_gene_effects(adata, kind=kind).to_numpy()
 
 
 def _check_no_clash(adata: AnnData, keys: dict[str, list[str]]) -> None:

@@ -25,7 +25,7 @@ import torch
 from anndata import AnnData
 
 from ..module import STUDY_KEY
-from ._validate import check_known_studies, check_new_data, check_not_backed, compare_var_names
+from ._validate import check_known_studies, check_new_data, compare_var_names
 
 __all__ = ["SaveLoadMixin", "UnsafeModelFileError", "read_model_file"]
 
@@ -264,7 +264,6 @@ class SaveLoadMixin:
             if os.path.exists(adata_path):
                 adata = anndata.read_h5ad(adata_path)
         else:
-            check_not_backed(adata)
             compare_var_names(pd.Index(saved["var_names"]), pd.Index(adata.var_names))
             setup_args = registry.get("setup_args", {})
             likelihood = saved["attr_dict"]["init_params_"]["non_kwargs"]["likelihood"]

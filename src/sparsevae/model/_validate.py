@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -47,28 +49,28 @@ def _values(X) -> np.ndarray:
     return np.asarray(X)
 
 
-def check_not_backed(adata: AnnData) -> None:
-    """Raise if ``adata`` is backed by a file (``read_h5ad(..., backed="r")``)."""
-    if adata.isbacked:
-        raise ValueError(
-            f"This AnnData is backed by the file {adata.filename} (read with backed='r'); "
-            "SparseVAE does not train on or read from backed AnnData yet (out-of-core data is not "
-            "supported). Load it into memory first: `adata = adata.to_memory()`."
-        )
+def _row_chunks(X) -> Iterator[Any]:
+    """``X`` in blocks of :data:`_STATS_CHUNK_ROWS` rows (in memory or backed by a file)."""
+    for start in range(0, X.shape[0], _STATS_CHUNK_ROWS):
+        yield X[start : start + _STATS_CHUNK_ROWS]
 
 
 def check_finite(X, where: str) -> None:
-    """Raise if ``X`` is not numeric or contains NaN or infinite values."""
-    v = _values(X)
-    if not np.issubdtype(v.dtype, np.number) or np.issubdtype(v.dtype, np.complexfloating):
-        raise TypeError(
-            f"{where} must hold real numbers, got dtype {v.dtype}. Convert it, e.g. "
-            "`adata.X = adata.X.astype(np.float32)`."
-        )
-    bad = ~np.isfinite(v)
-    if bad.any():
-        n_nan = int(np.isnan(v).sum())
-        n_inf = int(bad.sum()) - n_nan
+    """Raise if ``X`` is not numeric or contains NaN or infinite values (read in row blocks)."""
+    n_nan = n_inf = 0
+    for chunk in _row_chunks(X):
+        v = _values(chunk)
+        if not np.issubdtype(v.dtype, np.number) or np.issubdtype(v.dtype, np.complexfloating):
+            raise TypeError(
+                f"{where} must hold real numbers, got dtype {v.dtype}. Convert it, e.g. "
+                "`adata.X = adata.X.astype(np.float32)`."
+            )
+        bad = ~np.isfinite(v)
+        if bad.any():
+            nan = int(np.isnan(v).sum())
+            n_nan += nan
+            n_inf += int(bad.sum()) - nan
+    if n_nan or n_inf:
         raise ValueError(
             f"{where} contains {n_nan} NaN and {n_inf} infinite values. Remove or impute them "
             "(e.g. `adata = adata[:, np.isfinite(adata.X).all(0)]` to drop affected genes) before "
@@ -118,8 +120,7 @@ def matrix_stats(X) -> MatrixStats:
     row_sums = np.zeros(n_obs, dtype=np.float64)
     col_sums = np.zeros(n_vars, dtype=np.float64)
     col_sq = np.zeros(n_vars, dtype=np.float64)
-    for start in range(0, n_obs, _STATS_CHUNK_ROWS):
-        chunk = X[start : start + _STATS_CHUNK_ROWS]
+    for start, chunk in zip(range(0, n_obs, _STATS_CHUNK_ROWS), _row_chunks(X), strict=True):
         chunk = chunk.astype(np.float64) if sp.issparse(chunk) else np.asarray(chunk, np.float64)
         v = _values(chunk)
         if v.size:
@@ -182,7 +183,6 @@ def check_new_data(adata: AnnData, layer: str | None, likelihood: str) -> None:
         The model's likelihood; count likelihoods also refuse negative, non-integer and empty
         cells.
     """
-    check_not_backed(adata)
     X = get_matrix(adata, layer)
     where = data_location(layer)
     check_finite(X, where)

@@ -358,12 +358,30 @@ class MaskedDecoder(nn.Module):
                 self.n_studies, self.n_genes, self.n_specific, dtype=torch.float64,
                 device=z.device,
             )  # fmt: skip
-            onehot = F.one_hot(study, self.n_studies).to(z.dtype)  # (B, S)
         with torch.no_grad():
             first, hidden = self.shared_weights()
             W, V = self.gated_masks()
+        with torch.inference_mode(False):
+            z = z.detach().clone()  # usable by autograd even if made under inference mode
+            self._accumulate_effects(z, study, first, hidden, (W, V), exp_output, shared, specific)
+        return shared, specific
+
+    def _accumulate_effects(
+        self,
+        z: torch.Tensor,
+        study: torch.Tensor | None,
+        first: torch.Tensor,
+        hidden: list[torch.Tensor],
+        masks: tuple[torch.Tensor, torch.Tensor | None],
+        exp_output: bool,
+        shared: torch.Tensor,
+        specific: torch.Tensor | None,
+    ) -> None:
+        """Add each gene block's effect sums to ``shared`` and ``specific`` (see effect_sums)."""
+        W, V = masks
+        K = self.n_factors
+        onehot = None if specific is None else F.one_hot(study, self.n_studies).to(z.dtype)
         step = self.chunk_size(z.shape[0])
-        z = z.detach()
         for g0 in range(0, self.n_genes, step):
             block = slice(g0, min(g0 + step, self.n_genes))
             with torch.enable_grad():
