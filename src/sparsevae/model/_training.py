@@ -86,7 +86,8 @@ class TrainingMixin:
         accelerator
             Lightning accelerator (``"auto"``, ``"cpu"``, ``"gpu"``, ...).
         devices
-            Lightning devices.
+            Lightning devices: e.g. ``2`` with ``strategy="ddp"`` for two GPUs (or two CPU
+            processes with ``accelerator="cpu"``). See the user guide, "Large data".
         n_epochs_kl_warmup
             Linear KL warm-up length in epochs; ``None`` uses the full KL weight from the start.
         n_epochs_prior_warmup
@@ -129,7 +130,11 @@ class TrainingMixin:
             assignment to the likelihood (user guide, "The multi-study model"). Ignored by
             single-study models.
         **trainer_kwargs
-            Passed to :class:`scvi.train.Trainer` (Lightning), e.g. ``enable_progress_bar``.
+            Passed to :class:`scvi.train.Trainer` (Lightning), e.g. ``enable_progress_bar``, or
+            ``strategy="ddp"`` for distributed data parallel training: each process trains on
+            its share of every epoch's cells with ``batch_size`` cells per step, the gradients
+            are averaged, the encoder's batch statistics are synchronised on GPUs
+            (``sync_batchnorm=True``) and the mask prior's EM runs identically in every process.
 
         Returns
         -------
@@ -302,6 +307,13 @@ class TrainingMixin:
         )
         # Log the epoch metrics even when an epoch has fewer than Lightning's default 50 steps.
         trainer_kwargs.setdefault("log_every_n_steps", 1)
+        on_gpu = accelerator in ("gpu", "cuda") or (
+            accelerator == "auto" and torch.cuda.is_available()
+        )
+        if _is_ddp(trainer_kwargs.get("strategy")) and on_gpu:
+            # The encoder's batch statistics over the cells of every process, as one process
+            # with the whole minibatch would compute them (PyTorch syncs them on GPUs only).
+            trainer_kwargs.setdefault("sync_batchnorm", True)
         full_prior_epoch = schedule.full_prior_epoch
         if early_stopping:
             # The schedule moves the validation ELBO; early stopping must not act before it ends.
@@ -479,3 +491,14 @@ class TrainingMixin:
             if not off.all():
                 return False
         return True
+
+
+def _is_ddp(strategy: Any) -> bool:
+    """Whether a Lightning strategy (name or object) is distributed data parallel."""
+    if strategy is None:
+        return False
+    if isinstance(strategy, str):
+        return "ddp" in strategy
+    from lightning.pytorch.strategies import DDPStrategy
+
+    return isinstance(strategy, DDPStrategy)

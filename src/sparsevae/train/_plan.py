@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from scvi.train import TrainingPlan
 
 from ..module import SparseVAEModule
@@ -269,7 +270,23 @@ class SparseVAETrainingPlan(TrainingPlan):
             means.append(qz.loc)
             variances.append(qz.scale.pow(2))
         module.train(was_training)
-        return torch.cat(means), torch.cat(variances)
+        return self._all_cells(torch.cat(means)), self._all_cells(torch.cat(variances))
+
+    def _all_cells(self, values: torch.Tensor) -> torch.Tensor:
+        """Rows of every process (distributed training), in rank order; the rows themselves else.
+
+        Each process sees its own share of the cells; the mixture's placement and EM must see
+        them all, so that every process fits the same components.
+        """
+        world = int(getattr(self.trainer, "world_size", 1) or 1)
+        if world == 1:
+            return values
+        n = torch.tensor([values.shape[0]], device=values.device)
+        sizes = self.trainer.strategy.all_gather(n).reshape(-1).tolist()
+        padded = values.new_zeros((max(sizes), *values.shape[1:]))
+        padded[: values.shape[0]] = values
+        gathered = self.trainer.strategy.all_gather(padded)  # (world, max, ...)
+        return torch.cat([gathered[r, :size] for r, size in enumerate(sizes)])
 
     def on_train_end(self) -> None:
         """Leave the prior at its full strength (matters when training stops early)."""
@@ -306,9 +323,20 @@ class SparseVAETrainingPlan(TrainingPlan):
             if str(err).startswith("Expected parameter"):  # torch.distributions' validation
                 raise self._divergence("the network's outputs became NaN or infinite") from err
             raise
-        if loss is not None and not torch.isfinite(loss):
+        if loss is not None and not self._finite_everywhere(loss):
             raise self._divergence(f"the loss became {loss.item()}")
         return loss
+
+    def _finite_everywhere(self, loss: torch.Tensor) -> bool:
+        """Whether the loss is finite in this process and, in distributed training, in all.
+
+        Every process must stop at the same step: one that stopped alone would leave the others
+        waiting for its gradients.
+        """
+        finite = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
+        if int(getattr(self.trainer, "world_size", 1) or 1) > 1 and dist.is_initialized():
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return bool(finite.item() > 0)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Run scvi-tools' training step and stop on divergence."""
