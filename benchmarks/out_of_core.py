@@ -119,6 +119,9 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
     sparsevae = import_sparsevae()
     path = Path(args.child)
     rec: dict[str, Any] = {"record": "run", "backed": not args.child_in_memory}
+    rec.update(accelerator=args.accelerator, batch_size=args.batch_size)
+    if torch.cuda.is_available():
+        rec["gpu"] = torch.cuda.get_device_name(0)
     t0 = time.perf_counter()
     adata = ad.read_h5ad(path, backed=None if args.child_in_memory else "r")
     rec.update(cells=adata.n_obs, genes=adata.n_vars, file_mb=path.stat().st_size / 2**20)
@@ -132,12 +135,12 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
     model = sparsevae.SparseVAE(adata, n_factors=15)
     rec["init_seconds"] = time.perf_counter() - t0
     rec["rss_after_init_mb"] = peak_rss_mb()
-    batch_size = 128
+    batch_size = args.batch_size
     kwargs = dict(TRAINER_KWARGS)
     if args.batches:
         kwargs["limit_train_batches"] = args.batches
     t0 = time.perf_counter()
-    model.train(max_epochs=1, batch_size=batch_size, **kwargs)
+    model.train(max_epochs=1, batch_size=batch_size, accelerator=args.accelerator, **kwargs)
     seconds = time.perf_counter() - t0
     n_trained = min(adata.n_obs, (args.batches or 10**12) * batch_size)
     rec.update(
@@ -147,9 +150,11 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
         epoch_seconds_extrapolated=seconds * adata.n_obs / n_trained,
         rss_after_train_mb=peak_rss_mb(),
     )
+    if torch.cuda.is_available():
+        rec["gpu_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
     if args.write_results:
         t0 = time.perf_counter()
-        model.write_results(adata, batch_size=1024)
+        model.write_results(adata, batch_size=max(batch_size, 1024))
         rec["write_results_seconds"] = time.perf_counter() - t0
         rec["rss_after_write_results_mb"] = peak_rss_mb()
         rec["write_results_finite"] = bool(np.isfinite(adata.obsm["X_sparsevae"]).all())
@@ -165,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--write-results", action="store_true", help="also time write_results")
     p.add_argument("--dir", default="/tmp/sparsevae_ooc", help="where the h5ad files go")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--accelerator", default="cpu", help="Lightning accelerator (cpu, gpu, auto)")
+    p.add_argument("--batch-size", type=int, default=128, help="cells per minibatch")
     p.add_argument("--quick", action="store_true", help="5000 cells x 200 genes, 5 batches")
     p.add_argument("--out", default=None, help="also append the JSON lines to this file")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -192,7 +199,9 @@ def main(argv: list[str] | None = None) -> int:
             modes = [False, True] if args.in_memory else [False]
             for in_memory in modes:
                 cmd = [sys.executable, __file__, "--child", str(path), "--genes", str(args.genes),
-                       "--batches", str(args.batches), "--threads", str(args.threads)]  # fmt: skip
+                       "--batches", str(args.batches), "--threads", str(args.threads),
+                       "--accelerator", args.accelerator,
+                       "--batch-size", str(args.batch_size)]  # fmt: skip
                 cmd += ["--child-in-memory"] if in_memory else []
                 cmd += ["--write-results"] if args.write_results else []
                 done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())

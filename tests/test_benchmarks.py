@@ -376,3 +376,61 @@ def test_multistudy_real_background_json_lines():
     assert set(summary["specific_right_study_by_program"]) == {
         f"{p['name']} in {p['study']}" for p in fit["programs"]
     }
+
+
+def _quick(script: str, *args: str, timeout: int = 300) -> list[dict]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, str(BENCH / script), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def test_named_genes_quick_json_lines():
+    import pytest
+
+    if not (ROOT.parent / "shared" / "genesets" / "c8.all.v7.5.1.symbols.gmt").is_file():
+        pytest.skip("../shared/genesets not found")
+    records = _quick("named_genes.py", "--quick")
+    kinds = [r["record"] for r in records]
+    assert kinds[0] == "meta" and kinds[-2:] == ["fit", "summary"]
+    fit = records[-2]
+    factors = [r for r in records if r["record"] == "factor"]
+    assert len(factors) == fit["active_factors"]
+    assert fit["n_named"] == sum(r["named"] for r in factors)
+    assert 0.0 <= fit["named_share"] <= 1.0 and 0.0 <= fit["accuracy"] <= 1.0
+    for r in factors:
+        assert set(r["anchor_markers"]) <= set(r["anchors"]) | set(r["selected_markers"])
+        assert {"top_C8", "fdr_C8", "top_Hallmark", "top_GO_BP", "celltype"} <= set(r)
+
+
+def test_out_of_core_quick_trains_from_the_file(tmp_path):
+    records = _quick(
+        "out_of_core.py", "--quick", "--in-memory", "--write-results", "--threads", "1",
+        "--dir", str(tmp_path),
+    )  # fmt: skip
+    runs = [r for r in records if r["record"] == "run"]
+    assert [r["backed"] for r in runs] == [True, False]
+    for r in runs:
+        assert "error" not in r, r.get("error")
+        assert r["cells"] == 5000 and r["genes"] == 200 and r["cells_trained"] == 640
+        assert r["write_results_finite"] and r["rss_after_train_mb"] > 0
+
+
+def test_gpu_script_records_the_device_and_refuses_without_one():
+    import argparse
+
+    import pytest
+
+    sys.path.insert(0, str(BENCH))
+    import gpu
+
+    rec = gpu.device_record()
+    assert rec["record"] == "device" and isinstance(rec["cuda_available"], bool)
+    if rec["cuda_available"]:
+        pytest.skip("a GPU is present: the refusal is not reachable")
+    assert gpu.main(["--quick"]) == 2
+    commands = gpu.steps(argparse.Namespace(quick=True, dir="/tmp"), "cpu")
+    assert [Path(c[1]).name for c in commands] == ["speed.py", "speed.py", "out_of_core.py"]
+    assert "--scaling" in commands[1] and "--accelerator" in commands[2]
