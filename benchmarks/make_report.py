@@ -1158,9 +1158,9 @@ def named_genes_section(runs: list[list[dict[str, Any]]]) -> list[str]:
                 f"| {f['celltype_factors_with_marker_anchor']} of {f['celltype_factors']} "
                 f"| {fmt(f['median_selected_per_active_factor'], 0)} | {fmt(f['accuracy'])} |"
             )
-        first = fits[0]["seed"]
-        rows = [x for x in records if x.get("record") == "factor" and x.get("seed") == first]
-        out += ["", f"Seed {first}, per active factor:", "",
+        seed0 = fits[0]["seed"]
+        rows = [x for x in records if x.get("record") == "factor" and x.get("seed") == seed0]
+        out += ["", f"Seed {seed0}, per active factor:", "",
                 "| factor | genes | anchors | best C8 set (FDR) | best Hallmark (FDR) "
                 "| cell type (d) | marker anchors | first anchors |",
                 "|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -1171,6 +1171,8 @@ def named_genes_section(runs: list[list[dict[str, Any]]]) -> list[str]:
                 if r.get("top_Hallmark")
                 else "-"
             )
+            markers = ", ".join(r["anchor_markers"]) or "-"
+            first = ", ".join(r["anchors"][:5]) or "-"
             out.append(
                 f"| {r['factor']} | {r['n_selected']} | {r['n_anchors']} | {c8} | {hm} "
                 f"| {r['celltype']} ({fmt(r['celltype_d'], 2)}) "
