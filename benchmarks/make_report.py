@@ -24,6 +24,7 @@ import platform
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -973,17 +974,46 @@ def multistudy_section(runs: list[list[dict[str, Any]]]) -> list[str]:
     return out
 
 
+Row = Callable[[dict[str, Any]], str]
+
+
+def run_tables(
+    title: str,
+    runs: list[list[dict[str, Any]]],
+    not_run: str,
+    intro: str,
+    record: str,
+    head: list[str],
+    row: Row,
+    after: Callable[[list[dict[str, Any]]], list[str]] | None = None,
+) -> list[str]:
+    """A report section: its intro, then per run the run's header and one table row per record
+    of kind ``record`` (``after`` adds lines below a run's table)."""
+    out = [title, ""]
+    if not runs:
+        return [*out, f"Not run yet: `{not_run}`.", ""]
+    out += [intro, ""]
+    for records in runs:
+        rows = [x for x in records if x.get("record") == record]
+        if not rows:
+            continue
+        out += [*run_header(meta_of(records)), ""]
+        out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        out += [row(x) for x in rows]
+        if after is not None:
+            out += after(records)
+        out.append("")
+    return out
+
+
+def cells(*values: Any) -> str:
+    """A markdown table row."""
+    return "| " + " | ".join(str(v) for v in values) + " |"
+
+
 def multistudy_real_section(runs: list[list[dict[str, Any]]]) -> list[str]:
     """Planted study-only programs on real counts (``benchmarks/multistudy.py --real``)."""
-    out = ["## 5. Multi-study model on real counts", ""]
-    if not runs:
-        return [
-            *out,
-            "Not run yet: `python benchmarks/multistudy.py --real pbmc >> "
-            "benchmarks/results/multistudy_real.jsonl`.",
-            "",
-        ]
-    out += [
+    intro = (
         "Real counts split into random studies (stratified by cell type); in half of one study's "
         "cells the counts of a gene set are scaled up by `fold` (pbmc: Hallmark "
         "IFN-gamma response in study_0, MTORC1 signalling in study_1; Zeisel: random expressed "
@@ -995,141 +1025,112 @@ def multistudy_real_section(runs: list[list[dict[str, Any]]]) -> list[str]:
         "carries almost no planted signal); `shared`: planted genes labelled shared; "
         "`data genes shared`: the data's own selected genes labelled shared (target >= 0.9). "
         "Accuracy: 5-fold logistic regression of cell type on the shared factors. One table per "
-        "run.",
-        "",
-    ]
-    for records in runs:
-        meta = meta_of(records)
-        fits = [x for x in records if x.get("record") == "fit"]
-        if not fits:
-            continue
-        out += [*run_header(meta), ""]
-        out += [
-            "| data | fold | seed | specific | in specific mask | in specific mask, detected "
-            "| shared | data genes shared | accuracy | check | moved |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for f in fits:
-            moved = ", ".join(f"{m.get('factor', '')}->{m.get('study', m.get('slot', ''))}"
-                              for m in f.get("moved", [])) or "-"  # fmt: skip
-            out.append(
-                f"| {f['data']} | {f['fold']:g} | {f['seed']} "
-                f"| {fmt(f['planted_specific_right_study'], 2)} "
-                f"| {fmt(f.get('planted_in_right_specific_mask'), 2)} "
-                f"| {fmt(f.get('planted_in_right_specific_mask_detected'), 2)} "
-                f"| {fmt(f['planted_shared'], 2)} | {fmt(f['data_genes_shared'], 2)} "
-                f"| {fmt(f['celltype_accuracy_shared'], 3)} | {check(f['check_ok'])} | {moved} |"
-            )
-        out.append("")
-    return out
+        "run."
+    )
+
+    def row(f: dict[str, Any]) -> str:
+        moved = ", ".join(f"{m.get('factor', '')}->{m.get('study', m.get('slot', ''))}"
+                          for m in f.get("moved", [])) or "-"  # fmt: skip
+        return cells(
+            f["data"], f"{f['fold']:g}", f["seed"], fmt(f["planted_specific_right_study"], 2),
+            fmt(f.get("planted_in_right_specific_mask"), 2),
+            fmt(f.get("planted_in_right_specific_mask_detected"), 2),
+            fmt(f["planted_shared"], 2), fmt(f["data_genes_shared"], 2),
+            fmt(f["celltype_accuracy_shared"], 3), check(f["check_ok"]), moved,
+        )  # fmt: skip
+
+    head = ["data", "fold", "seed", "specific", "in specific mask",
+            "in specific mask, detected", "shared", "data genes shared", "accuracy", "check",
+            "moved"]  # fmt: skip
+    return run_tables(
+        "## 5. Multi-study model on real counts", runs,
+        "python benchmarks/multistudy.py --real pbmc >> benchmarks/results/multistudy_real.jsonl",
+        intro, "fit", head, row,
+    )  # fmt: skip
 
 
 def ivae_section(runs: list[list[dict[str, Any]]]) -> list[str]:
     """The iVAE's simulation (``benchmarks/ivae.py``)."""
-    out = ["## 6. Conditional prior (iVAE) on the iVAE's simulation", ""]
-    if not runs:
-        return [
-            *out,
-            "Not run yet: `python benchmarks/ivae.py > benchmarks/results/ivae.jsonl`.",
-            "",
-        ]
-    out += [
+    intro = (
         "`simulate_ivae`: 5 Gaussian sources whose means and variances change across 40 segments "
         "(`u` = segment), mixed by a random invertible 3-layer leaky-ReLU network into 20 "
         "features plus noise. MCC: mean |Pearson r| of the posterior means with the true sources "
         "after the best one-to-one matching (`sparsevae.tl.mcc`). Target: the iVAE >= 0.9 and at "
-        "least 0.2 above the VAE. Mean (sd) over seeds; one table per run.",
-        "",
-    ]
+        "least 0.2 above the VAE. Mean (sd) over seeds; one table per run."
+    )
     labels = {"vae": "VAE", "sparse": "Sparse VAE", "ivae": "iVAE (conditional prior)",
               "sparse_conditional": "Sparse VAE + conditional prior"}  # fmt: skip
-    for records in runs:
-        meta = meta_of(records)
-        summaries = [x for x in records if x.get("record") == "summary"]
-        if not summaries:
-            continue
-        st = meta.get("settings", {})
-        out += [*run_header(meta), ""]
-        out += [
+
+    def row(x: dict[str, Any]) -> str:
+        return cells(labels.get(x["method"], x["method"]), pm(x["mcc_mean"], x["mcc_sd"]),
+                     fmt(x["mcc_spearman_mean"]), fmt(x["seconds_mean"], 1))  # fmt: skip
+
+    def after(records: list[dict[str, Any]]) -> list[str]:
+        st = meta_of(records).get("settings", {})
+        return [
+            "",
             f"Settings: {st.get('n_segments')} segments x {st.get('n_per_segment')} cells, "
             f"epochs {st.get('max_epochs') or 'default'}, encoder sees u: "
             f"{'yes' if st.get('encode_auxiliary') else 'no'}.",
-            "",
-            "| method | MCC (Pearson) | MCC (Spearman) | seconds per fit |",
-            "|---|---|---|---|",
         ]
-        for x in summaries:
-            out.append(
-                f"| {labels.get(x['method'], x['method'])} | {pm(x['mcc_mean'], x['mcc_sd'])} "
-                f"| {fmt(x['mcc_spearman_mean'])} | {fmt(x['seconds_mean'], 1)} |"
-            )
-        out.append("")
-    return out
+
+    return run_tables(
+        "## 6. Conditional prior (iVAE) on the iVAE's simulation", runs,
+        "python benchmarks/ivae.py > benchmarks/results/ivae.jsonl", intro, "summary",
+        ["method", "MCC (Pearson)", "MCC (Spearman)", "seconds per fit"], row, after,
+    )  # fmt: skip
 
 
 def clustering_section(runs: list[list[dict[str, Any]]]) -> list[str]:
     """Mixture-prior clusters on Zeisel (``benchmarks/clustering.py``)."""
-    out = ["## 7. Mixture prior: cell clusters on Zeisel", ""]
-    if not runs:
-        return [
-            *out,
-            "Not run yet: `python benchmarks/clustering.py > benchmarks/results/clustering.jsonl`.",
-            "",
-        ]
-    out += [
+    intro = (
         '`SparseVAE(latent_prior="mixture", n_components=7)` on Zeisel counts: each cell\'s most '
         "probable component, against Leiden (resolution 1) on the same model's factors and on "
         "scVI's latent space (15 dimensions; with `--with-normal` also on a SparseVAE with the "
         "N(0, I) prior). The mixture is told the number of level-1 classes; Leiden finds more "
         "clusters, which lowers its ARI more than its NMI. ARI and NMI "
         "against the 7 level-1 and 48 level-2 classes; mean (sd) over seeds. Target: the "
-        "mixture >= Leiden on scVI at level 1.",
-        "",
-    ]
+        "mixture >= Leiden on scVI at level 1."
+    )
     labels = {"mixture": "mixture prior (its clusters)", "leiden_sparsevae": "Leiden on the "
               "mixture model's factors", "leiden_normal": "Leiden on SparseVAE (N(0, I))",
               "leiden_scvi": "Leiden on scVI"}  # fmt: skip
-    for records in runs:
-        meta = meta_of(records)
-        summaries = [x for x in records if x.get("record") == "summary"]
-        if not summaries:
-            continue
-        out += [*run_header(meta), ""]
-        out += [
-            "| method | clusters | ARI level 1 | NMI level 1 | ARI level 2 | NMI level 2 |",
-            "|---|---|---|---|---|---|",
-        ]
-        for x in summaries:
-            out.append(
-                f"| {labels.get(x['method'], x['method'])} | {fmt(x['n_clusters_mean'], 1)} "
-                f"| {pm(x['ari_level1_mean'], x['ari_level1_sd'])} "
-                f"| {pm(x['nmi_level1_mean'], x['nmi_level1_sd'])} "
-                f"| {pm(x['ari_level2_mean'], x['ari_level2_sd'])} "
-                f"| {pm(x['nmi_level2_mean'], x['nmi_level2_sd'])} |"
-            )
+
+    def row(x: dict[str, Any]) -> str:
+        return cells(
+            labels.get(x["method"], x["method"]), fmt(x["n_clusters_mean"], 1),
+            pm(x["ari_level1_mean"], x["ari_level1_sd"]),
+            pm(x["nmi_level1_mean"], x["nmi_level1_sd"]),
+            pm(x["ari_level2_mean"], x["ari_level2_sd"]),
+            pm(x["nmi_level2_mean"], x["nmi_level2_sd"]),
+        )  # fmt: skip
+
+    def after(records: list[dict[str, Any]]) -> list[str]:
         fits = [x for x in records if x.get("method") == "mixture" and x.get("record") == "fit"]
-        if fits:
-            empty = sum(f["empty_components"] for f in fits)
-            out += [
-                "",
-                f"Mixture fits: {empty} empty component(s) in {len(fits)} fit(s); largest "
-                "component's share of the cells "
-                + ", ".join(fmt(f["largest_component_share"], 2) for f in fits)
-                + "; re-seedings "
-                + ", ".join(str(f["reseeded"]) for f in fits)
-                + ".",
-            ]
-        out.append("")
-    return out
+        if not fits:
+            return []
+        empty = sum(f["empty_components"] for f in fits)
+        return [
+            "",
+            f"Mixture fits: {empty} empty component(s) in {len(fits)} fit(s); largest "
+            "component's share of the cells "
+            + ", ".join(fmt(f["largest_component_share"], 2) for f in fits)
+            + "; re-seedings "
+            + ", ".join(str(f["reseeded"]) for f in fits)
+            + ".",
+        ]
+
+    head = ["method", "clusters", "ARI level 1", "NMI level 1", "ARI level 2", "NMI level 2"]
+    return run_tables(
+        "## 7. Mixture prior: cell clusters on Zeisel", runs,
+        "python benchmarks/clustering.py > benchmarks/results/clustering.jsonl", intro,
+        "summary", head, row, after,
+    )  # fmt: skip
 
 
 def named_genes_section(runs: list[list[dict[str, Any]]]) -> list[str]:
     """Factors named by gene sets on pbmc68k_reduced (``benchmarks/named_genes.py``)."""
-    out = ["## 8. Named genes on pbmc68k_reduced", ""]
-    if not runs:
-        return [*out, "Not run yet: `python benchmarks/named_genes.py --out "
-                "benchmarks/results/named_genes.jsonl`.", ""]  # fmt: skip
-    out += [
+    intro = (
         "SparseVAE (10 factors) on `pbmc68k_reduced` counts; the selected genes (p* >= 0.5) of "
         "every active factor tested by over-representation against MSigDB C8 (cell-type "
         "signatures), Hallmark and GO Biological Process 2021 (`sparsevae.tl.enrich`, "
@@ -1137,89 +1138,86 @@ def named_genes_section(runs: list[list[dict[str, Any]]]) -> list[str]:
         "`bulk_labels` type whose cells differ most from the others along the factor (Cohen's "
         "d; a cell-type factor when |d| >= 1). *Marker anchors*: the factor's anchors that are "
         "canonical markers of that type (the table in the script). Target (issue 20): at least "
-        "70% of the active factors named.",
-        "",
-    ]
-    for records in runs:
-        meta = meta_of(records)
-        fits = [x for x in records if x.get("record") == "fit"]
-        if not fits:
-            continue
-        out += [f"Run: `{meta.get('command', '?')}` (git {meta.get('git', '?')}).", ""]
-        out += [
-            "| seed | active | identifiable | named | cell-type factors with a marker anchor "
-            "| median genes per active factor | accuracy |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for f in fits:
-            out.append(
-                f"| {f['seed']} | {f['active_factors']} | {f['identifiable_factors']} "
-                f"| {f['n_named']} of {f['active_factors']} ({fmt(f['named_share'], 2)}) "
-                f"| {f['celltype_factors_with_marker_anchor']} of {f['celltype_factors']} "
-                f"| {fmt(f['median_selected_per_active_factor'], 0)} | {fmt(f['accuracy'])} |"
-            )
-        seed0 = fits[0]["seed"]
+        "70% of the active factors named. Per fit, then per active factor of the first seed."
+    )
+
+    def row(f: dict[str, Any]) -> str:
+        return cells(
+            f["seed"], f["active_factors"], f["identifiable_factors"],
+            f"{f['n_named']} of {f['active_factors']} ({fmt(f['named_share'], 2)})",
+            f"{f['celltype_factors_with_marker_anchor']} of {f['celltype_factors']}",
+            fmt(f["median_selected_per_active_factor"], 0), fmt(f["accuracy"]),
+        )  # fmt: skip
+
+    def factor_row(r: dict[str, Any]) -> str:
+        best = {
+            name: f"{r[f'top_{name}']} ({fmt(r[f'fdr_{name}'], 2)})" if r.get(f"top_{name}")
+            else "-"
+            for name in ("C8", "Hallmark")
+        }  # fmt: skip
+        return cells(
+            r["factor"], r["n_selected"], r["n_anchors"], best["C8"], best["Hallmark"],
+            f"{r['celltype']} ({fmt(r['celltype_d'], 2)})",
+            ", ".join(r["anchor_markers"]) or "-", ", ".join(r["anchors"][:5]) or "-",
+        )  # fmt: skip
+
+    def after(records: list[dict[str, Any]]) -> list[str]:
+        seed0 = next(x["seed"] for x in records if x.get("record") == "fit")
         rows = [x for x in records if x.get("record") == "factor" and x.get("seed") == seed0]
-        out += ["", f"Seed {seed0}, per active factor:", "",
-                "| factor | genes | anchors | best C8 set (FDR) | best Hallmark (FDR) "
-                "| cell type (d) | marker anchors | first anchors |",
-                "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-        for r in rows:
-            c8 = f"{r['top_C8']} ({fmt(r['fdr_C8'], 2)})" if r.get("top_C8") else "-"
-            hm = (
-                f"{r['top_Hallmark']} ({fmt(r['fdr_Hallmark'], 2)})"
-                if r.get("top_Hallmark")
-                else "-"
-            )
-            markers = ", ".join(r["anchor_markers"]) or "-"
-            first = ", ".join(r["anchors"][:5]) or "-"
-            out.append(
-                f"| {r['factor']} | {r['n_selected']} | {r['n_anchors']} | {c8} | {hm} "
-                f"| {r['celltype']} ({fmt(r['celltype_d'], 2)}) "
-                f"| {markers} | {first} |"
-            )
-        out.append("")
-    return out
+        head = ["factor", "genes", "anchors", "best C8 set (FDR)", "best Hallmark (FDR)",
+                "cell type (d)", "marker anchors", "first anchors"]  # fmt: skip
+        return ["", f"Seed {seed0}:", "", cells(*head), "|" + "---|" * len(head),
+                *(factor_row(r) for r in rows)]  # fmt: skip
+
+    head = ["seed", "active", "identifiable", "named", "cell-type factors with a marker anchor",
+            "median genes per active factor", "accuracy"]  # fmt: skip
+    return run_tables(
+        "## 8. Named genes on pbmc68k_reduced", runs,
+        "python benchmarks/named_genes.py --out benchmarks/results/named_genes.jsonl", intro,
+        "fit", head, row, after,
+    )  # fmt: skip
 
 
 def out_of_core_section(runs: list[list[dict[str, Any]]]) -> list[str]:
     """Training from a backed h5ad (``benchmarks/out_of_core.py``)."""
-    out = ["## 9. Large data: training from disk", ""]
-    if not runs:
-        return [*out, "Not run yet: `python benchmarks/out_of_core.py --out "
-                "benchmarks/results/out_of_core.jsonl`.", ""]  # fmt: skip
-    out += [
+    intro = (
         "Simulated sparse counts (2000 genes, about 8% non-zero) written to an `.h5ad` block by "
         "block, opened with `read_h5ad(path, backed='r')` and trained on minibatches read from "
         "the file (`SparseVAE.setup_anndata` reads the counts in blocks of rows). Each run is a "
         "fresh process; memory is its peak resident set (`ru_maxrss`). `--batches` minibatches "
-        "of 128 cells are trained; the epoch time is extrapolated from the time per cell. "
-        "In-memory rows: the same file loaded into memory (sparse).",
-        "",
-    ]
-    for records in runs:
-        meta = meta_of(records)
-        rows = [x for x in records if x.get("record") == "run" and "error" not in x]
-        if not rows:
-            continue
-        out += [f"Run: `{meta.get('command', '?')}` (git {meta.get('git', '?')}, threads "
-                f"{meta.get('threads')}, load {meta.get('loadavg_1m')}).", "",
-                "| cells | data | file MiB | s per 1000 cells | epoch s (extrapolated) "
-                "| peak RSS MiB after training | write_results s | peak RSS MiB after it |",
-                "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-        for r in rows:
-            out.append(
-                f"| {r['cells']:,} | {'backed' if r['backed'] else 'in memory'} "
-                f"| {fmt(r['file_mb'], 0)} | {fmt(r['seconds_per_1000_cells'], 2)} "
-                f"| {fmt(r['epoch_seconds_extrapolated'], 0)} | {fmt(r['rss_after_train_mb'], 0)} "
-                f"| {fmt(r.get('write_results_seconds'), 0)} "
-                f"| {fmt(r.get('rss_after_write_results_mb'), 0)} |"
-            )
-        for c in (x for x in records if x.get("record") == "cost_model"):
-            out += ["", f"Memory cost model over the backed runs: {fmt(c['fixed_mb'], 0)} MiB "
-                    f"+ {fmt(c['bytes_per_cell'], 0)} bytes per cell."]  # fmt: skip
-        out.append("")
-    return out
+        "are trained; the epoch time is extrapolated from the time per cell. In-memory rows: "
+        "the same file loaded into memory (sparse)."
+    )
+
+    def row(r: dict[str, Any]) -> str:
+        if "error" in r:
+            return cells(f"{r['cells']:,}", "backed" if r["backed"] else "in memory",
+                         "failed", "", "", "", "", "")  # fmt: skip
+        return cells(
+            f"{r['cells']:,}", "backed" if r["backed"] else "in memory", fmt(r["file_mb"], 0),
+            fmt(r["seconds_per_1000_cells"], 2), fmt(r["epoch_seconds_extrapolated"], 0),
+            fmt(r["rss_after_train_mb"], 0), fmt(r.get("write_results_seconds"), 0),
+            fmt(r.get("rss_after_write_results_mb"), 0),
+        )  # fmt: skip
+
+    def after(records: list[dict[str, Any]]) -> list[str]:
+        return (
+            [
+                "",
+                f"Memory cost model over the backed runs: {fmt(c['fixed_mb'], 0)} MiB + "
+                f"{fmt(c['bytes_per_cell'], 0)} bytes per cell.",
+            ]
+            if (c := next((x for x in records if x.get("record") == "cost_model"), None))
+            else []
+        )
+
+    head = ["cells", "data", "file MiB", "s per 1000 cells", "epoch s (extrapolated)",
+            "peak RSS MiB after training", "write_results s", "peak RSS MiB after it"]  # fmt: skip
+    return run_tables(
+        "## 9. Large data: training from disk", runs,
+        "python benchmarks/out_of_core.py --out benchmarks/results/out_of_core.jsonl", intro,
+        "run", head, row, after,
+    )  # fmt: skip
 
 
 def build(results: Path, docs: Path) -> str:

@@ -173,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="3 epochs, one seed (a smoke test)")
     p.add_argument("--out", default=None, help="also append the JSON lines to this file")
+    p.add_argument("--note", default=None, help="free text stored in the meta record")
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.epochs = [0], 3
@@ -188,9 +189,11 @@ def main(argv: list[str] | None = None) -> int:
     quiet_logs()
     with stdout_to_stderr() as out:
         emit = Emitter(out, args.out)
-        meta = {"record": "meta", "benchmark": "named_genes", "command": command_line()}
-        emit({**meta, "module_kwargs": json.loads(args.module_kwargs),
-              **machine_info(args.threads)})  # fmt: skip
+        emit({"record": "meta", "benchmark": "named_genes", "command": command_line(),
+              "mode": "quick" if args.quick else "full",
+              "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "note": args.note,
+              "module_kwargs": json.loads(args.module_kwargs),
+              "machine": machine_info(args.threads)})  # fmt: skip
         sparsevae = import_sparsevae()
         adata = sparsevae.datasets.pbmc68k_reduced_counts()
         fits = []

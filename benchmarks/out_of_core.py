@@ -174,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=128, help="cells per minibatch")
     p.add_argument("--quick", action="store_true", help="5000 cells x 200 genes, 5 batches")
     p.add_argument("--out", default=None, help="also append the JSON lines to this file")
+    p.add_argument("--note", default=None, help="free text stored in the meta record")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-in-memory", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -187,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     with stdout_to_stderr() as out:
         emit = Emitter(out, args.out)
         emit({"record": "meta", "benchmark": "out_of_core", "command": command_line(),
-              **machine_info(args.threads)})  # fmt: skip
+              "mode": "quick" if args.quick else "full",
+              "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "note": args.note,
+              "machine": machine_info(args.threads)})  # fmt: skip
         backed_runs = []
         for n in args.cells:
             path = folder / f"sim_{n}x{args.genes}.h5ad"
