@@ -212,6 +212,28 @@ def check_known_studies(adata: AnnData, study_key: str, studies: list[str]) -> N
         )
 
 
+def _obs_column(adata: AnnData, key: str, what: str) -> pd.Series:
+    """``adata.obs[key]``, or a KeyError naming the argument ``what`` and the columns there are."""
+    if key not in adata.obs:
+        raise KeyError(
+            f"{what} {key!r} is not a column of adata.obs (columns: "
+            f"{list(adata.obs.columns)[:10]})."
+        )
+    return adata.obs[key]
+
+
+def _refuse_unused_categories(col: pd.Series, key: str) -> None:
+    """Raise if the categorical column ``adata.obs[key]`` has categories without cells."""
+    if not isinstance(col.dtype, pd.CategoricalDtype):
+        return
+    unused = [c for c in col.cat.categories if c not in set(col.unique())]
+    if unused:
+        raise ValueError(
+            f"adata.obs[{key!r}] has categories without cells: {unused[:5]}. Remove them "
+            f"(`adata.obs[{key!r}] = adata.obs[{key!r}].cat.remove_unused_categories()`)."
+        )
+
+
 def refuse_missing_studies(col: pd.Series, study_key: str, remedy: str) -> None:
     """Raise if the study column ``col`` has missing values; ``remedy`` ends the message."""
     n_missing = int(col.isna().sum())
@@ -229,25 +251,14 @@ def check_study_column(adata: AnnData, study_key: str) -> list[str]:
     -------
     The study names as strings.
     """
-    if study_key not in adata.obs:
-        raise KeyError(
-            f"study_key {study_key!r} is not a column of adata.obs (columns: "
-            f"{list(adata.obs.columns)[:10]})."
-        )
-    col = adata.obs[study_key]
+    col = _obs_column(adata, study_key, "study_key")
     refuse_missing_studies(
         col,
         study_key,
         "give them a study of their own (e.g. 'unknown') before calling setup_anndata",
     )
+    _refuse_unused_categories(col, study_key)
     if isinstance(col.dtype, pd.CategoricalDtype):
-        unused = [c for c in col.cat.categories if c not in set(col.unique())]
-        if unused:
-            raise ValueError(
-                f"adata.obs[{study_key!r}] has categories without cells: {unused[:5]}. Remove them "
-                f"(`adata.obs[{study_key!r}] = adata.obs[{study_key!r}].cat."
-                "remove_unused_categories()`)."
-            )
         values = list(col.cat.categories)
     else:
         values = sorted(col.unique(), key=str)
@@ -301,12 +312,7 @@ def auxiliary_is_categorical(col: pd.Series) -> bool:
 
 def check_auxiliary_column(adata: AnnData, auxiliary_key: str) -> None:
     """Raise if ``adata.obs[auxiliary_key]`` cannot be the ``u`` of the conditional prior."""
-    if auxiliary_key not in adata.obs:
-        raise KeyError(
-            f"auxiliary_key {auxiliary_key!r} is not a column of adata.obs (columns: "
-            f"{list(adata.obs.columns)[:10]})."
-        )
-    col = adata.obs[auxiliary_key]
+    col = _obs_column(adata, auxiliary_key, "auxiliary_key")
     n_missing = int(col.isna().sum())
     if n_missing:
         raise ValueError(
@@ -323,14 +329,7 @@ def check_auxiliary_column(adata: AnnData, auxiliary_key: str) -> None:
                 f"adata.obs[{auxiliary_key!r}] is constant; p(z | u) needs u to vary across cells."
             )
         return
-    if isinstance(col.dtype, pd.CategoricalDtype):
-        unused = [c for c in col.cat.categories if c not in set(col.unique())]
-        if unused:
-            raise ValueError(
-                f"adata.obs[{auxiliary_key!r}] has categories without cells: {unused[:5]}. "
-                f"Remove them (`adata.obs[{auxiliary_key!r}] = adata.obs[{auxiliary_key!r}]"
-                ".cat.remove_unused_categories()`)."
-            )
+    _refuse_unused_categories(col, auxiliary_key)
     if col.astype(str).nunique() < 2:
         raise ValueError(
             f"adata.obs[{auxiliary_key!r}] holds a single category; the conditional prior needs "
