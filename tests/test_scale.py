@@ -68,6 +68,10 @@ def test_two_ddp_processes_keep_one_em_state_and_agree_with_one_process(tmp_path
     assert rank0["max_diff"] == 0.0 and rank1["max_diff"] == 0.0
     for key in ("prior.p_star", "prior.eta", "decoder.W", "decoder.gate"):
         assert torch.equal(rank0["state"][key], rank1["state"][key]), key
+    # The mixture prior, placed and refitted on the cells of both processes, is the same in both.
+    assert rank0["mixture"].keys() == rank1["mixture"].keys()
+    for key, value in rank0["mixture"].items():
+        torch.testing.assert_close(value, rank1["mixture"][key], rtol=0, atol=0)
     # Against one process with the same seed and total minibatch: the same active factors
     # (matched by correlation), selecting the same genes.
     sel2 = (rank0["state"]["prior.p_star"] >= 0.5).numpy()

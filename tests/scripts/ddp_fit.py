@@ -66,10 +66,15 @@ def main() -> None:
     model.train(max_epochs=30, batch_size=64 // n_proc, **kwargs)
     rank = int(os.environ.get("LOCAL_RANK", "0"))
     state = {k: v.detach().clone() for k, v in model.module.state_dict().items()}
-    torch.save(
-        {"state": state, "max_diff": check.max_diff, "steps": check.steps},
-        f"{out}_rank{rank}.pt",
-    )
+    saved = {"state": state, "max_diff": check.max_diff, "steps": check.steps}
+    if n_proc > 1:
+        # The mixture prior is placed (k-means) and refitted (EM) on the cells of every process.
+        mixture = SparseVAE(adata, n_factors=3, n_hidden=16, latent_prior="mixture", n_components=3)
+        kwargs["callbacks"] = []
+        mixture.train(max_epochs=6, batch_size=32, **kwargs)
+        prior = mixture.module.mixture_prior
+        saved["mixture"] = {k: v.detach().clone() for k, v in prior.state_dict().items()}
+    torch.save(saved, f"{out}_rank{rank}.pt")
     if rank == 0:
         np.save(f"{out}_z.npy", model.get_latent_representation())
 
