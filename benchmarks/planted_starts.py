@@ -1,6 +1,7 @@
 """Recovery of planted count programs from several random starts: one JSON line per start.
 
-Usage: ``python benchmarks/planted_starts.py [--seeds 0 1 2] [--data-seed 0] [--n-restarts 1]``.
+Usage: ``python benchmarks/planted_starts.py [--seeds 0 1 2] [--data-seed 0] [--n-restarts 1]
+[--module-kwargs '{"n_layers": 1}']``.
 The setting of ``tests/test_planted.py``: ``simulate_programs`` (1000 cells, 400 genes, 8
 programs), 10 factors, 100 epochs, package defaults. Each line: the start, the training ELBO per
 cell (``get_elbo()``), the smallest |Pearson r| of a true factor with its matched learned factor,
@@ -21,7 +22,7 @@ from scipy.optimize import linear_sum_assignment
 N_TRUE, N_FIT = 8, 10
 
 
-def fit(seed: int, data_seed: int, n_restarts: int) -> dict:
+def fit(seed: int, data_seed: int, n_restarts: int, module_kwargs: dict | None = None) -> dict:
     """Fit one model and score it against the planted programs."""
     import scvi
 
@@ -31,7 +32,7 @@ def fit(seed: int, data_seed: int, n_restarts: int) -> dict:
     )
     scvi.settings.seed = seed
     sparsevae.SparseVAE.setup_anndata(adata, layer="counts")
-    model = sparsevae.SparseVAE(adata, n_factors=N_FIT)
+    model = sparsevae.SparseVAE(adata, n_factors=N_FIT, **(module_kwargs or {}))
     t0 = time.perf_counter()
     model.train(max_epochs=100, n_restarts=n_restarts, **TRAINER_KWARGS)
     seconds = time.perf_counter() - t0
@@ -53,6 +54,7 @@ def fit(seed: int, data_seed: int, n_restarts: int) -> dict:
         "seed": seed,
         "data_seed": data_seed,
         "n_restarts": n_restarts,
+        "module_kwargs": module_kwargs or {},
         "elbo": round(float(model.get_elbo()), 3),
         "min_abs_r": round(float(min(abs(corr[t, k]) for t, k in match.items())), 3),
         "mean_f1": round(float(np.mean(f1)), 3),
@@ -71,6 +73,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--n-restarts", type=int, default=1)
+    p.add_argument("--module-kwargs", default="{}", help="JSON passed to SparseVAE(...)")
     args = p.parse_args()
     import torch
 
@@ -78,7 +81,8 @@ def main() -> None:
     quiet_logs()
     with stdout_to_stderr() as out:
         for seed in args.seeds:
-            print(json.dumps(fit(seed, args.data_seed, args.n_restarts)), file=out, flush=True)
+            rec = fit(seed, args.data_seed, args.n_restarts, json.loads(args.module_kwargs))
+            print(json.dumps(rec), file=out, flush=True)
 
 
 if __name__ == "__main__":
