@@ -54,6 +54,7 @@ Full run (5 rhos x 25 seeds x 4 methods; hours on 2 CPU cores)::
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections import defaultdict
@@ -166,6 +167,8 @@ def fit_scvi_style(
         }
     if method == "beta_vae":
         kwargs["kl_weight"] = args.beta
+    if method.startswith("sparsevae"):
+        kwargs.update(json.loads(args.module_kwargs))
     model = sparsevae.SparseVAE(train, n_factors=N_LATENT, **kwargs)
     t0 = time.perf_counter()
     model.train(
@@ -346,6 +349,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--out", default=None, help="also append the JSON lines to this file")
     p.add_argument("--note", default=None, help="free text stored in the meta record")
+    p.add_argument(
+        "--module-kwargs", default="{}", help="JSON passed to SparseVAE(...) for sparsevae*"
+    )
     args = p.parse_args(argv)
     q = args.quick
     if args.rhos is None:
