@@ -85,3 +85,22 @@ def test_two_ddp_processes_keep_one_em_state_and_agree_with_one_process(tmp_path
         assert corr[i, j] >= 0.9
         a, b = sel2[:, act2[i]], sel1[:, act1[j]]
         assert (a & b).sum() / (a | b).sum() >= 0.8
+
+
+def test_bf16_autocast_gives_the_loss_of_fp32_and_trains():
+    # Mixed precision: Lightning's precision="bf16-mixed" reaches the model through train().
+    adata = small_counts(n_cells=150)
+    SparseVAE.setup_anndata(adata)
+    scvi.settings.seed = 0
+    model = SparseVAE(adata, n_factors=2, n_hidden=8)
+    model.train(max_epochs=3, precision="bf16-mixed", **QUIET)
+    assert np.isfinite(model.get_latent_representation()).all()
+    model.module.eval()
+    batch = next(iter(model._make_data_loader(adata=adata, batch_size=150)))
+    with torch.no_grad():
+        torch.manual_seed(0)
+        full = float(model.module(batch)[2].loss)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.manual_seed(0)
+            half = float(model.module(batch)[2].loss)
+    assert abs(half / full - 1) < 0.01
