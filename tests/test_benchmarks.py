@@ -434,3 +434,10 @@ def test_gpu_script_records_the_device_and_refuses_without_one():
     commands = gpu.steps(argparse.Namespace(quick=True, dir="/tmp"), "cpu")
     assert [Path(c[1]).name for c in commands] == ["speed.py", "speed.py", "out_of_core.py"]
     assert "--scaling" in commands[1] and "--accelerator" in commands[2]
+
+
+def test_gene_effects_quick_agrees_and_times_both():
+    (rec,) = _quick("gene_effects.py", "--quick")
+    assert rec["genes"] == 200 and rec["factors"] == 15
+    assert rec["max_relative_difference"] < 1e-4
+    assert rec["per_factor_jvp_seconds"] > 0 and rec["one_backward_pass_seconds"] > 0
