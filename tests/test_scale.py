@@ -104,3 +104,25 @@ def test_bf16_autocast_gives_the_loss_of_fp32_and_trains():
             torch.manual_seed(0)
             half = float(model.module(batch)[2].loss)
     assert abs(half / full - 1) < 0.01
+
+
+def test_backed_cells_come_back_in_the_order_asked(tmp_path):
+    # scvi-tools reads a backed file's rows in sorted order; the factors must still follow the
+    # order of `indices`, and passes that cannot reorder refuse unsorted cells clearly.
+    import pytest
+
+    adata = small_counts(n_cells=150)
+    adata.write_h5ad(tmp_path / "counts.h5ad")
+    SparseVAE.setup_anndata(adata)
+    model = SparseVAE(adata, n_factors=2, n_hidden=8)
+    model.train(max_epochs=2, **QUIET)
+    backed = anndata.read_h5ad(tmp_path / "counts.h5ad", backed="r")
+    idx = [5, 3, 100, 1]
+    np.testing.assert_allclose(
+        model.get_latent_representation(backed, indices=idx),
+        model.get_latent_representation(adata)[idx],
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    with pytest.raises(ValueError, match="increasing order"):
+        model.get_normalized_expression(backed, indices=idx)

@@ -18,6 +18,7 @@ from scvi import REGISTRY_KEYS
 from scvi.model.base import RNASeqMixin
 
 from ..module import STUDY_KEY
+from ._validate import refuse_unsorted_backed_indices
 
 __all__ = ["ExpressionMixin"]
 
@@ -85,6 +86,7 @@ class ExpressionMixin(RNASeqMixin):
         self, adata: AnnData, indices: Any, batch_size: int | None, **loader_kwargs: Any
     ) -> Iterator[dict[str, torch.Tensor]]:
         """The minibatches of ``adata``, with the module in eval mode (restored afterwards)."""
+        refuse_unsorted_backed_indices(self.adata if adata is None else adata, indices)
         module = self.module
         was_training = module.training
         module.eval()

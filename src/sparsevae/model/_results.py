@@ -12,6 +12,7 @@ import torch
 from anndata import AnnData
 
 from ..module import ModuleMask
+from ._validate import unsorted_backed_indices
 
 __all__ = ["ResultsMixin"]
 
@@ -51,9 +52,19 @@ class ResultsMixin:
         a cell from study ``s`` acts through column ``k`` of study ``s``'s mask, so it is a
         different program in each study: compare it within a study, not across studies.
         """
+        order = None
+        if unsorted_backed_indices(self.adata if adata is None else adata, indices):
+            # A backed file is read in increasing row order: ask for the cells sorted, then put
+            # the rows back in the order asked.
+            order = np.argsort(np.asarray(indices), kind="stable")
+            indices = np.asarray(indices)[order]
         z = super().get_latent_representation(
             adata=adata, indices=indices, give_mean=give_mean, batch_size=batch_size, **kwargs
         )
+        if order is not None:
+            restored = np.empty_like(z)
+            restored[order] = z
+            z = restored
         if not np.all(np.isfinite(z)):
             raise FloatingPointError(
                 "The factors contain NaN or infinite values: the model's parameters are not "

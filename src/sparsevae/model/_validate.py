@@ -55,6 +55,27 @@ def _row_chunks(X) -> Iterator[Any]:
         yield X[start : start + _STATS_CHUNK_ROWS]
 
 
+def unsorted_backed_indices(adata: AnnData, indices: Any) -> bool:
+    """Whether ``indices`` ask for cells of a backed AnnData out of increasing order.
+
+    scvi-tools reads the rows of a file-backed matrix in sorted order, so such a request would
+    come back in another order than asked.
+    """
+    if indices is None or not adata.isbacked:
+        return False
+    idx = np.asarray(indices)
+    return bool(idx.ndim == 1 and len(idx) > 1 and np.any(np.diff(idx) < 0))
+
+
+def refuse_unsorted_backed_indices(adata: AnnData, indices: Any) -> None:
+    """Raise if :func:`unsorted_backed_indices`."""
+    if unsorted_backed_indices(adata, indices):
+        raise ValueError(
+            "This AnnData is backed by a file, whose rows are read in increasing order; pass "
+            "the cells in that order: `indices=np.sort(indices)`."
+        )
+
+
 def check_finite(X, where: str) -> None:
     """Raise if ``X`` is not numeric or contains NaN or infinite values (read in row blocks)."""
     n_nan = n_inf = 0
