@@ -462,7 +462,11 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
         records = []
-        for seed in range(args.first_seed, args.first_seed + args.seeds):
+        for n_done, seed in enumerate(range(args.first_seed, args.first_seed + args.seeds)):
+            if n_done >= 2:
+                # The stability of the seeds so far, so that a run stopped early keeps it.
+                for s in stability_records(FITS):
+                    emit({**s, "partial": True})
             for method in args.methods:
                 rec, ok = guarded_fit(
                     "zeisel",
