@@ -441,3 +441,31 @@ def test_gene_effects_quick_agrees_and_times_both():
     assert rec["genes"] == 200 and rec["factors"] == 15
     assert rec["max_relative_difference"] < 1e-4
     assert rec["per_factor_jvp_seconds"] > 0 and rec["one_backward_pass_seconds"] > 0
+
+
+def test_zeisel_mask_summary_and_stability_use_the_package_rules():
+    sys.path.insert(0, str(BENCH))
+    import scvi
+    from zeisel import FITS, mask_summary, stability_records
+
+    import sparsevae
+
+    from .conftest import QUIET, small_counts
+
+    FITS.clear()
+    fits = []
+    for seed in (0, 1):
+        adata = small_counts()
+        sparsevae.SparseVAE.setup_anndata(adata)
+        scvi.settings.seed = seed
+        model = sparsevae.SparseVAE(adata, n_factors=2, n_hidden=8)
+        model.train(max_epochs=3, **QUIET)
+        summary = mask_summary(model)
+        report = sparsevae.tl.identifiability_report(model).factors
+        assert summary["identifiable_factors"] == int(report["identifiable"].sum())
+        assert summary["anchors_per_factor"] == report["n_anchors"].tolist()
+        fits.append(model.write_results(adata, effects=False))
+    (rec,) = stability_records({"sparsevae_nb": fits, "single": fits[:1]})
+    expected = sparsevae.tl.factor_stability(fits)
+    assert rec["method"] == "sparsevae_nb" and rec["n_fits"] == 2
+    assert rec["median_abs_r"] == expected.median_abs_r
