@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import scvi
 import torch
-from _common import SHARED, command_line, machine_info, mean_std, quiet_logs
+from _common import SHARED, TRAINER_KWARGS, command_line, machine_info, mean_std, quiet_logs
 
 import sparsevae
 
@@ -84,12 +84,7 @@ def leiden(adata: Any, rep: np.ndarray, seed: int) -> np.ndarray:
     return tmp.obs["leiden"].astype(str).to_numpy()
 
 
-QUIET = {
-    "enable_progress_bar": False,
-    "enable_model_summary": False,
-    "enable_checkpointing": False,
-    "logger": False,
-}
+QUIET = TRAINER_KWARGS
 
 
 def run_seed(

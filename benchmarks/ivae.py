@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import scvi
 import torch
-from _common import command_line, machine_info, mean_std, quiet_logs
+from _common import TRAINER_KWARGS, command_line, machine_info, mean_std, quiet_logs
 
 import sparsevae
 
@@ -57,13 +57,7 @@ def fit(
     scvi.settings.seed = seed
     model = sparsevae.SparseVAE(ad, n_factors=5, likelihood="gaussian", **kwargs)
     t0 = time.perf_counter()
-    model.train(
-        max_epochs=max_epochs,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        logger=False,
-    )
+    model.train(max_epochs=max_epochs, **TRAINER_KWARGS)
     seconds = time.perf_counter() - t0
     z = model.get_latent_representation()
     score = sparsevae.tl.mcc(z, ad.obsm["true_factors"])

@@ -23,6 +23,7 @@ import warnings
 import numpy as np
 import scvi
 import torch
+from _common import TRAINER_KWARGS
 from scipy.stats import spearmanr
 
 import sparsevae
@@ -43,14 +44,7 @@ def fit(
     sparsevae.SparseVAE.setup_anndata(ad)
     model = sparsevae.SparseVAE(ad, n_factors=2, **(module_kwargs or {}))
     t0 = time.perf_counter()
-    model.train(
-        max_epochs=max_epochs,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        logger=False,
-        n_restarts=n_restarts,
-    )
+    model.train(max_epochs=max_epochs, n_restarts=n_restarts, **TRAINER_KWARGS)
     seconds = time.perf_counter() - t0
     z = model.get_latent_representation()
     zt = ad.obsm["true_factors"]

@@ -79,14 +79,9 @@ import sparsevae
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _real_background as real
+from _common import TRAINER_KWARGS as QUIET
 from _common import command_line, machine_info
 
-QUIET = {
-    "enable_progress_bar": False,
-    "enable_model_summary": False,
-    "enable_checkpointing": False,
-    "logger": False,
-}
 QUICK_REAL_EPOCHS = 40
 
 
@@ -246,14 +241,18 @@ def fit_real(
     fraction: float,
     n_specific: int,
     move_confined: bool = True,
+    module_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Plant the programs into the real counts, fit with the package defaults, and score."""
+    """Plant the programs into the real counts, fit (package defaults unless ``module_kwargs``
+    say otherwise), and score."""
     ad = real.plant(background, programs, fold, fraction, seed)
     info = real.DATASETS[data]
     n_shared = info["n_factors"]
     scvi.settings.seed = seed
     sparsevae.SparseVAE.setup_anndata(ad, layer="counts", study_key="study")
-    model = sparsevae.SparseVAE(ad, n_factors=n_shared, n_specific_factors=n_specific)
+    model = sparsevae.SparseVAE(
+        ad, n_factors=n_shared, n_specific_factors=n_specific, **(module_kwargs or {})
+    )
     t0 = time.perf_counter()
     model.train(max_epochs=max_epochs, move_confined=move_confined, **QUIET)
     seconds = time.perf_counter() - t0
@@ -305,6 +304,7 @@ def fit_real(
         "n_genes": ad.n_vars,
         "n_factors": n_shared,
         "n_specific_factors": n_specific,
+        "module_kwargs": module_kwargs or {},
         "max_epochs": max_epochs,
         "n_epochs": n_epochs,
         "planted_fraction": fraction,
@@ -393,6 +393,7 @@ def main_real(args: argparse.Namespace) -> None:
             "planted_fraction": args.planted_fraction,
             "n_factors": real.DATASETS[args.real]["n_factors"],
             "n_specific_factors": args.n_specific_factors,
+            "module_kwargs": json.loads(args.module_kwargs),
         },
         "sparsevae_source": str(Path(sparsevae.__file__).parent),
         "machine": machine_info(threads=1),
@@ -417,6 +418,7 @@ def main_real(args: argparse.Namespace) -> None:
                 args.planted_fraction,
                 args.n_specific_factors,
                 not args.no_move,
+                json.loads(args.module_kwargs),
             )
             fits[fold].append(record)
             print(json.dumps(record), flush=True)
@@ -449,7 +451,7 @@ def main() -> None:
         "--shared-first-epochs",
         type=int,
         default=None,
-        help="epochs with only the shared factors (default: the package's, 20%% of epochs)",
+        help="epochs with only the shared factors (default: the package's, 0)",
     )
     parser.add_argument(
         "--no-move",
@@ -491,6 +493,11 @@ def main() -> None:
     )
     real_mode.add_argument(
         "--n-specific-factors", type=int, default=3, help="specific factors per study"
+    )
+    real_mode.add_argument(
+        "--module-kwargs",
+        default="{}",
+        help='JSON passed to SparseVAE(...), e.g. \'{"spike_gate": "specific"}\' (default: none)',
     )
     args = parser.parse_args()
     warnings.filterwarnings("ignore")

@@ -95,7 +95,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from _common import cpu_model, package_version, quiet_logs, stdout_to_stderr
+from _common import TRAINER_KWARGS, cpu_model, package_version, quiet_logs, stdout_to_stderr
 
 N_CELLS = 3005
 N_GENES = 558
@@ -114,12 +114,6 @@ SCALING_CELLS = (1000, 3000, 10000, 30000, 100000)
 SCALING_GENES = (500, 1000, 2000, 5000)
 SCALING_HIDDEN = (50, 100, 200)
 SCALING_BASE = {"n_cells": 3000, "n_genes": 558, "n_hidden": 100}
-TRAINER_KWARGS: dict[str, Any] = {
-    "enable_progress_bar": False,
-    "logger": False,
-    "enable_checkpointing": False,
-    "enable_model_summary": False,
-}
 
 
 # --------------------------------------------------------------------------- helpers
