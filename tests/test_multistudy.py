@@ -769,3 +769,132 @@ def test_swap_roles_exchanges_a_confined_shared_factor_and_a_repeated_slot():
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(module.decoder.W_specific[0, :, 0], w_shared)
     assert torch.all(module.decoder.W_specific[1, :, 0] == 0)
+
+
+def test_split_to_specific_keeps_the_study_function_and_the_other_genes():
+    from sparsevae.module import SparseVAEModule
+
+    torch.manual_seed(3)
+    n_genes, K, K_spec, S = 12, 3, 2, 2
+    module = SparseVAEModule(
+        n_input=n_genes, n_factors=K, n_hidden=8, n_specific_factors=K_spec, n_studies=S
+    )
+    module.eval()
+    with torch.no_grad():
+        module.decoder.W_specific[:, :, 1] = 0.0  # slot 1 unused in every study
+        module.prior.p_star[:, 2] = torch.rand(n_genes)
+        module.offset_net[-1].weight.normal_()
+        module.offset_net[0].weight[:, K + 1] = 0.0
+    genes = torch.zeros(n_genes, dtype=torch.bool)
+    genes[:5] = True
+    x = torch.poisson(5 * torch.rand(20, n_genes))
+    study = torch.tensor([0, 1] * 10).reshape(-1, 1)
+    lib = torch.zeros(20, 1)
+    qz = module.inference(x, study=study)["qz"]
+    before = module.generative(qz.loc, lib, study=study)["px"].mu
+    w_old, p_old = module.decoder.W[:, 2].clone(), module.prior.p_star[:, 2].clone()
+    module.split_to_specific(factor=2, study=1, slot=1, genes=genes)
+    qz_after = module.inference(x, study=study)["qz"]
+    # the slot is a copy of the factor, which keeps its own encoder unit
+    torch.testing.assert_close(qz_after.loc[:, K + 1], qz.loc[:, 2])
+    torch.testing.assert_close(qz_after.loc[:, 2], qz.loc[:, 2])
+    after = module.generative(qz_after.loc, lib, study=study)["px"].mu
+    in_study = study.ravel() == 1
+    # study 1's cells are decoded as before; the other study keeps every gene not handed over
+    torch.testing.assert_close(after[in_study], before[in_study], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(after[~in_study][:, ~genes], before[~in_study][:, ~genes])
+    dec = module.decoder
+    assert torch.all(dec.W[genes, 2] == 0) and torch.equal(dec.W[~genes, 2], w_old[~genes])
+    torch.testing.assert_close(dec.W_specific[1, genes, 1], w_old[genes])
+    assert torch.all(dec.W_specific[1, ~genes, 1] == 0) and torch.all(dec.W_specific[0, :, 1] == 0)
+    torch.testing.assert_close(module.prior_specific.p_star[1, genes, 1], p_old[genes])
+    assert torch.all(module.prior.p_star[genes, 2] == 0)
+    with pytest.raises(ValueError, match="boolean vector"):
+        module.split_to_specific(factor=2, study=1, slot=1, genes=genes[:3])
+
+
+def test_within_study_effects_see_a_factor_quiet_in_one_study():
+    torch.manual_seed(4)
+    dec = MaskedDecoder(n_genes=6, n_factors=2, n_hidden=8, n_specific=1, n_studies=2)
+    with torch.no_grad():
+        dec.W[:, 1] = 0.0  # factor 1 reaches no gene
+    z = torch.randn(40, 3)
+    study = torch.tensor([0, 1] * 20)
+    z[study == 1, 0] = 0.7  # factor 0 does not vary in study 1
+    eff = dec.within_study_effects(z, study, [0, 1])
+    assert eff.shape == (2, 2, 6)
+    assert torch.all(eff[0, 0] > 0) and torch.all(eff[0, 1] == 0)
+    assert torch.all(eff[1] == 0)
+
+
+def test_confined_genes_finds_one_studys_genes_on_a_shared_factor():
+    from sparsevae.model import shared_specific_checks
+    from sparsevae.model._checks import confined_genes
+
+    genes = [f"g{j}" for j in range(6)]
+    effects = np.zeros((2, 2, 6))
+    effects[0, 0] = 1.0
+    effects[0, 1] = [0.1, 0.1, 0.2, 0.5, 1.0, 1.0]  # genes 0-2 driven in study_0 only
+    effects[1, 0] = [1.0, 1.0, 0.0, 0.0, 0.0, 0.0]  # two confined genes: below min_genes
+    effects[1, 1] = [0.1, 0.1, 0.0, 0.0, 0.0, 0.0]
+    selected = pd.DataFrame(
+        {"shared_0": [True] * 5 + [False], "shared_1": [True, True] + [False] * 4}, index=genes
+    )
+    table = confined_genes(effects, selected, ["study_0", "study_1"], min_ratio=3.0)
+    assert table.to_dict("records") == [
+        {"factor": "shared_0", "study": "study_0", "n_genes": 3, "genes": "g0;g1;g2",
+         "ratio": 10.0}
+    ]  # fmt: skip
+    assert confined_genes(effects, selected, ["study_0", "study_1"], min_ratio=20.0).empty
+    # in the checks: a problem, unless the whole factor is already flagged
+    z = np.random.default_rng(0).standard_normal((40, 3))
+    codes = np.array([0, 1] * 20)
+    selections = {
+        "shared": selected,
+        "study_0": pd.DataFrame({"specific_0": [False] * 6}, index=genes),
+        "study_1": pd.DataFrame({"specific_0": [False] * 6}, index=genes),
+    }
+    names = ["shared_0", "shared_1", "specific_0"]
+    checks = shared_specific_checks(z, codes, names, selections, effects=effects)
+    assert len(checks.confined_genes) == 1 and not checks.ok
+    assert "shared_0 drives 3 of its genes in study_0 only" in checks.problems[0]
+    assert shared_specific_checks(z, codes, names, selections).confined_genes.empty
+    z[codes == 1, 0] *= 0.01  # shared_0 is now confined as a whole: reported once
+    checks = shared_specific_checks(z, codes, names, selections, effects=effects)
+    assert len(checks.problems) == 1 and "varies in study_0" in checks.problems[0]
+
+
+def test_mover_splits_the_confined_genes_off_a_shared_factor(monkeypatch):
+    from sparsevae.model import _reassign
+
+    torch.manual_seed(0)
+    adata = small_multistudy()
+    SparseVAE.setup_anndata(adata, study_key="study")
+    model = SparseVAE(adata, n_factors=2, n_specific_factors=2, n_hidden=8)
+    model.train(max_epochs=1, batch_size=64, **QUIET)
+    m = model.module
+    with torch.no_grad():
+        m.prior.p_star.zero_()
+        m.prior.p_star[:6, 0] = 0.99  # shared_0 selects genes 0-5
+        m.prior_specific.p_star.zero_()
+        m.decoder.W_specific.zero_()  # every slot free
+        m.prior_specific.eta.fill_(1e-7)
+    effects = np.ones((2, 3, 40))
+    effects[0, 2, :4] = 10.0  # genes 0-3 of shared_0 are driven in study_2 only
+    seen = {}
+
+    def fake_effects(module, z, codes, factors):
+        seen["factors"] = factors
+        return effects[factors]
+
+    monkeypatch.setattr(_reassign, "within_study_effects", fake_effects)
+    mover = _reassign.MoveConfinedFactors(model)
+    moves = mover.move(m)
+    assert seen["factors"] == [0]  # shared_1 selects no gene
+    assert moves == [
+        {"kind": "split_to_specific", "factor": "shared_0", "study": "study_2", "n_genes": 4,
+         "ratio": 10.0, "slot": 0}
+    ]  # fmt: skip
+    assert torch.all(m.prior.p_star[:4, 0] == 0) and torch.all(m.prior.p_star[4:6, 0] > 0.9)
+    assert torch.all(m.prior_specific.p_star[2, :4, 0] > 0.9)
+    assert torch.all(m.prior_specific.p_star[:2, :, 0] == 0)

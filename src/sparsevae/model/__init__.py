@@ -1,6 +1,6 @@
 """User-facing model classes."""
 
-from ._checks import MultiStudyChecks, shared_specific_checks
+from ._checks import MultiStudyChecks, shared_specific_checks, within_study_effects
 from ._model import SparseVAE, default_max_epochs
 from ._save_load import UnsafeModelFileError
 
@@ -10,4 +10,5 @@ __all__ = [
     "UnsafeModelFileError",
     "default_max_epochs",
     "shared_specific_checks",
+    "within_study_effects",
 ]

@@ -6,13 +6,26 @@ run it (``train()`` warns when the checks fail) without importing ``tl``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
-__all__ = ["MIN_FOLD_OVER_CHANCE", "MultiStudyChecks", "shared_specific_checks"]
+__all__ = [
+    "MIN_CONFINED_GENES",
+    "MIN_FOLD_OVER_CHANCE",
+    "MultiStudyChecks",
+    "confined_genes",
+    "shared_specific_checks",
+    "within_study_effects",
+]
+
+#: A shared factor carries a study's own program when at least this many of its genes depend on
+#: it in that study only (fewer are read as noise).
+MIN_CONFINED_GENES = 3
+CONFINED_GENES_COLUMNS = ["factor", "study", "n_genes", "genes", "ratio"]
 
 
 @dataclass(repr=False)
@@ -40,6 +53,14 @@ class MultiStudyChecks:
         belongs in the shared mask.
     min_ratio, min_jaccard, min_pstar
         Thresholds used.
+    confined_genes
+        One row per shared factor and study whose selected genes include at least
+        ``MIN_CONFINED_GENES`` that the factor drives in that study only (see
+        :func:`confined_genes`): ``factor``, ``study``, ``n_genes``, ``genes`` (``;``-separated)
+        and ``ratio`` (the median over those genes of the effect in the study over the largest
+        in another). Such a factor mixes a shared program with one study's own, which belongs in
+        that study's specific mask. Computed only when the network is at hand (a model, not
+        written results); empty otherwise.
     """
 
     activity: pd.DataFrame
@@ -48,6 +69,9 @@ class MultiStudyChecks:
     min_ratio: float = 3.0
     min_jaccard: float = 0.5
     min_pstar: float = 0.5
+    confined_genes: pd.DataFrame = field(
+        default_factory=lambda: pd.DataFrame(columns=CONFINED_GENES_COLUMNS)
+    )
 
     @property
     def problems(self) -> list[str]:
@@ -60,6 +84,15 @@ class MultiStudyChecks:
                 f"shared factor {factor} ({row['n_genes']} genes) varies in {varies} but hardly "
                 f"in {quiet} (spread {row['ratio']:.1f}x smaller): it probably carries a program "
                 f"of {varies} rather than a shared one"
+            )
+        flagged = set(self.confined.index[self.confined["flagged"]].astype(str))
+        for _, row in self.confined_genes.iterrows():
+            if str(row["factor"]) in flagged:
+                continue  # the whole factor is flagged above
+            out.append(
+                f"shared factor {row['factor']} drives {row['n_genes']} of its genes in "
+                f"{row['study']} only (median {row['ratio']:.1f}x more than elsewhere): "
+                f"probably a program of {row['study']} on a shared factor"
             )
         for _, row in self.repeated[self.repeated["in_all_studies"]].iterrows():
             out.append(
@@ -109,6 +142,85 @@ class MultiStudyChecks:
 
     def _repr_pretty_(self, p: Any, cycle: bool) -> None:
         p.text(self.summary())
+
+
+@torch.no_grad()
+def within_study_effects(
+    module: Any, z: np.ndarray, codes: np.ndarray, factors: list[int]
+) -> np.ndarray:
+    """Each factor's effect on each gene within each study (the module's decoder).
+
+    See :meth:`sparsevae.nn.MaskedDecoder.within_study_effects`: ``(len(factors), n_studies,
+    n_genes)``, computed on the cells ``z`` (posterior means) of studies ``codes``.
+    """
+    dec = module.decoder
+    param = next(dec.parameters())
+    was_training = dec.training
+    dec.eval()
+    try:
+        effects = dec.within_study_effects(
+            torch.as_tensor(z, dtype=param.dtype, device=param.device),
+            torch.as_tensor(np.array(codes, dtype=np.int64), device=param.device),
+            factors,
+        )
+    finally:
+        dec.train(was_training)
+    return effects.cpu().numpy()
+
+
+def confined_genes(
+    effects: np.ndarray,
+    selected: pd.DataFrame,
+    studies: list[str],
+    min_ratio: float = 3.0,
+    min_genes: int = MIN_CONFINED_GENES,
+) -> pd.DataFrame:
+    """Selected genes of shared factors that the factor drives in one study only.
+
+    Gene ``j`` of shared factor ``k`` is confined to study ``s`` when it is selected and the
+    factor's effect on it in ``s`` is at least ``min_ratio`` times its effect in every other
+    study. It finds a study's program that shares a factor with a shared program, which the
+    factor-level check (the spread of the factor) misses (multi-study guide, "Check every fit").
+
+    Parameters
+    ----------
+    effects
+        ``(n_shared_factors, n_studies, n_genes)``, from :func:`within_study_effects`.
+    selected
+        Genes x shared factors: which genes each factor selects.
+    studies
+        Study names, in the order of ``effects``' second axis.
+    min_ratio
+        Effect ratio (``> 1``) from which a gene counts as confined.
+    min_genes
+        Report a factor and study only with at least this many confined genes.
+
+    Returns
+    -------
+    DataFrame with the columns ``factor``, ``study``, ``n_genes``, ``genes`` and ``ratio`` (one
+    row per factor and study).
+    """
+    genes = np.asarray(selected.index).astype(str)
+    rows = []
+    for k, factor in enumerate(selected.columns):
+        sel = selected[factor].to_numpy(dtype=bool)
+        eff = np.nan_to_num(effects[k], nan=0.0)  # (S, G)
+        if not sel.any() or eff.shape[0] < 2:
+            continue
+        top = eff.argmax(0)
+        order = np.sort(eff, axis=0)
+        best, second = order[-1], order[-2]
+        ratio = np.divide(best, second, out=np.full_like(best, np.inf), where=second > 0)
+        hit = sel & (best > 0) & (ratio >= min_ratio)
+        for s, study in enumerate(studies):
+            mine = hit & (top == s)
+            if int(mine.sum()) >= min_genes:
+                rows.append(
+                    {"factor": str(factor), "study": study, "n_genes": int(mine.sum()),
+                     "genes": ";".join(genes[mine]),
+                     "ratio": round(float(np.median(ratio[mine])), 2)}
+                )  # fmt: skip
+    return pd.DataFrame(rows, columns=CONFINED_GENES_COLUMNS)
 
 
 #: Two specific factors hold the same program only if their overlap is at least this many times
@@ -174,6 +286,7 @@ def shared_specific_checks(
     min_ratio: float = 3.0,
     min_jaccard: float = 0.5,
     min_pstar: float = 0.5,
+    effects: np.ndarray | None = None,
 ) -> MultiStudyChecks:
     """The checks of :func:`sparsevae.tl.check_shared_specific`, on a fit's arrays.
 
@@ -189,6 +302,9 @@ def shared_specific_checks(
         Genes x factors selections by mask kind: ``"shared"`` first, then each study.
     min_ratio, min_jaccard, min_pstar
         See :func:`sparsevae.tl.check_shared_specific`.
+    effects
+        The shared factors' effects per study and gene (:func:`within_study_effects`), for the
+        gene-level check (:func:`confined_genes`); ``None`` skips it.
 
     Returns
     -------
@@ -228,6 +344,11 @@ def shared_specific_checks(
             (study, str(f), sel[f].to_numpy()) for f in sel.columns if int(sel[f].sum()) >= 2
         )
     repeated = _repeated_programs(sets, len(studies), min_jaccard)
+    genes_table = (
+        pd.DataFrame(columns=CONFINED_GENES_COLUMNS)
+        if effects is None
+        else confined_genes(effects, sel_shared, studies, min_ratio)
+    )
     return MultiStudyChecks(
         activity=activity,
         confined=confined,
@@ -235,4 +356,5 @@ def shared_specific_checks(
         min_ratio=float(min_ratio),
         min_jaccard=float(min_jaccard),
         min_pstar=float(min_pstar),
+        confined_genes=genes_table,
     )

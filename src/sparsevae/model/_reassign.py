@@ -10,8 +10,12 @@ reports), hands every shared factor confined to one study over to an unused spec
 that study (:meth:`~sparsevae.module.SparseVAEModule.move_to_specific`), and every program
 repeated on one specific factor in all studies to an unused shared factor
 (:meth:`~sparsevae.module.SparseVAEModule.move_to_shared`), or, when no unused factor is left,
-exchanges the two (:meth:`~sparsevae.module.SparseVAEModule.swap_roles`); the remaining epochs
-refit the masks.
+exchanges the two (:meth:`~sparsevae.module.SparseVAEModule.swap_roles`). Then, gene by gene:
+a shared factor that drives some of its genes in one study only (:func:`confined_genes`: a
+study's program that shares a factor with a shared one) hands those genes to a copy of itself in
+an unused specific factor of that study
+(:meth:`~sparsevae.module.SparseVAEModule.split_to_specific`). The remaining epochs refit the
+masks.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from ..priors import factor_use, is_selected
-from ._checks import shared_specific_checks
+from ._checks import confined_genes, shared_specific_checks, within_study_effects
 
 if TYPE_CHECKING:
     from ._model import SparseVAE
@@ -158,4 +162,44 @@ class MoveConfinedFactors(Callback):
                 k, conf = pending_confined.pop(0)
                 module.swap_roles(k, model.studies.index(conf["study"]), slot)
                 moves.append({"kind": "swap", **conf, "slot": slot})
+        if free:
+            moves.extend(self._split(module, z, codes, selections["shared"], free, moves))
         return moves
+
+    def _split(
+        self,
+        module: Any,
+        z: np.ndarray,
+        codes: np.ndarray,
+        selected: pd.DataFrame,
+        free: list[int],
+        moved: list[dict[str, Any]],
+    ) -> list[dict[str, Any]]:
+        """Hand the genes that a shared factor drives in one study only to a free slot."""
+        model = self.model
+        taken = {m["factor"] for m in moved if "factor" in m}
+        names = list(model.shared_factor_names)
+        factors = [k for k, name in enumerate(names) if name not in taken and selected[name].any()]
+        if not factors:
+            return []
+        effects = within_study_effects(module, z, codes, factors)
+        selected = selected.set_axis(model.adata.var_names, axis=0)
+        table = confined_genes(
+            effects, selected[[names[k] for k in factors]], model.studies, self.min_ratio
+        )
+        splits = []
+        for _, row in table.sort_values("n_genes", ascending=False).iterrows():
+            if not free:
+                break
+            if row["factor"] in {m["factor"] for m in splits}:
+                continue  # one split per factor
+            slot = free.pop(0)
+            genes = torch.as_tensor(model.adata.var_names.isin(row["genes"].split(";")))
+            module.split_to_specific(
+                names.index(row["factor"]), model.studies.index(row["study"]), slot, genes
+            )
+            splits.append(
+                {"kind": "split_to_specific", "factor": row["factor"], "study": row["study"],
+                 "n_genes": int(row["n_genes"]), "ratio": float(row["ratio"]), "slot": slot}
+            )  # fmt: skip
+        return splits

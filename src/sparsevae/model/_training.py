@@ -13,7 +13,7 @@ import torch
 
 from ..priors import anchors, factor_use, is_selected
 from ..train import DivergenceError, default_max_epochs, prior_schedule
-from ._checks import shared_specific_checks
+from ._checks import shared_specific_checks, within_study_effects
 from ._reassign import MoveConfinedFactors
 from ._validate import (
     check_n_cells,
@@ -125,7 +125,9 @@ class TrainingMixin:
             that study, and every program that all studies' specific masks carry on one
             specific factor to an unused shared factor, or exchange the two when no unused
             factor is left (the checks of
-            :func:`~sparsevae.tl.check_shared_specific`); the remaining epochs refit the masks.
+            :func:`~sparsevae.tl.check_shared_specific`); then hand the genes that a shared
+            factor drives in one study only to a copy of it in an unused specific factor of that
+            study. The remaining epochs refit the masks.
             What moved is kept in ``model.moved_factors_``. Turn it off to leave the
             assignment to the likelihood (user guide, "The multi-study model"). Ignored by
             single-study models.
@@ -242,6 +244,11 @@ class TrainingMixin:
                     lines.append(
                         f"moved: specific_{m['slot']} carried one program in every study; it is "
                         f"now shared factor {m['factor']}"
+                    )
+                elif m["kind"] == "split_to_specific":
+                    lines.append(
+                        f"split: shared factor {m['factor']} drove {m['n_genes']} of its genes in "
+                        f"{m['study']} only; they are now on {m['study']}'s specific_{m['slot']}"
                     )
                 else:
                     lines.append(
@@ -457,7 +464,8 @@ class TrainingMixin:
             self.adata.obs[self.study_key].astype(str).to_numpy()[idx], categories=self.studies
         ).codes
         selections = {k: is_selected(self.get_inclusion_probabilities(k)) for k in self.mask_kinds}
-        checks = shared_specific_checks(z, codes, self.factor_names, selections)
+        effects = within_study_effects(self.module, z, codes, list(range(self.module.n_factors)))
+        checks = shared_specific_checks(z, codes, self.factor_names, selections, effects=effects)
         if checks.ok:
             return
         self._warn(

@@ -870,6 +870,65 @@ class SparseVAEModule(BaseModuleClass):
         shared.eta[factor] = min(float(shared.eta[factor]), 0.5 * shared.eta_off)
 
     @torch.no_grad()
+    def split_to_specific(self, factor: int, study: int, slot: int, genes: torch.Tensor) -> None:
+        """Hand some genes of shared factor ``factor`` to a copy of it in study ``study``'s mask.
+
+        For genes whose dependence on a shared factor is confined to one study (the factor
+        carries a shared program and, on some genes, one study's own): specific factor ``slot``
+        becomes a copy of the factor (encoder output unit, first-layer column and prior of the
+        factors), study ``study``'s specific mask column takes the factor's entries (and
+        ``p*``, gates) of ``genes``, and the shared mask loses them. The cells of ``study``
+        are decoded as before; the other studies lose the factor's effect on ``genes`` (small
+        when it is confined). The shared factor keeps its other genes. Use it only for a slot
+        that no study uses, and train on afterwards.
+
+        Parameters
+        ----------
+        factor
+            Index of the shared factor (``0 <= factor < n_factors``).
+        study
+            Index of the study.
+        slot
+            Index of the specific factor (``0 <= slot < n_specific_factors``).
+        genes
+            Boolean tensor over genes: the genes to hand over.
+        """
+        if not self.is_multistudy or self.prior is None:
+            raise ValueError("split_to_specific needs a multi-study module with mask priors.")
+        if self.latent_prior == "correlated":
+            raise ValueError("split_to_specific does not support latent_prior='correlated'.")
+        K = self.n_factors
+        if not (
+            0 <= factor < K and 0 <= study < self.n_studies and 0 <= slot < self.n_specific_factors
+        ):
+            raise ValueError(f"factor, study or slot out of range: {factor}, {study}, {slot}.")
+        genes = torch.as_tensor(genes, dtype=torch.bool, device=self.decoder.W.device)
+        if genes.shape != (self.decoder.n_genes,):
+            raise ValueError(f"genes must be a boolean vector over {self.decoder.n_genes} genes.")
+        target = K + slot
+        dec = self.decoder
+        closed_shared = 0.0 if self.gate_on and self.gate_shared else 1.0
+        closed_specific = 0.0 if self.gate_on and self.gate_specific else 1.0
+        dec.first.weight[:, target] = dec.first.weight[:, factor]
+        dec.W_specific[:, :, slot] = 0.0
+        dec.W_specific[study, genes, slot] = dec.W[genes, factor]
+        dec.gate_specific[:, :, slot] = closed_specific
+        dec.gate_specific[study, genes, slot] = dec.gate[genes, factor]
+        dec.W[genes, factor] = 0.0
+        dec.gate[genes, factor] = closed_shared
+        if self.composition_offset:
+            self.offset_net[0].weight[:, target] = 0.0
+        for layer in (self.encoder.mean_encoder, self.encoder.var_encoder):
+            layer.weight[target] = layer.weight[factor]
+            layer.bias[target] = layer.bias[factor]
+        self._move_latent_prior(target, factor, "copy")
+        spec, shared = self.prior_specific, self.prior
+        spec.p_star[:, :, slot] = 0.0
+        spec.p_star[study, genes, slot] = shared.p_star[genes, factor]
+        spec.eta[study, slot] = shared.eta[factor]
+        shared.p_star[genes, factor] = 0.0
+
+    @torch.no_grad()
     def move_to_shared(self, slot: int, factor: int) -> None:
         """Hand specific factor ``slot`` (the same program in every study) to shared ``factor``.
 

@@ -399,6 +399,52 @@ class MaskedDecoder(nn.Module):
                     specific[:, block] += ((per_study @ first[:, K:]) * V[:, block]).double()
         return shared, specific
 
+    @torch.no_grad()
+    def within_study_effects(
+        self, z: torch.Tensor, study: torch.Tensor, factors: list[int]
+    ) -> torch.Tensor:
+        """How much each factor makes each gene vary within each study.
+
+        For factor ``k`` and study ``s``: the mean over the cells ``i`` of ``s`` of
+        ``|out_ij(z_i) - out_ij(z_i with z_ik set to the median of z_k over s's cells)|``
+        (first output, e.g. the log-rate). A shared factor that drives gene ``j`` in one study
+        and hardly in another (its cells sit where the decoder is flat, or all at one value)
+        has a large effect in the first and a small one in the second, whatever the spread of
+        ``z_k`` itself.
+
+        Parameters
+        ----------
+        z
+            Factors, shape ``(n_cells, n_factors + n_specific)``.
+        study
+            Each cell's study index, shape ``(n_cells,)`` or ``(n_cells, 1)``.
+        factors
+            Indices of the factors to measure.
+
+        Returns
+        -------
+        Tensor of shape ``(len(factors), n_studies, n_genes)``; ``nan`` for a study without
+        cells.
+        """
+        study = study.reshape(-1).long()
+        n_studies = max(self.n_studies, int(study.max()) + 1 if study.numel() else 1)
+        onehot = F.one_hot(study, n_studies).to(z.dtype)  # (B, S)
+        counts = onehot.sum(0)
+        by_study = study if self.n_specific else None
+        base = self.forward(z, study=by_study)[..., 0]  # (B, G)
+        out = torch.full((len(factors), n_studies, self.n_genes), float("nan"), dtype=z.dtype)
+        for row, k in enumerate(factors):
+            moved = z.clone()
+            for s in range(n_studies):
+                cells = study == s
+                if cells.any():
+                    moved[cells, k] = z[cells, k].median()
+            diff = (base - self.forward(moved, study=by_study)[..., 0]).abs()
+            sums = onehot.T @ diff  # (S, G)
+            seen = counts > 0
+            out[row, seen] = (sums[seen] / counts[seen, None]).to(out.dtype)
+        return out
+
     def forward_loop(self, z: torch.Tensor, study: torch.Tensor | None = None) -> torch.Tensor:
         """Reference evaluation with a Python loop over genes (slow; for tests and benchmarks).
 

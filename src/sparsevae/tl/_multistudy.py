@@ -9,9 +9,12 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from ..model import MultiStudyChecks, shared_specific_checks
+from ..model import MultiStudyChecks, shared_specific_checks, within_study_effects
 from ._anchors import FitData
 from ._results import DEFAULT_KEY, check_min_pstar, read_results
+
+#: Cells (at most) on which the gene-level check runs the decoder.
+MAX_EFFECT_CELLS = 2000
 
 __all__ = [
     "MultiStudyChecks",
@@ -262,7 +265,11 @@ def check_shared_specific(
     - ``repeated``: specific factors of several studies whose gene sets overlap (Jaccard index
       >= ``min_jaccard``, and at least twice the overlap of random sets of their sizes, so that
       dense masks are not grouped by chance); a program present in every study belongs in the
-      shared mask.
+      shared mask;
+    - ``confined_genes`` (with a model only: it needs the network): genes that a shared factor
+      drives ``min_ratio`` times more in one study than in any other, when a factor has at
+      least three such genes; a study's program that shares a factor with a shared program,
+      which the spread of the factor does not show.
 
     Parameters
     ----------
@@ -279,7 +286,8 @@ def check_shared_specific(
     min_pstar
         Selection threshold on ``p*``, in ``(0, 1]``.
     max_cells
-        Use at most this many cells (a random subset, fixed seed); default all.
+        Use at most this many cells (a random subset, fixed seed); default all (the gene-level
+        check uses at most 2000).
     key
         The ``key_added`` the results were written with (AnnData only).
 
@@ -310,6 +318,15 @@ def check_shared_specific(
     else:
         z = res.latent
     selections = {kind: res.selected(kind, min_pstar) for kind in res.kinds}
+    effects = None
+    if res.model is not None:
+        keep = np.arange(len(codes))
+        if len(keep) > MAX_EFFECT_CELLS:
+            keep = np.sort(np.random.default_rng(0).choice(keep, MAX_EFFECT_CELLS, replace=False))
+        n_shared = res.model.module.n_factors
+        effects = within_study_effects(
+            res.model.module, z[keep], codes[keep], list(range(n_shared))
+        )
     return shared_specific_checks(
-        z, codes, res.factor_names, selections, min_ratio, min_jaccard, min_pstar
+        z, codes, res.factor_names, selections, min_ratio, min_jaccard, min_pstar, effects
     )
