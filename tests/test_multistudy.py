@@ -809,6 +809,15 @@ def test_split_to_specific_keeps_the_study_function_and_the_other_genes():
     assert torch.all(dec.W_specific[1, ~genes, 1] == 0) and torch.all(dec.W_specific[0, :, 1] == 0)
     torch.testing.assert_close(module.prior_specific.p_star[1, genes, 1], p_old[genes])
     assert torch.all(module.prior.p_star[genes, 2] == 0)
+    # the handed-over entries stay zero for the network, and get no gradient
+    with torch.no_grad():
+        dec.W[:, 2] = 1.0
+    W_used, _ = dec.gated_masks()
+    assert torch.all(W_used[genes, 2] == 0) and torch.all(W_used[~genes, 2] == 1)
+    module.train()
+    module.generative(qz_after.rsample(), lib, study=study)["px"].log_prob(x).sum().backward()
+    assert torch.all(dec.W.grad[genes, 2] == 0) and dec.W.grad[~genes, 2].abs().sum() > 0
+    assert "decoder.shared_keep" not in module.state_dict()  # a training-time constraint only
     with pytest.raises(ValueError, match="boolean vector"):
         module.split_to_specific(factor=2, study=1, slot=1, genes=genes[:3])
 

@@ -879,8 +879,10 @@ class SparseVAEModule(BaseModuleClass):
         factors), study ``study``'s specific mask column takes the factor's entries (and
         ``p*``, gates) of ``genes``, and the shared mask loses them. The cells of ``study``
         are decoded as before; the other studies lose the factor's effect on ``genes`` (small
-        when it is confined). The shared factor keeps its other genes. Use it only for a slot
-        that no study uses, and train on afterwards.
+        when it is confined). The shared factor keeps its other genes; the entries it hands over
+        stay zero for the rest of the training (else the shared mask, whose factors select
+        more genes and so have a larger ``eta``, takes them back). Use it only for a slot that
+        no study uses, and train on afterwards.
 
         Parameters
         ----------
@@ -916,6 +918,7 @@ class SparseVAEModule(BaseModuleClass):
         dec.gate_specific[study, genes, slot] = dec.gate[genes, factor]
         dec.W[genes, factor] = 0.0
         dec.gate[genes, factor] = closed_shared
+        dec.shared_keep[genes, factor] = 0.0  # the shared factor cannot take them back
         if self.composition_offset:
             self.offset_net[0].weight[:, target] = 0.0
         for layer in (self.encoder.mean_encoder, self.encoder.var_encoder):

@@ -131,6 +131,10 @@ class MaskedDecoder(nn.Module):
             # Hard gates on the mask (1: the entry reaches the network, 0: it does not). All
             # open at the start; the module closes the entries its prior puts in the spike.
             self.register_buffer("gate", torch.ones(n_genes, n_factors))
+            # Shared-mask entries handed to a study's specific mask during training (0): kept at
+            # zero, without gradient, so the shared factor cannot take the genes back. Not
+            # saved: it only constrains the training that made the hand-over.
+            self.register_buffer("shared_keep", torch.ones(n_genes, n_factors), persistent=False)
             if self.n_specific:
                 self.register_buffer("gate_specific", torch.ones(*shape))
 
@@ -197,7 +201,7 @@ class MaskedDecoder(nn.Module):
         V = self.W_specific if self.n_specific else None
         if not self.learn_mask:
             return W, V
-        W = _straight_through(W, self.gate)
+        W = _straight_through(W, self.gate) * self.shared_keep
         if V is not None:
             V = _straight_through(V, self.gate_specific)
         return W, V
