@@ -1029,8 +1029,14 @@ def multistudy_real_section(runs: list[list[dict[str, Any]]]) -> list[str]:
     )
 
     def row(f: dict[str, Any]) -> str:
-        moved = ", ".join(f"{m.get('factor', '')}->{m.get('study', m.get('slot', ''))}"
-                          for m in f.get("moved", [])) or "-"  # fmt: skip
+        moved = (
+            ", ".join(
+                ("split " if m.get("kind") == "split_to_specific" else "")
+                + f"{m.get('factor', '')}->{m.get('study', m.get('slot', ''))}"
+                for m in f.get("moved", [])
+            )
+            or "-"
+        )
         return cells(
             f["data"], f"{f['fold']:g}", f["seed"], fmt(f["planted_specific_right_study"], 2),
             fmt(f.get("planted_in_right_specific_mask"), 2),
