@@ -907,3 +907,21 @@ def test_mover_splits_the_confined_genes_off_a_shared_factor(monkeypatch):
     assert torch.all(m.prior.p_star[:4, 0] == 0) and torch.all(m.prior.p_star[4:6, 0] > 0.9)
     assert torch.all(m.prior_specific.p_star[2, :4, 0] > 0.9)
     assert torch.all(m.prior_specific.p_star[:2, :, 0] == 0)
+
+
+def test_moves_between_masks_refuse_bad_indices_and_models():
+    from sparsevae.module import SparseVAEModule
+
+    module = SparseVAEModule(n_input=6, n_factors=2, n_hidden=4, n_specific_factors=1, n_studies=2)
+    genes = torch.ones(6, dtype=torch.bool)
+    with pytest.raises(ValueError, match="factor, study or slot out of range: 2, 0, 0"):
+        module.move_to_specific(factor=2, study=0, slot=0)
+    with pytest.raises(ValueError, match="factor, study or slot out of range: 0, 2, 0"):
+        module.split_to_specific(factor=0, study=2, slot=0, genes=genes)
+    with pytest.raises(ValueError, match="factor, study or slot out of range: 0, 0, 1"):
+        module.swap_roles(factor=0, study=0, slot=1)
+    with pytest.raises(ValueError, match="factor or slot out of range: 0, 1"):
+        module.move_to_shared(slot=1, factor=0)
+    single = SparseVAEModule(n_input=6, n_factors=2, n_hidden=4)
+    with pytest.raises(ValueError, match="split_to_specific needs a multi-study module"):
+        single.split_to_specific(factor=0, study=0, slot=0, genes=genes)

@@ -815,6 +815,21 @@ class SparseVAEModule(BaseModuleClass):
             elif mode == "swap":
                 b.copy_(saved)
 
+    def _check_reassignment(
+        self, what: str, factor: int, slot: int, study: int | None = None
+    ) -> None:
+        """Refuse a move between the masks that this module or these indices cannot take."""
+        if not self.is_multistudy or self.prior is None:
+            raise ValueError(f"{what} needs a multi-study module with mask priors.")
+        if self.latent_prior == "correlated":
+            raise ValueError(f"{what} does not support latent_prior='correlated'.")
+        in_range = 0 <= factor < self.n_factors and 0 <= slot < self.n_specific_factors
+        if study is None:
+            if not in_range:
+                raise ValueError(f"factor or slot out of range: {factor}, {slot}.")
+        elif not (in_range and 0 <= study < self.n_studies):
+            raise ValueError(f"factor, study or slot out of range: {factor}, {study}, {slot}.")
+
     @torch.no_grad()
     def move_to_specific(self, factor: int, study: int, slot: int) -> None:
         """Hand shared factor ``factor`` over to specific factor ``slot`` of study ``study``.
@@ -837,15 +852,8 @@ class SparseVAEModule(BaseModuleClass):
         slot
             Index of the specific factor (``0 <= slot < n_specific_factors``).
         """
-        if not self.is_multistudy or self.prior is None:
-            raise ValueError("move_to_specific needs a multi-study module with mask priors.")
-        if self.latent_prior == "correlated":
-            raise ValueError("move_to_specific does not support latent_prior='correlated'.")
+        self._check_reassignment("move_to_specific", factor, slot, study)
         K = self.n_factors
-        if not (
-            0 <= factor < K and 0 <= study < self.n_studies and 0 <= slot < self.n_specific_factors
-        ):
-            raise ValueError(f"factor, study or slot out of range: {factor}, {study}, {slot}.")
         target = K + slot
         dec = self.decoder
         dec.first.weight[:, target] = dec.first.weight[:, factor]
@@ -895,15 +903,8 @@ class SparseVAEModule(BaseModuleClass):
         genes
             Boolean tensor over genes: the genes to hand over.
         """
-        if not self.is_multistudy or self.prior is None:
-            raise ValueError("split_to_specific needs a multi-study module with mask priors.")
-        if self.latent_prior == "correlated":
-            raise ValueError("split_to_specific does not support latent_prior='correlated'.")
+        self._check_reassignment("split_to_specific", factor, slot, study)
         K = self.n_factors
-        if not (
-            0 <= factor < K and 0 <= study < self.n_studies and 0 <= slot < self.n_specific_factors
-        ):
-            raise ValueError(f"factor, study or slot out of range: {factor}, {study}, {slot}.")
         genes = torch.as_tensor(genes, dtype=torch.bool, device=self.decoder.W.device)
         if genes.shape != (self.decoder.n_genes,):
             raise ValueError(f"genes must be a boolean vector over {self.decoder.n_genes} genes.")
@@ -948,13 +949,8 @@ class SparseVAEModule(BaseModuleClass):
         factor
             Index of the (unused) shared factor.
         """
-        if not self.is_multistudy or self.prior is None:
-            raise ValueError("move_to_shared needs a multi-study module with mask priors.")
-        if self.latent_prior == "correlated":
-            raise ValueError("move_to_shared does not support latent_prior='correlated'.")
+        self._check_reassignment("move_to_shared", factor, slot)
         K = self.n_factors
-        if not (0 <= factor < K and 0 <= slot < self.n_specific_factors):
-            raise ValueError(f"factor or slot out of range: {factor}, {slot}.")
         source = K + slot
         dec = self.decoder
         dec.first.weight[:, factor] = dec.first.weight[:, source]
@@ -997,15 +993,8 @@ class SparseVAEModule(BaseModuleClass):
         slot
             Index of the specific factor that carries the same program in every study.
         """
-        if not self.is_multistudy or self.prior is None:
-            raise ValueError("swap_roles needs a multi-study module with mask priors.")
-        if self.latent_prior == "correlated":
-            raise ValueError("swap_roles does not support latent_prior='correlated'.")
+        self._check_reassignment("swap_roles", factor, slot, study)
         K = self.n_factors
-        if not (
-            0 <= factor < K and 0 <= study < self.n_studies and 0 <= slot < self.n_specific_factors
-        ):
-            raise ValueError(f"factor, study or slot out of range: {factor}, {study}, {slot}.")
         t = K + slot
         dec = self.decoder
 
