@@ -4,6 +4,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import anndata as ad
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -428,6 +429,26 @@ def test_check_shared_specific_flags_a_confined_shared_factor(hand_model, monkey
     # train() reports it: the warning names the factor and the remedy
     with pytest.warns(UserWarning, match="shared_1 .* varies in study_2 but hardly in study_0"):
         hand_model._warn_if_misassigned()
+
+
+def test_written_results_carry_the_gene_level_check(hand_model, monkeypatch, tmp_path):
+    z = _z_with_confined_factor(hand_model)
+    monkeypatch.setattr(hand_model, "get_latent_representation", lambda *a, **k: z)
+    adata = hand_model.adata.copy()
+    hand_model.write_results(adata)
+    adata.write_h5ad(tmp_path / "fit.h5ad")
+    adata = ad.read_h5ad(tmp_path / "fit.h5ad")
+    assert adata.uns["sparsevae"]["study_effects"].shape == (2, 3, 40)
+    from_model = sparsevae.tl.check_shared_specific(hand_model)
+    from_file = sparsevae.tl.check_shared_specific(adata)
+    assert set(from_model.confined_genes["factor"]) == {"shared_1"}
+    pd.testing.assert_frame_equal(from_file.confined_genes, from_model.confined_genes)
+    assert from_file.problems == from_model.problems
+    # written without effects: nothing stored, the gene-level check is skipped
+    bare = hand_model.adata.copy()
+    hand_model.write_results(bare, effects=False)
+    assert "study_effects" not in bare.uns["sparsevae"]
+    assert sparsevae.tl.check_shared_specific(bare).confined_genes.empty
 
 
 def test_check_shared_specific_flags_a_program_repeated_in_every_study(hand_model):

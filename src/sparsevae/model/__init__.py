@@ -1,6 +1,11 @@
 """User-facing model classes."""
 
-from ._checks import MultiStudyChecks, shared_specific_checks, within_study_effects
+from ._checks import (
+    MultiStudyChecks,
+    effect_cells,
+    shared_specific_checks,
+    within_study_effects,
+)
 from ._model import SparseVAE, default_max_epochs
 from ._save_load import UnsafeModelFileError
 
@@ -9,6 +14,7 @@ __all__ = [
     "SparseVAE",
     "UnsafeModelFileError",
     "default_max_epochs",
+    "effect_cells",
     "shared_specific_checks",
     "within_study_effects",
 ]

@@ -14,10 +14,12 @@ import pandas as pd
 import torch
 
 __all__ = [
+    "MAX_EFFECT_CELLS",
     "MIN_CONFINED_GENES",
     "MIN_FOLD_OVER_CHANCE",
     "MultiStudyChecks",
     "confined_genes",
+    "effect_cells",
     "shared_specific_checks",
     "within_study_effects",
 ]
@@ -26,6 +28,29 @@ __all__ = [
 #: it in that study only (fewer are read as noise).
 MIN_CONFINED_GENES = 3
 CONFINED_GENES_COLUMNS = ["factor", "study", "n_genes", "genes", "ratio"]
+#: Cells (at most) on which the gene-level check runs the decoder, after training: once per
+#: shared factor, so a random subset (fixed seed) keeps it cheap on large data.
+MAX_EFFECT_CELLS = 2000
+
+
+def effect_cells(n_cells: int, max_cells: int = MAX_EFFECT_CELLS) -> np.ndarray:
+    """Positions of the cells the gene-level check uses: all, or a fixed random subset.
+
+    Parameters
+    ----------
+    n_cells
+        Number of cells available.
+    max_cells
+        Use at most this many.
+
+    Returns
+    -------
+    Sorted positions.
+    """
+    keep = np.arange(n_cells)
+    if n_cells > max_cells:
+        keep = np.sort(np.random.default_rng(0).choice(keep, max_cells, replace=False))
+    return keep
 
 
 @dataclass(repr=False)

@@ -12,6 +12,7 @@ import torch
 from anndata import AnnData
 
 from ..module import ModuleMask
+from ._checks import effect_cells, within_study_effects
 from ._validate import unsorted_backed_indices
 
 __all__ = ["ResultsMixin"]
@@ -182,7 +183,11 @@ class ResultsMixin:
         ``factor_names``, ``shared_factor_names``, ``specific_factor_names``, ``study_key``,
         ``studies``, ``mask_kinds`` (``["shared", *studies]``), ``W_keys``, ``pstar_keys`` and
         ``effect_keys`` (the varm keys in the order of ``mask_kinds``), ``eta_shared`` and
-        ``eta_specific`` (studies x specific factors).
+        ``eta_specific`` (studies x specific factors); with ``effects=True``, also
+        ``study_effects`` (shared factors x studies x genes: how much each shared factor makes
+        each gene vary within each study, on at most 2000 cells, NaN for a study without cells),
+        from which :func:`~sparsevae.tl.check_shared_specific` runs its gene-level check without
+        the model.
 
         Models with ``latent_prior="mixture"`` also write each cell's most probable cluster to
         ``obs[f"{key_added}_cluster"]`` (categorical) and its cluster probabilities
@@ -240,6 +245,15 @@ class ResultsMixin:
                 z, self._study_codes(adata), "expression", batch_size or scvi.settings.batch_size
             )
             effect_values = [tables[kind].to_numpy() for kind in kinds]
+        study_effects = None
+        if effects and has_prior and self.is_multistudy:
+            keep = effect_cells(adata.n_obs)
+            study_effects = within_study_effects(
+                self.module,
+                z[keep],
+                self._study_codes(adata)[keep],
+                list(range(self.module.n_factors)),
+            )
         probs = self.get_cluster_probabilities(adata, batch_size=batch_size) if mixture else None
         adata.obsm[f"X_{key_added}"] = z
         if probs is not None:
@@ -277,6 +291,8 @@ class ResultsMixin:
             if self.is_multistudy:
                 uns["eta_shared"] = self.get_eta("shared").to_numpy()
                 uns["eta_specific"] = np.stack([self.get_eta(s).to_numpy() for s in self.studies])
+                if study_effects is not None:
+                    uns["study_effects"] = study_effects
             else:
                 uns["eta"] = self.get_eta().to_numpy()
         adata.uns[key_added] = uns

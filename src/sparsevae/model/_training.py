@@ -13,7 +13,7 @@ import torch
 
 from ..priors import anchors, factor_use, is_selected
 from ..train import DivergenceError, default_max_epochs, prior_schedule
-from ._checks import shared_specific_checks, within_study_effects
+from ._checks import MAX_EFFECT_CELLS, effect_cells, shared_specific_checks, within_study_effects
 from ._reassign import MoveConfinedFactors
 from ._validate import (
     check_n_cells,
@@ -446,7 +446,7 @@ class TrainingMixin:
             return True
         return False
 
-    def _warn_if_misassigned(self, max_cells: int = 2000) -> None:
+    def _warn_if_misassigned(self, max_cells: int = MAX_EFFECT_CELLS) -> None:
         """Multi-study: warn when the shared and specific masks look swapped.
 
         A shared factor quiet in some study, or a program in every study's specific
@@ -454,8 +454,7 @@ class TrainingMixin:
         """
         if not self.is_multistudy or self.module.prior is None:
             return
-        n = self.adata.n_obs
-        idx = np.sort(np.random.default_rng(0).choice(n, size=min(n, max_cells), replace=False))
+        idx = effect_cells(self.adata.n_obs, max_cells)
         was_training = self.module.training
         with torch.random.fork_rng():
             z = self.get_latent_representation(indices=idx)

@@ -9,12 +9,9 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from ..model import MultiStudyChecks, shared_specific_checks, within_study_effects
+from ..model import MultiStudyChecks, shared_specific_checks
 from ._anchors import FitData
 from ._results import DEFAULT_KEY, check_min_pstar, read_results
-
-#: Cells (at most) on which the gene-level check runs the decoder.
-MAX_EFFECT_CELLS = 2000
 
 __all__ = [
     "MultiStudyChecks",
@@ -266,7 +263,8 @@ def check_shared_specific(
       >= ``min_jaccard``, and at least twice the overlap of random sets of their sizes, so that
       dense masks are not grouped by chance); a program present in every study belongs in the
       shared mask;
-    - ``confined_genes`` (with a model only: it needs the network): genes that a shared factor
+    - ``confined_genes`` (with the model, or results written with ``effects=True``, which
+      store the within-study effects it needs): genes that a shared factor
       drives ``min_ratio`` times more in one study than in any other, when a factor has at
       least three such genes; a study's program that shares a factor with a shared program,
       which the spread of the factor does not show.
@@ -318,15 +316,13 @@ def check_shared_specific(
     else:
         z = res.latent
     selections = {kind: res.selected(kind, min_pstar) for kind in res.kinds}
-    effects = None
-    if res.model is not None:
-        keep = np.arange(len(codes))
-        if len(keep) > MAX_EFFECT_CELLS:
-            keep = np.sort(np.random.default_rng(0).choice(keep, MAX_EFFECT_CELLS, replace=False))
-        n_shared = res.model.module.n_factors
-        effects = within_study_effects(
-            res.model.module, z[keep], codes[keep], list(range(n_shared))
-        )
     return shared_specific_checks(
-        z, codes, res.factor_names, selections, min_ratio, min_jaccard, min_pstar, effects
+        z,
+        codes,
+        res.factor_names,
+        selections,
+        min_ratio,
+        min_jaccard,
+        min_pstar,
+        res.study_effects(z, codes),
     )

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from ..model import SparseVAE
+from ..model import SparseVAE, effect_cells, within_study_effects
 from ..priors import (
     DEFAULT_MIN_PSTAR,
     SpikeSlabLasso,
@@ -115,6 +115,7 @@ class Results:
     _latent: Callable[[], np.ndarray] | None = None
     _study_codes: Callable[[], np.ndarray] | None = None
     _effects: Callable[[str], pd.DataFrame | None] | None = None
+    _study_effects: np.ndarray | None = None
     _cache: dict[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ layout
@@ -371,6 +372,38 @@ class Results:
             self._cache["codes"] = self._study_codes()
         return self._cache["codes"]
 
+    def study_effects(
+        self, z: np.ndarray | None = None, codes: np.ndarray | None = None
+    ) -> np.ndarray | None:
+        """How much each shared factor makes each gene vary within each study.
+
+        Parameters
+        ----------
+        z, codes
+            With a model: the factors and the study positions of the cells to measure on
+            (default every cell); at most 2000 of them are used.
+
+        Returns
+        -------
+        Array, shared factors x studies x genes (see
+        :meth:`sparsevae.nn.MaskedDecoder.within_study_effects`): computed by the model, or
+        stored by ``write_results``; ``None`` when neither is available (results written
+        without effects, or by an older version).
+        """
+        self.require_multistudy("Within-study effects")
+        if self.model is None:
+            return self._study_effects
+        if z is None or codes is None:
+            codes = self.study_codes
+            keep = effect_cells(len(codes))
+            z = self.latent_rows(keep)
+        else:
+            keep = effect_cells(len(codes))
+            z = z[keep]
+        return within_study_effects(
+            self.model.module, z, codes[keep], list(range(len(self.masks["shared"].factors)))
+        )
+
     def effects(self, kind: str | None = None) -> pd.DataFrame:
         """Signed gene effects of the factors of mask ``kind``.
 
@@ -520,6 +553,9 @@ def _from_anndata(adata: AnnData, key: str) -> Results:
         _latent=lambda: adata.obsm[f"X_{key}"],
         _study_codes=study_codes,
         _effects=effects,
+        _study_effects=(
+            np.asarray(uns["study_effects"], dtype=np.float64) if "study_effects" in uns else None
+        ),
     )
 
 
