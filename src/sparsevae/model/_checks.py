@@ -28,8 +28,9 @@ __all__ = [
 #: it in that study only (fewer are read as noise).
 MIN_CONFINED_GENES = 3
 CONFINED_GENES_COLUMNS = ["factor", "study", "n_genes", "genes", "ratio"]
-#: Cells (at most) on which the gene-level check runs the decoder, after training: once per
-#: shared factor, so a random subset (fixed seed) keeps it cheap on large data.
+#: Cells (at most) on which the multi-study checks run (during training, at its end and in
+#: ``tl``): the gene-level check runs the decoder once per shared factor, so a random subset
+#: (fixed seed) keeps them cheap on large data.
 MAX_EFFECT_CELLS = 2000
 
 

@@ -28,7 +28,13 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from ..priors import factor_use, is_selected
-from ._checks import confined_genes, shared_specific_checks, within_study_effects
+from ._checks import (
+    MAX_EFFECT_CELLS,
+    confined_genes,
+    effect_cells,
+    shared_specific_checks,
+    within_study_effects,
+)
 
 if TYPE_CHECKING:
     from ._model import SparseVAE
@@ -50,7 +56,9 @@ class MoveConfinedFactors(Callback):
         Training cells (at most) on which the spreads are computed.
     """
 
-    def __init__(self, model: SparseVAE, min_ratio: float = 3.0, max_cells: int = 2000) -> None:
+    def __init__(
+        self, model: SparseVAE, min_ratio: float = 3.0, max_cells: int = MAX_EFFECT_CELLS
+    ) -> None:
         self.model = model
         self.min_ratio = float(min_ratio)
         self.max_cells = int(max_cells)
@@ -105,9 +113,7 @@ class MoveConfinedFactors(Callback):
     def move(self, module: Any) -> list[dict[str, Any]]:
         """Find confined shared factors and free specific slots; move; return what moved."""
         model = self.model
-        n = model.adata.n_obs
-        rng = np.random.default_rng(0)
-        idx = np.sort(rng.choice(n, size=min(n, self.max_cells), replace=False))
+        idx = effect_cells(model.adata.n_obs, self.max_cells)
         was_training = module.training
         module.eval()
         parts = []
