@@ -431,6 +431,18 @@ def test_check_shared_specific_flags_a_confined_shared_factor(hand_model, monkey
         hand_model._warn_if_misassigned()
 
 
+def test_effect_cells_takes_all_cells_or_a_fixed_sorted_subset():
+    from sparsevae.model import effect_cells
+
+    np.testing.assert_array_equal(effect_cells(10), np.arange(10))
+    np.testing.assert_array_equal(effect_cells(2000), np.arange(2000))
+    some = effect_cells(5000)
+    assert len(some) == 2000 and len(np.unique(some)) == 2000
+    assert (np.diff(some) > 0).all() and some.max() < 5000
+    np.testing.assert_array_equal(some, effect_cells(5000))  # the same cells every call
+    assert len(effect_cells(50, max_cells=20)) == 20
+
+
 def test_written_results_carry_the_gene_level_check(hand_model, monkeypatch, tmp_path):
     z = _z_with_confined_factor(hand_model)
     monkeypatch.setattr(hand_model, "get_latent_representation", lambda *a, **k: z)
