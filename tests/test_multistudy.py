@@ -456,6 +456,11 @@ def test_written_results_carry_the_gene_level_check(hand_model, monkeypatch, tmp
     assert set(from_model.confined_genes["factor"]) == {"shared_1"}
     pd.testing.assert_frame_equal(from_file.confined_genes, from_model.confined_genes)
     assert from_file.problems == from_model.problems
+    # genes dropped after writing: the stored effects no longer fit, a clear error
+    fewer = adata[:, 5:].copy()
+    with pytest.raises(ValueError, match="genes changed after write_results"):
+        sparsevae.tl.check_shared_specific(fewer)
+    assert fewer.uns["sparsevae"]["study_effects"].shape == (2, 3, 40)  # left as it was
     # written without effects: nothing stored, the gene-level check is skipped
     bare = hand_model.adata.copy()
     hand_model.write_results(bare, effects=False)

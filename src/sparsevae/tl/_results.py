@@ -392,7 +392,15 @@ class Results:
         """
         self.require_multistudy("Within-study effects")
         if self.model is None:
-            return self._study_effects
+            stored = self._study_effects
+            expected = (len(self.masks["shared"].factors), len(self.studies), len(self.genes))
+            if stored is not None and stored.shape != expected:
+                raise ValueError(
+                    f"The stored within-study effects have shape {stored.shape}, not {expected} "
+                    "(shared factors x studies x genes): the AnnData's genes changed after "
+                    "write_results. Write the results again on this AnnData, or pass the model."
+                )
+            return stored
         if z is None or codes is None:
             codes = self.study_codes
             keep = effect_cells(len(codes))
