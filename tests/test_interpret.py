@@ -195,6 +195,36 @@ def test_identifiability_report(hand_model):
     assert isinstance(default.is_identifiable, bool)
 
 
+def test_mask_fidelity_is_the_share_of_effects_on_selected_genes(hand_model):
+    """Entries outside the selection are zero in the hand mask: every effect is on selected
+    genes. A large entry that the prior leaves in the spike moves effect outside the selection,
+    which the function reports; written results give the same table as the model."""
+    fid = sparsevae.tl.mask_fidelity(hand_model).set_index("factor")
+    assert fid["n_selected"].tolist() == [len(SELECTION[k]) for k in range(4)]
+    np.testing.assert_allclose(fid.loc[["factor_0", "factor_1", "factor_2"], "share_selected"], 1.0)
+    assert np.isnan(fid.loc["factor_3", "share_selected"])  # switched off: no effect at all
+    assert fid["faithful"].all()
+    adata = hand_model.adata.copy()
+    hand_model.write_results(adata)
+    pd.testing.assert_frame_equal(
+        sparsevae.tl.mask_fidelity(adata).set_index("factor"), fid, rtol=1e-5
+    )
+    W = hand_model.module.decoder.W
+    saved = W.detach().clone()
+    try:
+        with torch.no_grad():
+            W[20:30, 2] = 2.0  # p* stays 0.01: not selected, but the decoder sees them
+        leaky = sparsevae.tl.mask_fidelity(hand_model).set_index("factor")
+    finally:
+        with torch.no_grad():
+            W.copy_(saved)
+    assert leaky.loc["factor_2", "share_selected"] < 0.5
+    assert not leaky.loc["factor_2", "faithful"]
+    assert leaky.loc[["factor_0", "factor_1"], "faithful"].all()
+    with pytest.raises(ValueError, match="min_share must be a number between 0 and 1"):
+        sparsevae.tl.mask_fidelity(hand_model, min_share=1.5)
+
+
 def test_covariance_violations_helper():
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((2, 400))

@@ -166,6 +166,41 @@ def test_decoder_prior_is_spread_over_at_most_prior_cells(prior_cells):
         SparseVAEModule(10, n_factors=2, spike_gate="yes")
 
 
+@pytest.mark.parametrize("prior_cells", [None, 50.0, 5000.0])
+def test_each_specific_mask_is_weighed_against_its_own_studys_cells(prior_cells):
+    """With ``prior_cells``, study s's specific mask costs ``penalty_s / min(N_s, prior_cells)``
+    per cell of the study, as in a single-study fit to study s alone; without, exact MAP."""
+    torch.manual_seed(0)
+    module = SparseVAEModule(
+        10, n_factors=2, n_hidden=8, n_specific_factors=2, n_studies=2,
+        study_shares=[100, 300], prior_cells=prior_cells,
+    )  # fmt: skip
+    assert module.study_shares == [0.25, 0.75]
+    n_obs = 400
+    per_study = torch.stack(
+        [module.prior_specific.penalty(module.decoder.W_specific * (torch.arange(2) == s)
+                                       .view(2, 1, 1)) for s in range(2)]
+    )  # fmt: skip
+    shared = module.prior.penalty(module.decoder.W)
+    weight_part = module.decoder_prior_penalty(n_obs) - 0.5 * module.weight_prior_precision * (
+        module.decoder.weight_sq_norm()
+    )
+    N = float(n_obs)
+    divisor = module.prior_divisor(n_obs)
+    # Whole-data objective (per-cell loss times N): shared against min(N, pc) cells, study s
+    # against min(N_s, pc) of its N_s cells.
+    n_s = torch.tensor([100.0, 300.0])
+    own = n_s if prior_cells is None else n_s.clamp(max=prior_cells)
+    expected = N / divisor * shared + (n_s / own * per_study).sum()
+    torch.testing.assert_close(weight_part * N / divisor, expected)
+    if prior_cells is None:
+        assert torch.equal(module.specific_prior_weights(n_obs), torch.ones(2))
+    with pytest.raises(ValueError, match="study_shares must hold 2 positive numbers"):
+        SparseVAEModule(10, n_factors=2, n_specific_factors=1, n_studies=2, study_shares=[1.0])
+    with pytest.raises(ValueError, match="one weight per group"):
+        module.prior_specific.penalty(module.decoder.W_specific, torch.ones(3))
+
+
 def test_trained_model_with_spike_gates_does_not_use_unselected_entries():
     torch.manual_seed(0)
     adata = small_counts(n_cells=120, n_genes=30)

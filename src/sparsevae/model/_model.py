@@ -241,7 +241,11 @@ class SparseVAE(
             kl_weight=kl_weight,
             **data_kwargs,
             **(
-                {"n_specific_factors": int(n_specific_factors), "n_studies": len(self.studies)}
+                {
+                    "n_specific_factors": int(n_specific_factors),
+                    "n_studies": len(self.studies),
+                    "study_shares": self._study_cell_counts().tolist(),
+                }
                 if n_specific_factors
                 else {}
             ),

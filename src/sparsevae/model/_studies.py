@@ -66,6 +66,11 @@ class StudiesMixin:
         codes = np.asarray(manager.get_from_registry(STUDY_KEY)).reshape(-1).astype(np.int64)
         return codes if indices is None else codes[np.asarray(indices)]
 
+    def _study_cell_counts(self) -> np.ndarray:
+        """Cells of each study in the registered AnnData, in the order of :attr:`studies`."""
+        codes = np.asarray(self.adata_manager.get_from_registry(STUDY_KEY)).reshape(-1)
+        return np.bincount(codes.astype(np.int64), minlength=len(self.studies))
+
     @property
     def factor_names(self) -> list[str]:
         """Names of the factors, in the column order of :meth:`get_latent_representation`.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -127,6 +128,10 @@ class SparseVAEModule(BaseModuleClass):
         hyperparameters; the specific priors live in ``prior_specific``.
     n_studies
         Multi-study: number of studies.
+    study_shares
+        Multi-study: each study's share of the cells (default: equal shares). With
+        ``prior_cells``, study ``s``'s specific mask is weighed against ``min(N_s,
+        prior_cells)`` of its own ``N_s`` cells (:meth:`specific_prior_weights`).
     composition_offset
         Count likelihoods: add a cell-level offset ``c(z_i)``, one number per cell computed by a
         small network (``n_factors`` -> ``n_hidden`` -> 1, output zero at the start) from all
@@ -180,9 +185,10 @@ class SparseVAEModule(BaseModuleClass):
         when the average evidence per cell for its dependence is large enough, not merely its sum
         (which grows with ``N`` until every weak dependence is selected). Set it (e.g. 200,
         together with ``spike_gate=True``) for sparse masks with anchors on real counts with
-        thousands of cells; lower is sparser. Default ``None``, the exact MAP weight: 200 lost
-        factors on the simulations. Measurements in the user guide, "Why the defaults are what
-        they are".
+        thousands of cells; lower is sparser. Multi-study: each study's specific mask is weighed
+        against at most ``prior_cells`` of its own cells (see ``study_shares``). Default
+        ``None``, the exact MAP weight: 200 lost factors on the simulations. Measurements in the
+        user guide, "Why the defaults are what they are".
     n_auxiliary_categories
         ``latent_prior="conditional"`` with a categorical ``u``: its number of categories
         (``None`` for a continuous ``u``).
@@ -225,6 +231,7 @@ class SparseVAEModule(BaseModuleClass):
         max_chunk_elements: int = 2**20,
         n_specific_factors: int = 0,
         n_studies: int = 1,
+        study_shares: Sequence[float] | None = None,
         encode_study: bool = False,
         composition_offset: bool | None = None,
         latent_prior: Literal["normal", "correlated"] | None = None,
@@ -282,6 +289,7 @@ class SparseVAEModule(BaseModuleClass):
                 f"prior_cells must be a positive number of cells or None, got {prior_cells!r}."
             )
         self.prior_cells = None if prior_cells is None else float(prior_cells)
+        self.study_shares = self._check_study_shares(study_shares, int(n_studies))
         if spike_gate is None:
             spike_gate = False
         if not (isinstance(spike_gate, bool) or spike_gate == "specific"):
@@ -595,13 +603,20 @@ class SparseVAEModule(BaseModuleClass):
         """
         return self.decoder_prior_penalty() + self.variance_prior_penalty()
 
-    def decoder_prior_penalty(self) -> torch.Tensor:
+    def decoder_prior_penalty(self, n_obs: int | None = None) -> torch.Tensor:
         """Negative log prior of the decoder: the masks' Spike-and-Slab Lasso and the weight prior.
 
         Multi-study: the penalties of the shared mask and of every study's specific mask are
         summed, each counted once: this is the MAP objective of the joint model. Study ``s``'s
         mask then gets likelihood gradients from its ``N_s`` cells against one prior, the same
-        balance as a single-study model fitted to study ``s`` alone.
+        balance as a single-study model fitted to study ``s`` alone. With ``prior_cells``, each
+        specific mask's penalty is weighted by :meth:`specific_prior_weights` so that this
+        balance holds too.
+
+        Parameters
+        ----------
+        n_obs
+            Number of training cells (needed for those weights; ``None``: unweighted).
 
         Returns
         -------
@@ -611,8 +626,9 @@ class SparseVAEModule(BaseModuleClass):
         if self.prior is not None:
             total = total + self.prior_scale * self.prior.penalty(self.decoder.W)
             if self.prior_specific is not None:
+                weights = None if n_obs is None else self.specific_prior_weights(n_obs)
                 total = total + self.prior_scale * self.prior_specific.penalty(
-                    self.decoder.W_specific
+                    self.decoder.W_specific, weights
                 )
             if self.weight_prior_precision > 0:
                 total = total + 0.5 * self.weight_prior_precision * self.decoder.weight_sq_norm()
@@ -631,6 +647,48 @@ class SparseVAEModule(BaseModuleClass):
         beta = self.sigma_prior_df * self.sigma_prior_scale / 2.0
         s2 = self.log_sigma2
         return ((alpha + 1.0) * s2 + beta * torch.exp(-s2)).sum()
+
+    @staticmethod
+    def _check_study_shares(shares: Sequence[float] | None, n_studies: int) -> list[float]:
+        """Each study's share of the cells (equal shares when ``None``), validated."""
+        if shares is None:
+            return [1.0 / n_studies] * n_studies
+        out = [float(x) for x in shares]
+        if len(out) != n_studies or not all(x > 0 for x in out):
+            raise ValueError(
+                f"study_shares must hold {n_studies} positive numbers, one per study, got "
+                f"{shares!r}."
+            )
+        total = sum(out)
+        return [x / total for x in out]
+
+    def specific_prior_weights(self, n_obs: int) -> torch.Tensor:
+        """Per study, the weight of its specific mask's penalty in :meth:`decoder_prior_penalty`.
+
+        The per-cell loss divides the decoder's prior by ``min(N, prior_cells)``: the shared mask,
+        which every cell informs, is weighed against at most ``prior_cells`` cells. Study ``s``'s
+        mask is informed by its ``N_s`` cells only, so its weight ``min(N, prior_cells) N_s /
+        (N min(N_s, prior_cells))`` weighs it against at most ``prior_cells`` of them: as in a
+        single-study model fitted to study ``s`` with the same ``prior_cells``. Without
+        ``prior_cells`` (exact MAP) every weight is 1.
+
+        Parameters
+        ----------
+        n_obs
+            Number of training cells ``N`` (``N_s`` is its share for study ``s``).
+
+        Returns
+        -------
+        Tensor of shape ``(n_studies,)``.
+        """
+        n = float(max(n_obs, 1))
+        divisor = self.prior_divisor(n_obs)
+        weights = []
+        for share in self.study_shares:
+            n_s = max(share * n, 1.0)
+            mine = n_s if self.prior_cells is None else min(n_s, self.prior_cells)
+            weights.append(divisor * n_s / (n * mine))
+        return torch.tensor(weights, device=self.decoder.W.device)
 
     def prior_divisor(self, n_obs: int) -> float:
         """Number of cells the decoder's prior is spread over: ``min(n_obs, prior_cells)``.
@@ -685,7 +743,7 @@ class SparseVAEModule(BaseModuleClass):
             kl = kl_divergence(qz, pz).sum(-1)
         else:  # the mixture: scvi-tools' Monte Carlo estimate
             kl = self.mixture_prior.kl(qz)
-        decoder_penalty = self.decoder_prior_penalty()
+        decoder_penalty = self.decoder_prior_penalty(n_obs)
         global_penalty = self.variance_prior_penalty()
         if self.latent_prior == "mixture":
             global_penalty = global_penalty + self.mixture_prior.dirichlet_penalty()

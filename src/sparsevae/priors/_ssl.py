@@ -103,7 +103,7 @@ class SpikeSlabLasso(nn.Module):
         """
         return {"w_off": float(self.w_off), "eta_off": float(self.eta_off)}
 
-    def penalty(self, W: torch.Tensor) -> torch.Tensor:
+    def penalty(self, W: torch.Tensor, group_weights: torch.Tensor | None = None) -> torch.Tensor:
         """Negative expected log prior of ``W``: ``sum_jk (l1 p* + l0 (1 - p*)) |w_jk|``.
 
         Parameters
@@ -111,6 +111,8 @@ class SpikeSlabLasso(nn.Module):
         W
             The mask, shape ``(n_genes, n_factors)`` (``(n_groups, n_genes, n_factors)`` with
             groups).
+        group_weights
+            With groups: one weight per group, multiplying that group's penalty (default 1).
 
         Returns
         -------
@@ -118,7 +120,15 @@ class SpikeSlabLasso(nn.Module):
         """
         p = self.p_star
         rate = self.lambda1 * p + self.spike_rate * (1.0 - p)
-        return (rate * W.abs()).sum()
+        terms = rate * W.abs()
+        if group_weights is None:
+            return terms.sum()
+        if terms.dim() != 3 or group_weights.shape != terms.shape[:1]:
+            raise ValueError(
+                f"group_weights must have one weight per group ({terms.shape[0]} groups), got "
+                f"shape {tuple(group_weights.shape)}."
+            )
+        return (terms.sum((1, 2)) * group_weights.to(terms)).sum()
 
     @torch.no_grad()
     def inclusion_logits(self, W: torch.Tensor, eta: torch.Tensor) -> torch.Tensor:

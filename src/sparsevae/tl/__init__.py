@@ -11,6 +11,7 @@ from ._anchors import (
 )
 from ._de import differential_expression
 from ._enrich import enrich, read_gmt, translate_gene_sets
+from ._fidelity import mask_fidelity
 from ._metrics import celltype_accuracy, dci, mcc
 from ._multistudy import (
     MultiStudyChecks,
@@ -42,6 +43,7 @@ __all__ = [
     "factor_stability",
     "identifiability_report",
     "mask_f1",
+    "mask_fidelity",
     "mcc",
     "read_gmt",
     "read_results",
