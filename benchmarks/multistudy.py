@@ -107,6 +107,7 @@ def fit(
     extra: int = 0,
     kl_warmup: int | None = None,
     move_confined: bool = True,
+    module_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Fit one multi-study SparseVAE (``extra`` surplus factors per mask) and score it."""
     ad = simulate(n_studies, seed, size)
@@ -117,6 +118,7 @@ def fit(
         n_factors=size["n_shared"] + extra,
         n_specific_factors=size["n_specific"] + extra,
         n_hidden=size["n_hidden"],
+        **(module_kwargs or {}),
     )
     t0 = time.perf_counter()
     model.train(
@@ -152,6 +154,7 @@ def fit(
         "seed": seed,
         **{k: size[k] for k in ("n_genes", "n_shared", "n_specific", "n_cells_per_study")},
         "extra_factors": extra,
+        "module_kwargs": module_kwargs or {},
         "n_epochs_kl_warmup": kl_warmup,
         "move_confined": move_confined,
         "moved": model.moved_factors_,
@@ -289,6 +292,8 @@ def fit_real(
     own_selected = own[own != "none"].to_numpy()
     own_shares = label_shares(own_selected)
     checks = sparsevae.tl.check_shared_specific(model)
+    # Whether the masks describe the decoder (without spike gates they need not).
+    fidelity = {kind: sparsevae.tl.mask_fidelity(model, kind=kind) for kind in model.mask_kinds}
     z = model.get_latent_representation()
     labels = ad.obs[info["label_key"]].astype(str).to_numpy()
     acc_shared = sparsevae.tl.celltype_accuracy(z[:, :n_shared], labels)["mean"]
@@ -329,11 +334,21 @@ def fit_real(
         "celltype_accuracy_shared": round(float(acc_shared), 4),
         "check_ok": checks.ok,
         "check_problems": checks.problems,
+        "unfaithful_factors": {
+            kind: f.loc[~f["faithful"], "factor"].tolist() for kind, f in fidelity.items()
+        },
+        "effect_share_selected": {kind: median_share(f) for kind, f in fidelity.items()},
         "seconds": round(seconds, 1),
         "move_confined": move_confined,
         "moved": model.moved_factors_,
         "seconds_per_epoch": round(seconds / n_epochs, 4) if n_epochs else None,
     }
+
+
+def median_share(fidelity: Any) -> float | None:
+    """Median share of effect on selected genes over the factors that matter (``None``: none)."""
+    shares = fidelity.loc[fidelity["relative_effect"] >= 0.1, "share_selected"].dropna()
+    return round(float(shares.median()), 3) if len(shares) else None
 
 
 SUMMARY_KEYS = (
@@ -497,7 +512,7 @@ def main() -> None:
     real_mode.add_argument(
         "--module-kwargs",
         default="{}",
-        help='JSON passed to SparseVAE(...), e.g. \'{"spike_gate": "specific"}\' (default: none)',
+        help="JSON passed to SparseVAE(...) in either mode, e.g. '{\"spike_gate\": true}'",
     )
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -545,6 +560,7 @@ def main() -> None:
             "extra_factors": args.extra_factors,
             "kl_warmup": args.kl_warmup,
             "move_confined": not args.no_move,
+            "module_kwargs": json.loads(args.module_kwargs),
             "cost": not args.no_cost,
         },
         "machine": machine_info(threads=1),
@@ -562,6 +578,7 @@ def main() -> None:
                     extra,
                     args.kl_warmup,
                     not args.no_move,
+                    json.loads(args.module_kwargs),
                 )
                 print(json.dumps(record), flush=True)
         if not args.no_cost:

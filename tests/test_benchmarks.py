@@ -372,6 +372,8 @@ def test_multistudy_real_background_json_lines():
         assert 0.0 <= summary[f"{key}_mean"] <= 1.0, key
     assert fit["data_genes_selected"] >= 0
     assert isinstance(fit["check_ok"], bool) and isinstance(fit["check_problems"], list)
+    kinds = ["shared", "study_0", "study_1"]
+    assert list(fit["unfaithful_factors"]) == kinds and list(fit["effect_share_selected"]) == kinds
     assert summary["fold"] == 4.0 and summary["seeds"] == [0]
     assert set(summary["specific_right_study_by_program"]) == {
         f"{p['name']} in {p['study']}" for p in fit["programs"]
