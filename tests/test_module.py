@@ -5,6 +5,7 @@ import pytest
 import torch
 from anndata import AnnData
 
+import sparsevae
 from sparsevae import SparseVAE
 from sparsevae.module import SparseVAEModule
 
@@ -195,8 +196,12 @@ def test_each_specific_mask_is_weighed_against_its_own_studys_cells(prior_cells)
     torch.testing.assert_close(weight_part * N / divisor, expected)
     if prior_cells is None:
         assert torch.equal(module.specific_prior_weights(n_obs), torch.ones(2))
-    with pytest.raises(ValueError, match="study_shares must hold 2 positive numbers"):
-        SparseVAEModule(10, n_factors=2, n_specific_factors=1, n_studies=2, study_shares=[1.0])
+    for bad in ([1.0], [0.0, 0.0], [-1.0, 2.0]):
+        with pytest.raises(ValueError, match="study_shares must hold 2 numbers >= 0"):
+            SparseVAEModule(10, n_factors=2, n_specific_factors=1, n_studies=2, study_shares=bad)
+    # a study without cells in the AnnData (a model loaded on a subset of the studies)
+    assert SparseVAEModule(10, n_factors=2, n_specific_factors=1, n_studies=2,
+                           study_shares=[60, 0]).study_shares == [1.0, 0.0]  # fmt: skip
     with pytest.raises(ValueError, match="one weight per group"):
         module.prior_specific.penalty(module.decoder.W_specific, torch.ones(3))
 
@@ -212,6 +217,8 @@ def test_trained_model_with_spike_gates_does_not_use_unselected_entries():
     np.testing.assert_array_equal(model.get_mask().to_numpy()[~selected], 0.0)
     effects = model.get_gene_effects().to_numpy()
     np.testing.assert_array_equal(effects[~selected], 0.0)
+    assert sparsevae.tl.mask_fidelity(model)["faithful"].all()  # the gates make the mask exact
+    assert not any("act mostly" in p for p in model.train_problems_)
     assert model.module.prior_divisor(120) == 5
 
 

@@ -11,7 +11,7 @@ import pandas as pd
 import scvi
 import torch
 
-from ..priors import anchors, factor_use, is_selected
+from ..priors import MIN_EFFECT_SHARE, anchors, effect_share, factor_use, is_selected
 from ..train import DivergenceError, default_max_epochs, prior_schedule
 from ._checks import MAX_EFFECT_CELLS, effect_cells, shared_specific_checks, within_study_effects
 from ._reassign import MoveConfinedFactors
@@ -166,6 +166,7 @@ class TrainingMixin:
             result = self._fit_restarts(int(n_restarts), kwargs)
         if not self._warn_if_collapsed():
             self._warn_if_misassigned()
+            self._warn_if_unfaithful()
             self._warn_if_mixture_collapsed()
         logger.info(self.training_summary())
         return result
@@ -365,7 +366,9 @@ class TrainingMixin:
                 "or check the data for extreme values."
             )
         epochs_run = int(self.trainer.current_epoch)
-        if self.module.prior is not None and epochs_run <= full_prior_epoch:
+        # Masks are final only once the prior reached full strength (else the warning below).
+        self._masks_final = self.module.prior is None or epochs_run > full_prior_epoch
+        if not self._masks_final:
             self._warn(
                 f"Training ended after {epochs_run} epochs, before the mask prior reached full "
                 f"strength (epoch {full_prior_epoch + 1}: warm-up {schedule.warmup} and "
@@ -473,6 +476,41 @@ class TrainingMixin:
             + ". Refit with another seed (`scvi.settings.seed`) and check the new fit with "
             "`sparsevae.tl.check_shared_specific(model)`; if the checks keep failing, reconsider "
             "the numbers of shared and specific factors."
+        )
+
+    def _warn_if_unfaithful(self, max_cells: int = MAX_EFFECT_CELLS) -> None:
+        """Warn when factors act mostly through genes their mask does not select.
+
+        The rule of :func:`sparsevae.tl.mask_fidelity` on up to ``max_cells`` cells; masks
+        whose spike gates are closed (unselected entries exactly zero) are skipped.
+        """
+        module = self.module
+        if module.prior is None or not getattr(self, "_masks_final", True):
+            return
+        idx = effect_cells(self.adata.n_obs, max_cells)
+        found = []
+        for kind in self.mask_kinds:
+            gated = module.gate_shared if kind == "shared" else module.gate_specific
+            if module.gate_on and gated:
+                continue
+            with torch.random.fork_rng():
+                effects = self.get_gene_effects(indices=idx, kind=kind)
+            selected = is_selected(self.get_inclusion_probabilities(kind))[effects.columns]
+            share, _, faithful = effect_share(effects.to_numpy(), selected.to_numpy())
+            found += [
+                f"{name} ({100 * sh:.0f}%)"
+                for name, sh, ok in zip(effects.columns, share, faithful, strict=True)
+                if not ok
+            ]
+        if not found:
+            return
+        self._warn(
+            f"{len(found)} factor(s) act mostly through genes their mask does not select (share "
+            f"of the gene effects on selected genes: {', '.join(found)}; at least "
+            f"{100 * MIN_EFFECT_SHARE:.0f}% expected), so their selected genes, anchors and "
+            "enrichment do not describe them. Train with `spike_gate=True` (on real counts with "
+            "`prior_cells=200` too), which makes every unselected entry exactly zero for the "
+            "decoder; details: `sparsevae.tl.mask_fidelity(model)`."
         )
 
     def _warn_if_mixture_collapsed(self, max_share: float = 0.9) -> None:

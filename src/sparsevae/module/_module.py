@@ -654,10 +654,10 @@ class SparseVAEModule(BaseModuleClass):
         if shares is None:
             return [1.0 / n_studies] * n_studies
         out = [float(x) for x in shares]
-        if len(out) != n_studies or not all(x > 0 for x in out):
+        if len(out) != n_studies or not all(x >= 0 for x in out) or not sum(out) > 0:
             raise ValueError(
-                f"study_shares must hold {n_studies} positive numbers, one per study, got "
-                f"{shares!r}."
+                f"study_shares must hold {n_studies} numbers >= 0 (not all 0), one per study, "
+                f"got {shares!r}."
             )
         total = sum(out)
         return [x / total for x in out]

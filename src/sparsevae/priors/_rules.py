@@ -10,7 +10,16 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DEFAULT_MIN_PSTAR", "anchors", "factor_use", "is_selected", "n_selecting"]
+__all__ = [
+    "DEFAULT_MIN_PSTAR",
+    "MIN_EFFECT_SHARE",
+    "MIN_RELATIVE_EFFECT",
+    "anchors",
+    "effect_share",
+    "factor_use",
+    "is_selected",
+    "n_selecting",
+]
 
 #: The default selection threshold on ``p*`` (the posterior odds of slab against spike are 1).
 DEFAULT_MIN_PSTAR = 0.5
@@ -62,6 +71,50 @@ def factor_use(
     selects_nothing = (eta < eta_off) | (n_selected == 0)
     in_use = max_abs_w >= w_off
     return selects_nothing & ~in_use, selects_nothing & in_use
+
+
+#: A factor is described by its mask when at least this share of its gene effects is on the genes
+#: it selects (:func:`effect_share`).
+MIN_EFFECT_SHARE = 0.5
+#: Factors whose summed effect is below this fraction of the largest factor's are too weak to
+#: judge (:func:`effect_share`).
+MIN_RELATIVE_EFFECT = 0.1
+
+
+def effect_share(
+    effects: Any,
+    selected: Any,
+    min_share: float = MIN_EFFECT_SHARE,
+    min_relative_effect: float = MIN_RELATIVE_EFFECT,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per factor, the share of its gene effects on the genes it selects, and whether it suffices.
+
+    Parameters
+    ----------
+    effects
+        Gene effects (genes x factors; their absolute values are used).
+    selected
+        Boolean selections, genes x factors.
+    min_share
+        A factor is *faithful* (described by its mask) when at least this share of its summed
+        ``|effect|`` is on its selected genes.
+    min_relative_effect
+        Factors whose summed ``|effect|`` is below this fraction of the largest factor's count as
+        faithful: too weak to judge.
+
+    Returns
+    -------
+    ``(share, relative, faithful)`` per factor; ``share`` is ``NaN`` for a factor without effect.
+    """
+    e = np.abs(np.asarray(effects, dtype=np.float64))
+    sel = np.asarray(selected, dtype=bool)
+    total = e.sum(axis=0)
+    inside = (e * sel).sum(axis=0)
+    largest = float(total.max()) if total.size else 0.0
+    relative = total / largest if largest > 0 else np.zeros_like(total)
+    share = np.divide(inside, total, out=np.full_like(total, np.nan), where=total > 0)
+    faithful = (relative < min_relative_effect) | (np.nan_to_num(share, nan=1.0) >= min_share)
+    return share, relative, faithful
 
 
 def n_selecting(selected: Mapping[str, Any], kind: str = "shared") -> np.ndarray:

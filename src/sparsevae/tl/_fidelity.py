@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from ..priors import MIN_EFFECT_SHARE, MIN_RELATIVE_EFFECT, effect_share
 from ._anchors import FitData
 from ._results import DEFAULT_KEY, check_min_pstar, read_results
 
@@ -15,8 +16,8 @@ def mask_fidelity(
     data: FitData,
     kind: str | None = None,
     min_pstar: float = 0.5,
-    min_share: float = 0.5,
-    min_relative_effect: float = 0.1,
+    min_share: float = MIN_EFFECT_SHARE,
+    min_relative_effect: float = MIN_RELATIVE_EFFECT,
     *,
     key: str = DEFAULT_KEY,
 ) -> pd.DataFrame:
@@ -70,19 +71,14 @@ def mask_fidelity(
     names = res.mask(kind).factors
     selected = res.selected(kind, min_pstar)[names].to_numpy(dtype=bool)
     effects = np.abs(res.effects(kind)[names].to_numpy(dtype=float))
-    total = effects.sum(axis=0)
-    inside = (effects * selected).sum(axis=0)
-    largest = float(total.max()) if total.size else 0.0
-    relative = total / largest if largest > 0 else np.zeros_like(total)
-    share = np.divide(inside, total, out=np.full_like(total, np.nan), where=total > 0)
-    weak = relative < min_relative_effect
+    share, relative, faithful = effect_share(effects, selected, min_share, min_relative_effect)
     return pd.DataFrame(
         {
             "factor": names,
             "n_selected": selected.sum(axis=0).astype(int),
-            "effect": total,
+            "effect": effects.sum(axis=0),
             "relative_effect": relative,
             "share_selected": share,
-            "faithful": weak | (np.nan_to_num(share, nan=1.0) >= min_share),
+            "faithful": faithful,
         }
     )
