@@ -110,8 +110,15 @@ def fit(method: str, adata: Any, label: str, seed: int, args: argparse.Namespace
         report = sparsevae.tl.identifiability_report(ad)
         f = report.factors
         active = f[~f["switched_off"]]
+        # Whether the mask describes the decoder (gene effects on the selected genes).
+        fid = sparsevae.tl.mask_fidelity(model)
+        weighty = fid.loc[fid["relative_effect"] >= 0.1, "share_selected"].dropna()
         record.update(
             {
+                "unfaithful_factors": fid.loc[~fid["faithful"], "factor"].tolist(),
+                "effect_share_selected": round(float(weighty.median()), 3)
+                if len(weighty)
+                else None,
                 "active_factors": len(active),
                 "identifiable_factors": int(f["identifiable"].sum()),
                 "anchors_per_factor": f["n_anchors"].tolist(),

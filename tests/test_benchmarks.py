@@ -322,6 +322,8 @@ def test_stability_script_json_lines():
     fit = records[1]
     assert 0 <= fit["identifiable_factors"] <= fit["active_factors"] <= 15
     assert len(fit["anchors_per_factor"]) == 15 and 0.0 <= fit["accuracy"] <= 1.0
+    assert isinstance(fit["unfaithful_factors"], list)
+    assert fit["effect_share_selected"] is None or 0.0 <= fit["effect_share_selected"] <= 1.0
     stab = records[3]
     assert 0.0 <= stab["median_abs_r"] <= 1.0 and stab["seeds"] == [0, 1]
     assert records[6]["median_jaccard_anchors"] is None  # the VAE has no mask

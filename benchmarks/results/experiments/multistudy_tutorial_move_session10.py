@@ -1,6 +1,7 @@
 """The multi-study tutorial's simulation with and without train(move_confined=...), JSON lines.
 
-Usage: ``PYTHONPATH=src python <this file> 1|0 <seeds...>`` (1: moves on). See README.md.
+Usage: ``PYTHONPATH=src python <this file> 1|0 [JSON] <seeds...>`` (1: moves on; JSON: options
+of ``SparseVAE``, e.g. ``'{"spike_gate": true, "prior_cells": 200}'``, session 15). See README.md.
 """
 
 import json
@@ -24,7 +25,9 @@ QUIET = {
     "logger": False,
 }
 move = sys.argv[1] == "1"
-for seed in [int(x) for x in sys.argv[2:]]:
+rest = sys.argv[2:]
+options = json.loads(rest.pop(0)) if rest and rest[0].startswith("{") else {}
+for seed in [int(x) for x in rest]:
     ad = sparsevae.datasets.simulate_multistudy(
         n_studies=3,
         n_genes=240,
@@ -36,7 +39,7 @@ for seed in [int(x) for x in sys.argv[2:]]:
     )
     scvi.settings.seed = seed
     sparsevae.SparseVAE.setup_anndata(ad, study_key="study")
-    m = sparsevae.SparseVAE(ad, n_factors=3, n_specific_factors=2)
+    m = sparsevae.SparseVAE(ad, n_factors=3, n_specific_factors=2, **options)
     m.train(max_epochs=100, move_confined=move, **QUIET)
     f1 = {}
     for kind in m.mask_kinds:
