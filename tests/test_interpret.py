@@ -213,7 +213,7 @@ def test_mask_fidelity_is_the_share_of_effects_on_selected_genes(hand_model, mon
     saved = W.detach().clone()
     try:
         with torch.no_grad():
-            W[20:30, 2] = 2.0  # p* stays 0.01: not selected, but the decoder sees them
+            W[20:40, 2] = 2.0  # p* stays 0.01: not selected, but the decoder sees them
         leaky = sparsevae.tl.mask_fidelity(hand_model).set_index("factor")
     finally:
         with torch.no_grad():
@@ -227,7 +227,7 @@ def test_mask_fidelity_is_the_share_of_effects_on_selected_genes(hand_model, mon
     monkeypatch.setattr(hand_model, "_masks_final", True, raising=False)
     try:
         with torch.no_grad():
-            W[20:30, 2] = 2.0
+            W[20:40, 2] = 2.0
         with pytest.warns(UserWarning, match=r"1 factor\(s\) act mostly.*factor_2 \(\d+%\)"):
             hand_model._warn_if_unfaithful()
     finally:

@@ -626,7 +626,10 @@ class SparseVAEModule(BaseModuleClass):
         if self.prior is not None:
             total = total + self.prior_scale * self.prior.penalty(self.decoder.W)
             if self.prior_specific is not None:
-                weights = None if n_obs is None else self.specific_prior_weights(n_obs)
+                # Exact MAP (no prior_cells): every weight is 1; the plain sum keeps the
+                # arithmetic (and so the fits) of the unweighted penalty.
+                use = n_obs is not None and self.prior_cells is not None
+                weights = self.specific_prior_weights(n_obs) if use else None
                 total = total + self.prior_scale * self.prior_specific.penalty(
                     self.decoder.W_specific, weights
                 )
