@@ -330,9 +330,10 @@ def test_stability_script_json_lines():
 
 
 def test_multistudy_real_background_json_lines():
-    """benchmarks/multistudy.py --real pbmc --quick, cut short (3 epochs): a meta line, one fit
-    line per (seed, fold) with the shares of each planted program's genes per label, and one
-    summary line per fold."""
+    """benchmarks/multistudy.py --real pbmc --quick, cut short (3 epochs), folds 4 and 1: a meta
+    line, one fit line per (seed, fold) with the shares of each planted program's genes per
+    label, and one summary line per fold; fold 1 (nothing planted) runs first and is the
+    background the fold-4 fit's genes are scored against."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
     cmd = [
@@ -343,14 +344,24 @@ def test_multistudy_real_background_json_lines():
         "--quick",
         "--max-epochs",
         "3",
+        "--folds",
+        "4",
+        "1",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
-    assert [r["record"] for r in records] == ["meta", "fit", "summary"]
+    assert [r["record"] for r in records] == ["meta", "fit", "fit", "summary", "summary"]
     assert all(r["benchmark"] == "multistudy_real" for r in records)
-    meta, fit, summary = records
-    assert meta["settings"]["folds"] == [4.0] and meta["settings"]["seeds"] == [0]
+    meta, background, fit, _, summary = records
+    assert meta["settings"]["folds"] == [1.0, 4.0] and meta["settings"]["seeds"] == [0]
+    assert background["fold"] == 1.0 and "planted_own_in_background" not in background
+    for p, q in zip(fit["programs"], background["programs"], strict=True):
+        assert list(p["labels"]) == list(q["labels"]) and len(p["labels"]) == p["n_genes"]
+        own = sum(q["labels"][g] != "none" for g in q["labels"])
+        assert p["own_in_background"] == round(own / p["n_genes"], 4)
+    assert 0.0 <= fit["planted_own_in_background"] <= 1.0
+    assert summary["planted_own_in_background_mean"] == fit["planted_own_in_background"]
     assert fit["data"] == "pbmc" and fit["split"] == "random" and fit["n_studies"] == 2
     assert fit["fold"] == 4.0 and fit["n_epochs"] == 3
     # One planted program per study, disjoint gene sets, in half of that study's cells.
@@ -380,6 +391,43 @@ def test_multistudy_real_background_json_lines():
     assert set(summary["specific_right_study_by_program"]) == {
         f"{p['name']} in {p['study']}" for p in fit["programs"]
     }
+
+
+def test_multistudy_against_background_scores_new_and_own_genes_apart():
+    """A planted gene the unplanted fit already selects is scored as an own gene; the others
+    are asked to be specific to the right study."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_multistudy", BENCH / "multistudy.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec.loader.exec_module(bench)
+    finally:
+        sys.path.remove(str(BENCH))
+    background = {
+        "programs": [
+            {"name": "P", "labels": {"a": "none", "b": "none", "c": "shared", "d": "none"}}
+        ]
+    }
+    labels = {"a": "specific to study_0", "b": "both", "c": "both", "d": "specific to study_1"}
+    inside = ["a", "c"]  # genes in study_0's specific mask ("both" for b: another study's)
+    record = {
+        "programs": [
+            {
+                "name": "P",
+                "study": "study_0",
+                "labels": labels,
+                "in_right_specific_mask_genes": inside,
+            }
+        ]
+    }
+    bench.against_background(record, background)
+    p = record["programs"][0]
+    assert p["own_in_background"] == 0.25
+    assert p["specific_right_study_new"] == round(1 / 3, 4)  # a of a, b, d
+    assert p["in_right_specific_mask_own"] == 1.0  # c: "both"
+    assert record["planted_specific_right_study_new"] == round(1 / 3, 4)
 
 
 def _quick(script: str, *args: str, timeout: int = 300) -> list[dict]:
