@@ -47,6 +47,8 @@ def test_demo_writes_files(demo_run: tuple[Path, str]) -> None:
     assert adata.obsm["X_sparsevae"].shape == (700, 5)
     assert adata.varm["sparsevae_W"].shape == (765, 5)
     assert "bulk_labels" in adata.obs
+    assert adata.uns["sparsevae"]["params"]["spike_gate"]
+    assert adata.uns["sparsevae"]["params"]["prior_cells"] == 200
     top = pd.read_csv(out / "top_genes.csv")
     assert list(top.columns) == ["factor", "rank", "gene", "weight", "pstar"]
     assert top.groupby("factor").size().max() <= 20
@@ -57,9 +59,21 @@ def test_demo_summary(demo_run: tuple[Path, str]) -> None:
     _, text = demo_run
     assert "cells: 700" in text and "genes: 765" in text and "factors: 5" in text
     assert "likelihood: nb" in text and "epochs: 3" in text
+    assert "spike gates: on  prior weighed against: 200 cells" in text  # the real-count recipe
+    rows = re.findall(r"factor_\d+ +(\d+) genes +(\d+) anchors", text)
+    assert len(rows) == 5 and all(int(a) <= int(g) for g, a in rows)
     match = re.search(r"accuracy (\d\.\d+) \+/- (\d\.\d+)", text)
     assert match is not None, text
     assert 0.0 <= float(match.group(1)) <= 1.0
+
+
+def test_demo_package_defaults(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["demo", "--out", str(tmp_path / "out"), "--max-epochs", "1", "--n-factors", "2"]
+    assert main([*argv, "--spike-gate", "off", "--prior-cells", "0"]) == 0
+    adata = ad.read_h5ad(tmp_path / "out" / "adata.h5ad")
+    params = adata.uns["sparsevae"]["params"]
+    assert "spike gates: off  prior weighed against: all cells" in capsys.readouterr().out
+    assert not params["spike_gate"] and params["prior_cells"] == "None"
 
 
 def test_fit(small_h5ad: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -68,9 +82,11 @@ def test_fit(small_h5ad: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str
     argv = [str(small_h5ad), str(out), "--n-factors", "3", "--layer", "counts"]
     argv += ["--max-epochs", "2", "--batch-size", "64", "--key-added", "svae"]
     argv += ["--prior-cells", "50", "--seed", "3", "--accelerator", "cpu", "--no-effects"]
+    argv += ["--spike-gate", "on"]
     assert main(["fit", *argv, "--save-model", str(model_dir)]) == 0
     saved = torch.load(model_dir / "model.pt", weights_only=False)
-    assert saved["attr_dict"]["init_params_"]["kwargs"]["module_kwargs"]["prior_cells"] == 50
+    module_kwargs = saved["attr_dict"]["init_params_"]["kwargs"]["module_kwargs"]
+    assert module_kwargs["prior_cells"] == 50 and module_kwargs["spike_gate"] is True
     adata = ad.read_h5ad(out)
     assert adata.obsm["X_svae"].shape == (200, 3)
     assert adata.varm["svae_W"].shape == (100, 3)
@@ -117,7 +133,10 @@ def test_fit_multistudy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     adata.write_h5ad(src)
     out = tmp_path / "fitted.h5ad"
     argv = ["fit", str(src), str(out), "--n-factors", "2", "--study-key", "study"]
+    argv += ["--spike-gate", "specific", "--save-model", str(tmp_path / "model")]
     assert main([*argv, "--n-specific-factors", "1", "--max-epochs", "2"]) == 0
+    saved = torch.load(tmp_path / "model" / "model.pt", weights_only=False)
+    assert saved["attr_dict"]["init_params_"]["kwargs"]["module_kwargs"]["spike_gate"] == "specific"
     fitted = ad.read_h5ad(out)
     assert fitted.obsm["X_sparsevae"].shape == (120, 2 + 1)
     studies = sorted(adata.obs["study"].astype(str).unique())
@@ -147,6 +166,8 @@ def test_missing_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
         ["--n-factors", "0"],  # bad argument
         ["--study-key", "nope"],  # study column missing
         ["--n-specific-factors", "2"],  # specific factors without studies
+        ["--spike-gate", "specific"],  # specific gates without studies
+        ["--spike-gate", "yes"],  # not a choice
     ],
 )
 def test_bad_input(

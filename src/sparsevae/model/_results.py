@@ -172,7 +172,9 @@ class ResultsMixin:
         ``varm[f"{key_added}_effect"]`` (signed gene effects, see :meth:`get_gene_effects`; with
         ``effects=True``) and ``uns[key_added]`` (``eta``, factor names, the layout
         ``mask_kinds``, ``W_keys``, ``pstar_keys``, ``effect_keys``, the prior's thresholds
-        ``prior`` and the settings). :mod:`sparsevae.tl` and :mod:`sparsevae.pl` read them back.
+        ``prior`` and the settings ``params``: the model's options and the module's scalar
+        ones, such as ``spike_gate`` and ``prior_cells``). :mod:`sparsevae.tl` and
+        :mod:`sparsevae.pl` read them back.
 
         Multi-study models write, instead of the single mask: ``varm[f"{key_added}_W_shared"]``,
         ``varm[f"{key_added}_pstar_shared"]``, ``varm[f"{key_added}_effect_shared"]`` and, for
@@ -279,6 +281,10 @@ class ResultsMixin:
             "likelihood": self.likelihood,
         }
         uns["params"]["likelihood"] = self.likelihood
+        # The module's options that decide the masks (spike_gate, prior_cells, ...): scalars only.
+        for k, v in self.init_params_["kwargs"].get("module_kwargs", {}).items():
+            if v is None or isinstance(v, bool | int | float | str):
+                uns["params"][k] = v if v is not None else "None"
         if self.is_multistudy:
             uns["shared_factor_names"] = self.shared_factor_names
             uns["specific_factor_names"] = self.specific_factor_names
