@@ -362,8 +362,10 @@ def against_background(record: dict[str, Any], background: dict[str, Any]) -> No
     (``planted_*_new`` and ``planted_*_own``), it adds: ``own_in_background`` (share of its genes
     the background fit selects in some mask), ``specific_right_study_new`` (among the other genes,
     the share labelled specific to the right study: the target's question where the data have
-    no program of their own) and ``in_right_specific_mask_own`` (among the own genes, the share
-    also in the right study's specific mask).
+    no program of their own), ``in_right_specific_mask_own`` (among the own genes, the share
+    also in the right study's specific mask) and ``placed_right`` (the share of all its genes
+    labelled as they should be: a new gene specific to the right study, an own gene ``both``
+    with the right study's specific mask).
     """
     by_name = {p["name"]: p for p in background["programs"]}
     for p in record["programs"]:
@@ -379,7 +381,10 @@ def against_background(record: dict[str, Any], background: dict[str, Any]) -> No
         p["in_right_specific_mask_own"] = (
             round(float(np.mean([g in inside for g in own])), 4) if own else None
         )
-    for key in ("own_in_background", "specific_right_study_new", "in_right_specific_mask_own"):
+        right_new = sum(p["labels"][g] == right for g in new)
+        right_own = sum(g in inside and p["labels"][g] == "both" for g in own)
+        p["placed_right"] = round((right_new + right_own) / len(p["labels"]), 4)
+    for key in (k.removeprefix("planted_") for k in BACKGROUND_KEYS):
         values = [p[key] for p in record["programs"] if p[key] is not None]
         record[f"planted_{key}"] = round(float(np.mean(values)), 4) if values else None
 
@@ -409,6 +414,7 @@ BACKGROUND_KEYS = (
     "planted_own_in_background",
     "planted_specific_right_study_new",
     "planted_in_right_specific_mask_own",
+    "planted_placed_right",
 )
 
 
