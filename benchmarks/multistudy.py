@@ -364,8 +364,8 @@ def against_background(record: dict[str, Any], background: dict[str, Any]) -> No
     the share labelled specific to the right study: the target's question where the data have
     no program of their own), ``in_right_specific_mask_own`` (among the own genes, the share
     also in the right study's specific mask) and ``placed_right`` (the share of all its genes
-    labelled as they should be: a new gene specific to the right study, an own gene ``both``
-    with the right study's specific mask).
+    labelled as they should be: a new gene specific to the right study only, an own gene in the
+    right study's specific mask, whether a shared factor keeps it too or not).
     """
     by_name = {p["name"]: p for p in background["programs"]}
     for p in record["programs"]:
@@ -382,7 +382,7 @@ def against_background(record: dict[str, Any], background: dict[str, Any]) -> No
             round(float(np.mean([g in inside for g in own])), 4) if own else None
         )
         right_new = sum(p["labels"][g] == right for g in new)
-        right_own = sum(g in inside and p["labels"][g] == "both" for g in own)
+        right_own = sum(g in inside for g in own)
         p["placed_right"] = round((right_new + right_own) / len(p["labels"]), 4)
     for key in (k.removeprefix("planted_") for k in BACKGROUND_KEYS):
         values = [p[key] for p in record["programs"] if p[key] is not None]

@@ -427,7 +427,7 @@ def test_multistudy_against_background_scores_new_and_own_genes_apart():
     assert p["own_in_background"] == 0.25
     assert p["specific_right_study_new"] == round(1 / 3, 4)  # a of a, b, d
     assert p["in_right_specific_mask_own"] == 1.0  # c: "both"
-    assert p["placed_right"] == 0.5  # a (new, specific to study_0) and c (own, both)
+    assert p["placed_right"] == 0.5  # a (new, specific to study_0) and c (own, in the mask)
     assert record["planted_specific_right_study_new"] == round(1 / 3, 4)
 
 
