@@ -780,6 +780,12 @@ def test_move_to_shared_keeps_a_program_repeated_in_every_study():
     # the move happens half-way through the epochs with the full prior
     assert MoveConfinedFactors.move_epoch(full_prior_epoch=60, max_epochs=100) == 79
     assert MoveConfinedFactors.move_epoch(full_prior_epoch=0, max_epochs=100) == 49
+    # ... and is checked for a tenth of those epochs, until something moves
+    assert MoveConfinedFactors.check_epochs(full_prior_epoch=60, max_epochs=100) == range(79, 83)
+    assert MoveConfinedFactors.check_epochs(full_prior_epoch=240, max_epochs=400) == range(
+        319, 335
+    )
+    assert MoveConfinedFactors.check_epochs(full_prior_epoch=9, max_epochs=10) == range(8, 9)
 
 
 def test_swap_roles_exchanges_a_confined_shared_factor_and_a_repeated_slot():
@@ -963,3 +969,29 @@ def test_moves_between_masks_refuse_bad_indices_and_models():
     single = SparseVAEModule(n_input=6, n_factors=2, n_hidden=4)
     with pytest.raises(ValueError, match="split_to_specific needs a multi-study module"):
         single.split_to_specific(factor=0, study=0, slot=0, genes=genes)
+
+
+def test_mover_checks_each_epoch_of_the_window_until_something_moves(monkeypatch):
+    from types import SimpleNamespace
+
+    from sparsevae.model._reassign import MoveConfinedFactors
+
+    mover = MoveConfinedFactors(model=None)  # type: ignore[arg-type]
+    found = {81: [{"kind": "to_specific", "factor": "shared_1"}], 82: [{"kind": "swap"}]}
+    checked = []
+
+    def fake_move(module):
+        checked.append(module.epoch)
+        return found.get(module.epoch, [])
+
+    monkeypatch.setattr(mover, "move", fake_move)
+    trainer = SimpleNamespace(max_epochs=100)
+    for epoch in range(100):
+        pl_module = SimpleNamespace(
+            current_epoch=epoch,
+            schedule=SimpleNamespace(full_prior_epoch=60),
+            module=SimpleNamespace(epoch=epoch),
+        )
+        mover.on_train_epoch_end(trainer, pl_module)
+    assert checked == [79, 80, 81]  # from the move epoch until the first move, then no more
+    assert mover.moves == [{"kind": "to_specific", "factor": "shared_1", "epoch": 81}]

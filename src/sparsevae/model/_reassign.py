@@ -3,8 +3,10 @@
 A shared factor that varies in one study and is quiet in the others fits as well as a specific
 factor of that study (the symmetry described in the multi-study guide), so the likelihood does
 not move it; likewise a program that every study's specific mask carries on the same specific
-factor fits as well as a shared factor. Half-way through the epochs with the full mask prior
-(the prior has switched the unused factors off by then), this callback runs the fit's own check
+factor fits as well as a shared factor. From half-way through the epochs with the full mask prior
+(the prior has switched the unused factors off by then), at the end of each epoch of a short
+window (:meth:`MoveConfinedFactors.check_epochs`) until it first finds something to move, this
+callback runs the fit's own check
 (:func:`shared_specific_checks`, the same that :func:`sparsevae.tl.check_shared_specific`
 reports), hands every shared factor confined to one study over to an unused specific factor of
 that study (:meth:`~sparsevae.module.SparseVAEModule.move_to_specific`), and every program
@@ -45,6 +47,11 @@ __all__ = ["MoveConfinedFactors"]
 class MoveConfinedFactors(Callback):
     """Lightning callback: move misassigned factors between the shared and specific masks, once.
 
+    The checks behind a move are measured on one epoch's posterior means, and a confined factor's
+    spread ratio can sit near ``min_ratio`` and cross it from one epoch to the next; so the check
+    runs at the end of every epoch of :meth:`check_epochs` and the first epoch that finds
+    something to move moves it (and ends the checks).
+
     Parameters
     ----------
     model
@@ -63,22 +70,36 @@ class MoveConfinedFactors(Callback):
         self.min_ratio = float(min_ratio)
         self.max_cells = int(max_cells)
         self.moves: list[dict[str, Any]] = []
+        self.done = False
 
     @staticmethod
     def move_epoch(full_prior_epoch: int, max_epochs: int) -> int:
-        """The epoch after which factors move: half-way through the full prior's epochs.
+        """The first epoch after which factors may move: half-way through the full prior's epochs.
 
         By then ``eta`` has switched the unused factors off (it is held at 0.5 until the prior
         reaches full strength), and half of those epochs remain to refit the masks.
         """
         return full_prior_epoch + max(0, max_epochs - full_prior_epoch) // 2 - 1
 
+    @classmethod
+    def check_epochs(cls, full_prior_epoch: int, max_epochs: int) -> range:
+        """The epochs after which the check runs, until it first moves something.
+
+        From :meth:`move_epoch`, for a tenth of the full prior's epochs (at least one), so that
+        at least two fifths of them remain to refit the masks after the last possible move.
+        """
+        first = cls.move_epoch(full_prior_epoch, max_epochs)
+        return range(first, first + max(1, max(0, max_epochs - full_prior_epoch) // 10))
+
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        """Half-way through the full prior's epochs, move the misassigned factors."""
-        epoch = self.move_epoch(pl_module.schedule.full_prior_epoch, int(trainer.max_epochs))
-        if pl_module.current_epoch != epoch:
+        """In the check epochs, until something moves, move the misassigned factors."""
+        epochs = self.check_epochs(pl_module.schedule.full_prior_epoch, int(trainer.max_epochs))
+        if self.done or pl_module.current_epoch not in epochs:
             return
-        self.moves.extend(self.move(pl_module.module))
+        moves = self.move(pl_module.module)
+        if moves:
+            self.moves.extend({**m, "epoch": int(pl_module.current_epoch)} for m in moves)
+            self.done = True
 
     @staticmethod
     def _free_slots(module: Any, masks: list[Any]) -> list[int]:

@@ -120,7 +120,8 @@ class TrainingMixin:
             fits from different seeds disagree (user guide, "Stability across random starts").
             Start ``r`` re-initialises the network with seed ``scvi.settings.seed + r``.
         move_confined
-            Multi-study models: half-way through the epochs with the full mask prior, hand
+            Multi-study models: from half-way through the epochs with the full mask prior, at
+            the first of a few epochs where the check finds something to move, hand
             every shared factor that varies in one study only to an unused specific factor of
             that study, and every program that all studies' specific masks carry on one
             specific factor to an unused shared factor, or exchange the two when no unused
