@@ -138,6 +138,7 @@ def test_fit_multistudy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     saved = torch.load(tmp_path / "model" / "model.pt", weights_only=False)
     assert saved["attr_dict"]["init_params_"]["kwargs"]["module_kwargs"]["spike_gate"] == "specific"
     fitted = ad.read_h5ad(out)
+    assert fitted.uns["sparsevae"]["params"]["prior_cells"] == 200  # multi-study counts' default
     assert fitted.obsm["X_sparsevae"].shape == (120, 2 + 1)
     studies = sorted(adata.obs["study"].astype(str).unique())
     for kind in ["shared", *studies]:

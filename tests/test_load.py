@@ -62,12 +62,15 @@ def test_files_of_the_previous_release_load_exactly(kind: str, with_adata: bool)
     adata = anndata.read_h5ad(folder / "adata.h5ad") if with_adata else None
     model = SparseVAE.load(folder, adata=adata)
     expected = np.load(folder / "latent.npy")
-    assert np.abs(model.get_latent_representation() - expected).max() == 0
+    # The same weights; the arithmetic may differ in the last bits between library versions
+    # (3.6e-7 with numpy 2.4 / scipy 1.17), while a wrong weight moves the factors by O(1).
+    assert np.abs(model.get_latent_representation() - expected).max() <= 1e-5
     # 0.1.0 recorded the data matrix among the setup arguments; it is not carried forward.
     assert "X" not in model.adata_manager.registry["setup_args"]
     assert model.is_multistudy == (kind == "multi")
-    # Trained before the spike gates: loaded with every gate open, and trained on without them.
-    assert not model.module.spike_gate
+    # Trained before the spike gates: loaded with every gate open, and trained on without them
+    # (also for a multi-study model on counts, whose new default has gates).
+    assert not model.module.spike_gate and model.module.prior_cells is None
     assert bool((model.module.decoder.gate == 1).all())
 
 
@@ -85,3 +88,17 @@ def test_new_files_round_trip_exactly(tmp_path: Path) -> None:
     assert set(saved["attr_dict"]["registry_"]["setup_args"]) == {
         "layer", "size_factor_key", "study_key", "auxiliary_key"
     }  # fmt: skip
+
+
+def test_files_without_the_prior_options_load_with_the_old_defaults(tmp_path: Path) -> None:
+    """A multi-study file written before the gates' multi-study default keeps them off."""
+    model = SparseVAE.load(LEGACY / "multi")
+    model.save(tmp_path / "m", save_anndata=True)
+    saved = torch.load(tmp_path / "m" / "model.pt", weights_only=False)
+    kwargs = saved["attr_dict"]["init_params_"]["kwargs"]["module_kwargs"]
+    assert kwargs["spike_gate"] is False and kwargs["prior_cells"] is None
+    del kwargs["spike_gate"], kwargs["prior_cells"]  # as written before the default changed
+    assert "decoder.gate" in saved["model_state_dict"]  # a file from after the gates
+    torch.save(saved, tmp_path / "m" / "model.pt")
+    again = SparseVAE.load(tmp_path / "m")
+    assert not again.module.spike_gate and again.module.prior_cells is None

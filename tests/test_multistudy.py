@@ -995,3 +995,33 @@ def test_mover_checks_each_epoch_of_the_window_until_something_moves(monkeypatch
         mover.on_train_epoch_end(trainer, pl_module)
     assert checked == [79, 80, 81]  # from the move epoch until the first move, then no more
     assert mover.moves == [{"kind": "to_specific", "factor": "shared_1", "epoch": 81}]
+
+
+def test_multistudy_count_models_default_to_gates_and_prior_cells():
+    from sparsevae.module import MULTISTUDY_COUNT_DEFAULTS
+
+    adata = small_multistudy()
+    SparseVAE.setup_anndata(adata, study_key="study")
+    model = SparseVAE(adata, n_factors=2, n_specific_factors=1)
+    assert model.likelihood == "nb"
+    assert model.module.gate_shared and model.module.gate_specific
+    assert model.module.prior_cells == MULTISTUDY_COUNT_DEFAULTS["prior_cells"] == 200
+    # recorded as the model's options, so that a saved model is rebuilt with them
+    assert model.init_params_["kwargs"]["module_kwargs"]["prior_cells"] == 200
+    # what the user passes wins: the exact MAP weight without gates
+    plain = SparseVAE(adata, n_factors=2, n_specific_factors=1, spike_gate=False, prior_cells=None)
+    assert not plain.module.spike_gate and plain.module.prior_cells is None
+    only = SparseVAE(adata, n_factors=2, n_specific_factors=1, spike_gate="specific")
+    assert not only.module.gate_shared and only.module.gate_specific
+    assert only.module.prior_cells == 200
+    # single-study models and the Gaussian likelihood keep the module's defaults
+    single = small_multistudy()
+    SparseVAE.setup_anndata(single)
+    one = SparseVAE(single, n_factors=2)
+    assert not one.module.spike_gate and one.module.prior_cells is None
+    logged = small_multistudy()
+    logged.X = sp.csr_matrix(logged.X).log1p().astype(np.float32)
+    SparseVAE.setup_anndata(logged, study_key="study")
+    gaussian = SparseVAE(logged, n_factors=2, n_specific_factors=1)
+    assert gaussian.likelihood == "gaussian"
+    assert not gaussian.module.spike_gate and gaussian.module.prior_cells is None

@@ -8,7 +8,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -51,6 +51,16 @@ _non_negative_int = _int_at_least(0, "an integer >= 0")
 
 #: ``fit --spike-gate`` choices and the ``SparseVAE(spike_gate=...)`` values they stand for.
 _SPIKE_GATES: dict[str, bool | str] = {"off": False, "on": True, "specific": "specific"}
+
+
+def _prior_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``spike_gate`` and ``prior_cells`` as given (``--prior-cells 0``: all cells); none else."""
+    options: dict[str, Any] = {}
+    if args.spike_gate is not None:
+        options["spike_gate"] = _SPIKE_GATES[args.spike_gate]
+    if args.prior_cells is not None:
+        options["prior_cells"] = args.prior_cells or None
+    return options
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -132,18 +142,20 @@ def _build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--batch-size", type=_positive_int, default=128, help="minibatch size")
     fit.add_argument(
         "--prior-cells",
-        type=_positive_int,
+        type=_non_negative_int,
         default=None,
         help="weigh the mask prior against at most this many cells (e.g. 200: sparse masks with "
-        "anchors on real counts with thousands of cells; default: all cells, the exact MAP)",
+        "anchors on real counts with thousands of cells); 0: all cells, the exact MAP (default: "
+        "the model's, 200 for multi-study counts, else all cells)",
     )
     fit.add_argument(
         "--spike-gate",
-        default="off",
+        default=None,
         choices=list(_SPIKE_GATES),
         help="on: the decoder sees mask entries with p* < 0.5 as zero, so a factor's mask says "
         "which genes it acts on; with --prior-cells 200 the recipe for sparse masks with anchors "
-        "on real counts. specific: gate the study-specific masks only (default: off)",
+        "on real counts. specific: gate the study-specific masks only (default: the model's, on "
+        "for multi-study counts, else off)",
     )
     fit.add_argument("--seed", type=int, default=0, help="random seed (scvi.settings.seed)")
     fit.add_argument(
@@ -231,13 +243,7 @@ def _run_demo(args: argparse.Namespace) -> None:
     _set_seed(args.seed)
     adata = pbmc68k_reduced_counts()
     SparseVAE.setup_anndata(adata, layer="counts")
-    prior_cells = args.prior_cells or None
-    model = SparseVAE(
-        adata,
-        n_factors=args.n_factors,
-        spike_gate=_SPIKE_GATES[args.spike_gate],
-        prior_cells=prior_cells,
-    )
+    model = SparseVAE(adata, n_factors=args.n_factors, **_prior_options(args))
     epochs, seconds = _train(model, args.max_epochs)
 
     model.write_results(adata, key_added="sparsevae", overwrite=True)
@@ -271,7 +277,7 @@ def _run_demo(args: argparse.Namespace) -> None:
         f"  cells: {adata.n_obs}  genes: {adata.n_vars}  factors: {model.module.n_factors}",
         f"  likelihood: {model.likelihood}  epochs: {epochs}  training time: {seconds:.1f} s",
         f"  spike gates: {args.spike_gate}  prior weighed against: "
-        + (f"{int(prior_cells)} cells" if prior_cells else "all cells (package default)"),
+        + (f"{int(model.module.prior_cells)} cells" if model.module.prior_cells else "all cells"),
         f"  selected genes (p* >= {DEFAULT_MIN_PSTAR}) and anchors (selected by that factor "
         f"only) per factor, {n_any} genes in total:",
     ]
@@ -357,8 +363,7 @@ def _run_fit(args: argparse.Namespace) -> None:
         n_factors=args.n_factors,
         n_specific_factors=args.n_specific_factors,
         likelihood=args.likelihood,
-        prior_cells=args.prior_cells,
-        spike_gate=_SPIKE_GATES[args.spike_gate],
+        **_prior_options(args),
     )
     try:
         epochs, seconds = _train(

@@ -191,7 +191,26 @@ def read_model_file(path: str | os.PathLike) -> dict[str, Any]:
         for key in LEGACY_SETUP_ARGS:
             setup_args.pop(key, None)
     _add_open_gates(saved)
+    _keep_old_prior_defaults(saved)
     return saved
+
+
+def _keep_old_prior_defaults(saved: dict[str, Any]) -> None:
+    """Files that do not record ``spike_gate`` and ``prior_cells`` load with both off.
+
+    Models record both since multi-study models on counts default to them
+    (:data:`~sparsevae.module.MULTISTUDY_COUNT_DEFAULTS`); a file without them was written when
+    every model defaulted to ``spike_gate=False, prior_cells=None``, and further training keeps
+    that.
+    """
+    init = saved["attr_dict"].get("init_params_")
+    kwargs = init.get("kwargs") if isinstance(init, dict) else None
+    if not isinstance(kwargs, dict):
+        return
+    module_kwargs = kwargs.setdefault("module_kwargs", {})
+    if isinstance(module_kwargs, dict):
+        module_kwargs.setdefault("spike_gate", False)
+        module_kwargs.setdefault("prior_cells", None)
 
 
 def _add_open_gates(saved: dict[str, Any]) -> None:

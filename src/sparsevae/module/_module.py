@@ -23,6 +23,7 @@ __all__ = [
     "DEFAULT_PRIOR_CELLS",
     "LATENT_PRIORS",
     "LIKELIHOODS",
+    "MULTISTUDY_COUNT_DEFAULTS",
     "STUDY_KEY",
     "ModuleMask",
     "SparseVAEModule",
@@ -66,6 +67,13 @@ class ModuleMask:
 
 #: Default ``prior_cells``: ``None``, the exact MAP weight (the prior against all ``N`` cells).
 DEFAULT_PRIOR_CELLS: float | None = None
+
+#: Module options that :class:`~sparsevae.SparseVAE` fills in for multi-study models with a
+#: count likelihood and the mask prior, where the user does not pass them: spike gates on every
+#: mask and the prior weighed against at most 200 cells (each study's specific mask against at
+#: most 200 of its own). Pass ``spike_gate=False, prior_cells=None`` for the exact MAP weight
+#: without gates (the multi-study guide, "Which genes are specific").
+MULTISTUDY_COUNT_DEFAULTS: dict[str, bool | float] = {"spike_gate": True, "prior_cells": 200.0}
 
 
 class SparseVAEModule(BaseModuleClass):
@@ -174,10 +182,11 @@ class SparseVAEModule(BaseModuleClass):
         with anchors on real counts. ``"specific"`` gates the study-specific masks only: use it
         for multi-study models on real counts, where a program of one study is carried by that
         study's specific factor but, that factor selecting few genes (a small ``eta``), stays
-        below ``p* = 0.5`` without gates. Default ``None`` (off): on the paper's simulation the
-        gates left one feature at ``p*`` 0.53 on the wrong factor, and on the multi-study
-        simulation ``"specific"`` lowered the specific masks' F1 and left one of 12 fits
-        misassigned (user guide, "Why the defaults are what they are").
+        below ``p* = 0.5`` without gates. Default ``None`` (off) here; multi-study
+        :class:`~sparsevae.SparseVAE` models on counts turn it on
+        (:data:`MULTISTUDY_COUNT_DEFAULTS`). Off for single-study models: on the paper's
+        simulation the gates left one feature at ``p*`` 0.53 on the wrong factor (user guide,
+        "Why the defaults are what they are").
     prior_cells
         The decoder's prior (mask penalty and weight prior) is weighed against at most this many
         cells: the per-cell loss adds ``penalty / min(N, prior_cells)``. Up to ``prior_cells``
@@ -187,8 +196,10 @@ class SparseVAEModule(BaseModuleClass):
         together with ``spike_gate=True``) for sparse masks with anchors on real counts with
         thousands of cells; lower is sparser. Multi-study: each study's specific mask is weighed
         against at most ``prior_cells`` of its own cells (see ``study_shares``). Default
-        ``None``, the exact MAP weight: 200 lost factors on the simulations. Measurements in the
-        user guide, "Why the defaults are what they are".
+        ``None``, the exact MAP weight (200 lost factors on the single-study simulations);
+        multi-study :class:`~sparsevae.SparseVAE` models on counts use 200
+        (:data:`MULTISTUDY_COUNT_DEFAULTS`). Measurements in the user guide, "Why the defaults
+        are what they are".
     n_auxiliary_categories
         ``latent_prior="conditional"`` with a categorical ``u``: its number of categories
         (``None`` for a continuous ``u``).
