@@ -782,9 +782,7 @@ def test_move_to_shared_keeps_a_program_repeated_in_every_study():
     assert MoveConfinedFactors.move_epoch(full_prior_epoch=0, max_epochs=100) == 49
     # ... and is checked for a tenth of those epochs, until something moves
     assert MoveConfinedFactors.check_epochs(full_prior_epoch=60, max_epochs=100) == range(79, 83)
-    assert MoveConfinedFactors.check_epochs(full_prior_epoch=240, max_epochs=400) == range(
-        319, 335
-    )
+    assert MoveConfinedFactors.check_epochs(full_prior_epoch=240, max_epochs=400) == range(319, 335)
     assert MoveConfinedFactors.check_epochs(full_prior_epoch=9, max_epochs=10) == range(8, 9)
 
 
