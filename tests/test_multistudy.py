@@ -926,12 +926,13 @@ def test_mover_splits_the_confined_genes_off_a_shared_factor(monkeypatch):
     m = model.module
     with torch.no_grad():
         m.prior.p_star.zero_()
-        m.prior.p_star[:6, 0] = 0.99  # shared_0 selects genes 0-5
+        m.prior.p_star[:10, 0] = 0.99  # shared_0 selects genes 0-9
         m.prior_specific.p_star.zero_()
         m.decoder.W_specific.zero_()  # every slot free
         m.prior_specific.eta.fill_(1e-7)
     effects = np.ones((2, 3, 40))
-    effects[0, 2, :4] = 10.0  # genes 0-3 of shared_0 are driven in study_2 only
+    effects[0, 2, :5] = 10.0  # genes 0-4 of shared_0 are driven in study_2 only
+    effects[0, 1, 5:9] = 10.0  # genes 5-8 of shared_0 in study_1 only: a second split
     seen = {}
 
     def fake_effects(module, z, codes, factors):
@@ -943,12 +944,16 @@ def test_mover_splits_the_confined_genes_off_a_shared_factor(monkeypatch):
     moves = mover.move(m)
     assert seen["factors"] == [0]  # shared_1 selects no gene
     assert moves == [
-        {"kind": "split_to_specific", "factor": "shared_0", "study": "study_2", "n_genes": 4,
-         "ratio": 10.0, "slot": 0}
+        {"kind": "split_to_specific", "factor": "shared_0", "study": "study_2", "n_genes": 5,
+         "ratio": 10.0, "slot": 0},
+        {"kind": "split_to_specific", "factor": "shared_0", "study": "study_1", "n_genes": 4,
+         "ratio": 10.0, "slot": 1},
     ]  # fmt: skip
-    assert torch.all(m.prior.p_star[:4, 0] == 0) and torch.all(m.prior.p_star[4:6, 0] > 0.9)
-    assert torch.all(m.prior_specific.p_star[2, :4, 0] > 0.9)
+    assert torch.all(m.prior.p_star[:9, 0] == 0) and bool(m.prior.p_star[9, 0] > 0.9)
+    assert torch.all(m.prior_specific.p_star[2, :5, 0] > 0.9)
     assert torch.all(m.prior_specific.p_star[:2, :, 0] == 0)
+    assert torch.all(m.prior_specific.p_star[1, 5:9, 1] > 0.9)
+    assert torch.all(m.prior_specific.p_star[[0, 2], :, 1] == 0)
 
 
 def test_moves_between_masks_refuse_bad_indices_and_models():

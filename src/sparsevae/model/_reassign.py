@@ -218,8 +218,8 @@ class MoveConfinedFactors(Callback):
         for _, row in table.sort_values("n_genes", ascending=False).iterrows():
             if not free:
                 break
-            if row["factor"] in {m["factor"] for m in splits}:
-                continue  # one split per factor
+            if (row["factor"], row["study"]) in {(m["factor"], m["study"]) for m in splits}:
+                continue  # one split per factor and study
             slot = free.pop(0)
             genes = torch.as_tensor(model.adata.var_names.isin(row["genes"].split(";")))
             module.split_to_specific(
