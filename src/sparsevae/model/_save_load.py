@@ -198,13 +198,12 @@ def read_model_file(path: str | os.PathLike) -> dict[str, Any]:
 def _keep_old_prior_defaults(saved: dict[str, Any]) -> None:
     """Files that do not record ``spike_gate`` and ``prior_cells`` load with both off.
 
-    Models record both since multi-study models on counts default to them
-    (:data:`~sparsevae.module.MULTISTUDY_COUNT_DEFAULTS`); a file without them was written when
-    every model defaulted to ``spike_gate=False, prior_cells=None``, and further training keeps
-    that.
+    Multi-study models on counts record both since they default to them
+    (:data:`~sparsevae.module.MULTISTUDY_COUNT_DEFAULTS`); a file without them was written before
+    that, or by a model whose defaults are these (the module's), so further training keeps them.
     """
     init = saved["attr_dict"].get("init_params_")
-    kwargs = init.get("kwargs") if isinstance(init, dict) else None
+    kwargs = init.setdefault("kwargs", {}) if isinstance(init, dict) else None
     if not isinstance(kwargs, dict):
         return
     module_kwargs = kwargs.setdefault("module_kwargs", {})
@@ -214,11 +213,11 @@ def _keep_old_prior_defaults(saved: dict[str, Any]) -> None:
 
 
 def _add_open_gates(saved: dict[str, Any]) -> None:
-    """Files from before the spike gates: open gates, and the model keeps training without them.
+    """Files from before the spike gates: every gate open.
 
     Such a model was trained with every mask entry reaching the decoder, so it is loaded with
-    its gates open, ``spike_gate=False`` and ``prior_cells=None`` (further training keeps its
-    old behaviour).
+    its gates open (and, as it records neither option, with ``spike_gate=False`` and
+    ``prior_cells=None``: :func:`_keep_old_prior_defaults`).
     """
     state = saved["model_state_dict"]
     if not isinstance(state, dict) or "decoder.W" not in state or "decoder.gate" in state:
@@ -226,13 +225,6 @@ def _add_open_gates(saved: dict[str, Any]) -> None:
     state["decoder.gate"] = torch.ones_like(state["decoder.W"])
     if "decoder.W_specific" in state:
         state["decoder.gate_specific"] = torch.ones_like(state["decoder.W_specific"])
-    init = saved["attr_dict"].get("init_params_")
-    if isinstance(init, dict):
-        kwargs = init.setdefault("kwargs", {})
-        if isinstance(kwargs, dict):
-            module_kwargs = kwargs.setdefault("module_kwargs", {})
-            module_kwargs["spike_gate"] = False
-            module_kwargs["prior_cells"] = None
 
 
 class SaveLoadMixin:
