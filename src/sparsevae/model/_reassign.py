@@ -215,11 +215,10 @@ class MoveConfinedFactors(Callback):
             effects, selected[[names[k] for k in factors]], model.studies, self.min_ratio
         )
         splits = []
+        # One row, so one split, per factor and study (confined_genes).
         for _, row in table.sort_values("n_genes", ascending=False).iterrows():
             if not free:
                 break
-            if (row["factor"], row["study"]) in {(m["factor"], m["study"]) for m in splits}:
-                continue  # one split per factor and study
             slot = free.pop(0)
             genes = torch.as_tensor(model.adata.var_names.isin(row["genes"].split(";")))
             module.split_to_specific(
