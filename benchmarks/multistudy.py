@@ -423,11 +423,12 @@ def summarise_real(fits: list[dict[str, Any]]) -> dict[str, Any]:
     """Means over seeds of one (data, split, fold)'s fits."""
     first = fits[0]
     per_program: dict[str, list[float]] = {}
+    in_mask: dict[str, list[float]] = {}
     for f in fits:
         for p in f["programs"]:
-            per_program.setdefault(f"{p['name']} in {p['study']}", []).append(
-                p["specific_right_study"]
-            )
+            name = f"{p['name']} in {p['study']}"
+            per_program.setdefault(name, []).append(p["specific_right_study"])
+            in_mask.setdefault(name, []).append(p["in_right_specific_mask"])
     return {
         "benchmark": "multistudy_real",
         "record": "summary",
@@ -436,6 +437,9 @@ def summarise_real(fits: list[dict[str, Any]]) -> dict[str, Any]:
         **{f"{k}_mean": round(float(np.mean([f[k] for f in fits])), 4) for k in SUMMARY_KEYS},
         "specific_right_study_by_program": {
             k: round(float(np.mean(v)), 4) for k, v in per_program.items()
+        },
+        "in_right_specific_mask_by_program": {
+            k: round(float(np.mean(v)), 4) for k, v in in_mask.items() if None not in v
         },
         **{
             f"{k}_mean": round(float(np.mean([f[k] for f in fits])), 4)

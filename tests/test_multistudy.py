@@ -780,10 +780,12 @@ def test_move_to_shared_keeps_a_program_repeated_in_every_study():
     # the move happens half-way through the epochs with the full prior
     assert MoveConfinedFactors.move_epoch(full_prior_epoch=60, max_epochs=100) == 79
     assert MoveConfinedFactors.move_epoch(full_prior_epoch=0, max_epochs=100) == 49
-    # ... and is checked for a tenth of those epochs, until something moves
-    assert MoveConfinedFactors.check_epochs(full_prior_epoch=60, max_epochs=100) == range(79, 83)
-    assert MoveConfinedFactors.check_epochs(full_prior_epoch=240, max_epochs=400) == range(319, 335)
+    # ... and checked until a quarter of those epochs remain, pausing a tenth of them after a move
+    assert MoveConfinedFactors.check_epochs(full_prior_epoch=60, max_epochs=100) == range(79, 90)
+    assert MoveConfinedFactors.check_epochs(full_prior_epoch=240, max_epochs=400) == range(319, 360)
     assert MoveConfinedFactors.check_epochs(full_prior_epoch=9, max_epochs=10) == range(8, 9)
+    assert MoveConfinedFactors.settle_epochs(full_prior_epoch=240, max_epochs=400) == 16
+    assert MoveConfinedFactors.settle_epochs(full_prior_epoch=9, max_epochs=10) == 1
 
 
 def test_swap_roles_exchanges_a_confined_shared_factor_and_a_repeated_slot():
@@ -974,13 +976,18 @@ def test_moves_between_masks_refuse_bad_indices_and_models():
         single.split_to_specific(factor=0, study=0, slot=0, genes=genes)
 
 
-def test_mover_checks_each_epoch_of_the_window_until_something_moves(monkeypatch):
+def test_mover_checks_each_epoch_and_settles_after_a_move(monkeypatch):
     from types import SimpleNamespace
 
     from sparsevae.model._reassign import MoveConfinedFactors
 
     mover = MoveConfinedFactors(model=None)  # type: ignore[arg-type]
-    found = {81: [{"kind": "to_specific", "factor": "shared_1"}], 82: [{"kind": "swap"}]}
+    found = {
+        81: [{"kind": "to_specific", "factor": "shared_1"}],
+        82: [{"kind": "swap"}],  # inside the pause: not looked for
+        87: [{"kind": "split_to_specific", "factor": "shared_2"}],
+        95: [{"kind": "swap"}],  # after the last check epoch
+    }
     checked = []
 
     def fake_move(module):
@@ -996,8 +1003,13 @@ def test_mover_checks_each_epoch_of_the_window_until_something_moves(monkeypatch
             module=SimpleNamespace(epoch=epoch),
         )
         mover.on_train_epoch_end(trainer, pl_module)
-    assert checked == [79, 80, 81]  # from the move epoch until the first move, then no more
-    assert mover.moves == [{"kind": "to_specific", "factor": "shared_1", "epoch": 81}]
+    # every epoch from the move epoch; after a move a pause of 4 epochs (82-85, 88-91); no check
+    # in the last quarter of the 40 full-prior epochs (90-99), left to refit the masks
+    assert checked == [79, 80, 81, 86, 87]
+    assert mover.moves == [
+        {"kind": "to_specific", "factor": "shared_1", "epoch": 81},
+        {"kind": "split_to_specific", "factor": "shared_2", "epoch": 87},
+    ]
 
 
 def test_multistudy_count_models_default_to_gates_and_prior_cells():

@@ -4,8 +4,9 @@ A shared factor that varies in one study and is quiet in the others fits as well
 factor of that study (the symmetry described in the multi-study guide), so the likelihood does
 not move it; likewise a program that every study's specific mask carries on the same specific
 factor fits as well as a shared factor. From half-way through the epochs with the full mask prior
-(the prior has switched the unused factors off by then), at the end of each epoch of a short
-window (:meth:`MoveConfinedFactors.check_epochs`) until it first finds something to move, this
+(the prior has switched the unused factors off by then) until a quarter of them remain, at the
+end of each epoch (:meth:`MoveConfinedFactors.check_epochs`; after a move it pauses for a tenth of
+those epochs, :meth:`MoveConfinedFactors.settle_epochs`, so that the masks refit first), this
 callback runs the fit's own check
 (:func:`shared_specific_checks`, the same that :func:`sparsevae.tl.check_shared_specific`
 reports), hands every shared factor confined to one study over to an unused specific factor of
@@ -45,12 +46,13 @@ __all__ = ["MoveConfinedFactors"]
 
 
 class MoveConfinedFactors(Callback):
-    """Lightning callback: move misassigned factors between the shared and specific masks, once.
+    """Lightning callback: move misassigned factors between the shared and specific masks.
 
     The checks behind a move are measured on one epoch's posterior means, and a confined factor's
-    spread ratio can sit near ``min_ratio`` and cross it from one epoch to the next; so the check
-    runs at the end of every epoch of :meth:`check_epochs` and the first epoch that finds
-    something to move moves it (and ends the checks).
+    spread ratio can sit near ``min_ratio`` and cross it from one epoch to the next, or only once
+    another program has moved off its factor; so the check runs at the end of every epoch of
+    :meth:`check_epochs`, moves what it finds, and then pauses for :meth:`settle_epochs` epochs
+    while the masks refit.
 
     Parameters
     ----------
@@ -70,7 +72,7 @@ class MoveConfinedFactors(Callback):
         self.min_ratio = float(min_ratio)
         self.max_cells = int(max_cells)
         self.moves: list[dict[str, Any]] = []
-        self.done = False
+        self.next_check = 0
 
     @staticmethod
     def move_epoch(full_prior_epoch: int, max_epochs: int) -> int:
@@ -83,23 +85,30 @@ class MoveConfinedFactors(Callback):
 
     @classmethod
     def check_epochs(cls, full_prior_epoch: int, max_epochs: int) -> range:
-        """The epochs after which the check runs, until it first moves something.
+        """The epochs after which the check may run.
 
-        From :meth:`move_epoch`, for a tenth of the full prior's epochs (at least one), so that
-        at least two fifths of them remain to refit the masks after the last possible move.
+        From :meth:`move_epoch` until a quarter of the full prior's epochs remain (at least one
+        check), so that a quarter of them is left to refit the masks after the last possible move.
         """
         first = cls.move_epoch(full_prior_epoch, max_epochs)
-        return range(first, first + max(1, max(0, max_epochs - full_prior_epoch) // 10))
+        n_full = max(0, max_epochs - full_prior_epoch)
+        return range(first, max(first + 1, max_epochs - max(1, n_full // 4)))
+
+    @staticmethod
+    def settle_epochs(full_prior_epoch: int, max_epochs: int) -> int:
+        """Epochs without a check after a move: a tenth of the full prior's epochs (at least 1)."""
+        return max(1, max(0, max_epochs - full_prior_epoch) // 10)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        """In the check epochs, until something moves, move the misassigned factors."""
-        epochs = self.check_epochs(pl_module.schedule.full_prior_epoch, int(trainer.max_epochs))
-        if self.done or pl_module.current_epoch not in epochs:
+        """In the check epochs, unless settling after a move, move the misassigned factors."""
+        full_prior_epoch, max_epochs = pl_module.schedule.full_prior_epoch, int(trainer.max_epochs)
+        epoch = int(pl_module.current_epoch)
+        if epoch not in self.check_epochs(full_prior_epoch, max_epochs) or epoch < self.next_check:
             return
         moves = self.move(pl_module.module)
         if moves:
-            self.moves.extend({**m, "epoch": int(pl_module.current_epoch)} for m in moves)
-            self.done = True
+            self.moves.extend({**m, "epoch": epoch} for m in moves)
+            self.next_check = epoch + 1 + self.settle_epochs(full_prior_epoch, max_epochs)
 
     @staticmethod
     def _free_slots(module: Any, masks: list[Any]) -> list[int]:

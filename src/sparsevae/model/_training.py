@@ -120,12 +120,12 @@ class TrainingMixin:
             fits from different seeds disagree (user guide, "Stability across random starts").
             Start ``r`` re-initialises the network with seed ``scvi.settings.seed + r``.
         move_confined
-            Multi-study models: from half-way through the epochs with the full mask prior, at
-            the first of a few epochs where the check finds something to move, hand
-            every shared factor that varies in one study only to an unused specific factor of
-            that study, and every program that all studies' specific masks carry on one
-            specific factor to an unused shared factor, or exchange the two when no unused
-            factor is left (the checks of
+            Multi-study models: at the end of each epoch from half-way through the epochs
+            with the full mask prior until a quarter of them remain (pausing for a tenth of
+            them after each move, while the masks refit), hand every shared factor that varies
+            in one study only to an unused specific factor of that study, and every program
+            that all studies' specific masks carry on one specific factor to an unused shared
+            factor, or exchange the two when no unused factor is left (the checks of
             :func:`~sparsevae.tl.check_shared_specific`); then hand the genes that a shared
             factor drives in one study only to a copy of it in an unused specific factor of that
             study. The remaining epochs refit the masks.
