@@ -1055,8 +1055,8 @@ def multistudy_real_section(runs: list[list[dict[str, Any]]]) -> list[str]:
         out = []
         for x in records:
             by_program = x.get("in_right_specific_mask_by_program")
-            if x.get("record") != "summary" or not by_program:
-                continue
+            if x.get("record") != "summary" or not by_program or x.get("fold") == 1:
+                continue  # fold 1: nothing planted
             shares = ", ".join(f"{k} {v:.2f}" for k, v in by_program.items())
             out.append(
                 f"- Fold {x['fold']:g}, mean over seeds {x['seeds']}: planted genes in the right "
