@@ -1012,6 +1012,32 @@ def test_mover_checks_each_epoch_and_settles_after_a_move(monkeypatch):
     ]
 
 
+def test_a_check_that_moves_nothing_leaves_the_fit_unchanged(monkeypatch):
+    """The move check reads the data between epochs; it must not change training's random draws."""
+    import scvi
+
+    from sparsevae.model._reassign import MoveConfinedFactors
+
+    checked = []
+    move = MoveConfinedFactors.move
+
+    def spy(self, module):
+        checked.append(move(self, module))
+        return checked[-1]
+
+    monkeypatch.setattr(MoveConfinedFactors, "move", spy)
+    weights = []
+    for move_confined in (False, True):
+        scvi.settings.seed = 0
+        adata = small_multistudy()
+        SparseVAE.setup_anndata(adata, study_key="study")
+        model = SparseVAE(adata, n_factors=2, n_specific_factors=1, n_hidden=8)
+        model.train(max_epochs=12, batch_size=32, move_confined=move_confined, **QUIET)
+        weights.append(model.module.decoder.W.detach().clone())
+    assert len(checked) >= 2 and not any(checked)  # checked in several epochs, nothing moved
+    torch.testing.assert_close(weights[0], weights[1], rtol=0, atol=0)
+
+
 def test_multistudy_count_models_default_to_gates_and_prior_cells():
     from sparsevae.module import MULTISTUDY_COUNT_DEFAULTS
 

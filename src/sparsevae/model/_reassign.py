@@ -147,8 +147,12 @@ class MoveConfinedFactors(Callback):
         was_training = module.training
         module.eval()
         parts = []
-        for tensors in model._make_data_loader(adata=model.adata, indices=idx, batch_size=512):
-            parts.append(module.posterior(tensors).loc.cpu().numpy())
+        # fork_rng: iterating a data loader draws from torch's global generator; the check must
+        # not change training's later random draws (a fit where nothing moves is then the same
+        # fit as with move_confined=False).
+        with torch.random.fork_rng():
+            for tensors in model._make_data_loader(adata=model.adata, indices=idx, batch_size=512):
+                parts.append(module.posterior(tensors).loc.cpu().numpy())
         module.train(was_training)
         z = np.concatenate(parts)
         codes = pd.Categorical(
