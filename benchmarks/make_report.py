@@ -1058,10 +1058,24 @@ def multistudy_real_section(runs: list[list[dict[str, Any]]]) -> list[str]:
             if x.get("record") != "summary" or not by_program or x.get("fold") == 1:
                 continue  # fold 1: nothing planted
             shares = ", ".join(f"{k} {v:.2f}" for k, v in by_program.items())
-            out.append(
+            line = (
                 f"- Fold {x['fold']:g}, mean over seeds {x['seeds']}: planted genes in the right "
                 f"study's specific mask, per program: {shares}; checks pass {x['checks_ok']}"
             )
+            abs_r, on_specific = (
+                x.get("captured_abs_r_by_program"),
+                x.get("captured_on_specific_by_program", {}),
+            )
+            if abs_r:  # runs since session 19
+                line += (
+                    "; the factor closest to each program's activity, |r| per seed: "
+                    + ", ".join(
+                        f"{k} {' '.join(f'{r:.2f}' for r in v)} (a specific factor in "
+                        f"{on_specific.get(k, '?')})"
+                        for k, v in abs_r.items()
+                    )
+                )
+            out.append(line)
         return ["", *out] if out else []
 
     head = ["data", "fold", "seed", "specific", "in specific mask",

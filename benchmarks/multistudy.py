@@ -266,6 +266,7 @@ def fit_real(
     n_epochs = int(model.trainer.lightning_module.current_epoch) or (max_epochs or 0)
     table = sparsevae.tl.shared_specific_genes(model).genes.reindex(ad.var_names)
     label = table["label"]
+    z = model.get_latent_representation()
     scored = []
     planted: set[str] = set()
     for truth in ad.uns["planted_programs"]:
@@ -294,6 +295,7 @@ def fit_real(
                 "in_right_specific_mask_genes": [
                     g for g, inside in zip(truth["genes"], in_right, strict=True) if inside
                 ],
+                **captured(model, z, truth),
             }
         )
     own = label.drop(sorted(planted))
@@ -302,7 +304,6 @@ def fit_real(
     checks = sparsevae.tl.check_shared_specific(model)
     # Whether the masks describe the decoder (without spike gates they need not).
     fidelity = {kind: sparsevae.tl.mask_fidelity(model, kind=kind) for kind in model.mask_kinds}
-    z = model.get_latent_representation()
     labels = ad.obs[info["label_key"]].astype(str).to_numpy()
     acc_shared = sparsevae.tl.celltype_accuracy(z[:, :n_shared], labels)["mean"]
     return {
@@ -350,6 +351,30 @@ def fit_real(
         "move_confined": move_confined,
         "moved": model.moved_factors_,
         "seconds_per_epoch": round(seconds / n_epochs, 4) if n_epochs else None,
+    }
+
+
+def captured(model: Any, z: np.ndarray, truth: dict[str, Any]) -> dict[str, Any]:
+    """Which factor follows a planted program: the largest |correlation| with the planted activity.
+
+    Over the cells of the planted study (``obs["planted_activity"]``, 0 outside the planted
+    cells). ``captured_abs_r`` near 0: no factor carries the program (below the detection
+    limit, whatever the masks say); ``captured_kind`` says whether the best factor is shared or
+    specific (a specific factor of the planted study is where the program belongs).
+    """
+    in_study = (model.adata.obs["study"].astype(str) == truth["study"]).to_numpy()
+    activity = model.adata.obs["planted_activity"].to_numpy()[in_study]
+    zs = z[in_study]
+    sd = zs.std(0)
+    r = np.zeros(zs.shape[1])
+    ok = sd > 0
+    r[ok] = [abs(np.corrcoef(zs[:, k], activity)[0, 1]) for k in np.flatnonzero(ok)]
+    best = int(np.argmax(r))
+    name = str(model.factor_names[best])
+    return {
+        "captured_by": name,
+        "captured_abs_r": round(float(r[best]), 4),
+        "captured_kind": "shared" if name in model.shared_factor_names else "specific",
     }
 
 
@@ -424,11 +449,16 @@ def summarise_real(fits: list[dict[str, Any]]) -> dict[str, Any]:
     first = fits[0]
     per_program: dict[str, list[float]] = {}
     in_mask: dict[str, list[float]] = {}
+    abs_r: dict[str, list[float]] = {}
+    on_specific: dict[str, list[bool]] = {}
     for f in fits:
         for p in f["programs"]:
             name = f"{p['name']} in {p['study']}"
             per_program.setdefault(name, []).append(p["specific_right_study"])
             in_mask.setdefault(name, []).append(p["in_right_specific_mask"])
+            if "captured_abs_r" in p:
+                abs_r.setdefault(name, []).append(p["captured_abs_r"])
+                on_specific.setdefault(name, []).append(p["captured_kind"] == "specific")
     return {
         "benchmark": "multistudy_real",
         "record": "summary",
@@ -440,6 +470,12 @@ def summarise_real(fits: list[dict[str, Any]]) -> dict[str, Any]:
         },
         "in_right_specific_mask_by_program": {
             k: round(float(np.mean(v)), 4) for k, v in in_mask.items() if None not in v
+        },
+        # per program and seed: the best factor's |r| with the planted activity, and whether
+        # that factor is a specific one (see captured())
+        "captured_abs_r_by_program": {k: [round(x, 2) for x in v] for k, v in abs_r.items()},
+        "captured_on_specific_by_program": {
+            k: f"{sum(v)}/{len(v)}" for k, v in on_specific.items()
         },
         **{
             f"{k}_mean": round(float(np.mean([f[k] for f in fits])), 4)

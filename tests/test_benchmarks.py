@@ -6,6 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 
@@ -387,10 +390,49 @@ def test_multistudy_real_background_json_lines():
     assert isinstance(fit["check_ok"], bool) and isinstance(fit["check_problems"], list)
     kinds = ["shared", "study_0", "study_1"]
     assert list(fit["unfaithful_factors"]) == kinds and list(fit["effect_share_selected"]) == kinds
+    for p in fit["programs"]:
+        assert p["captured_by"] in fit_factor_names(fit) and 0.0 <= p["captured_abs_r"] <= 1.0
+        assert p["captured_kind"] == ("specific" if "specific" in p["captured_by"] else "shared")
     assert summary["fold"] == 4.0 and summary["seeds"] == [0]
     assert set(summary["specific_right_study_by_program"]) == {
         f"{p['name']} in {p['study']}" for p in fit["programs"]
     }
+    by_program = set(summary["specific_right_study_by_program"])
+    assert set(summary["captured_abs_r_by_program"]) == by_program
+
+
+def fit_factor_names(fit):
+    shared = [f"shared_{k}" for k in range(fit["n_factors"])]
+    return shared + [f"specific_{k}" for k in range(fit["n_specific_factors"])]
+
+
+def test_multistudy_captured_names_the_factor_that_follows_the_planted_activity():
+    """captured(): the factor with the largest |r| with the planted activity, within the study."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location("bench_multistudy", BENCH / "multistudy.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec.loader.exec_module(bench)
+    finally:
+        sys.path.remove(str(BENCH))
+    rng = np.random.default_rng(0)
+    study = np.array(["study_0"] * 50 + ["study_1"] * 50)
+    activity = np.where(study == "study_1", rng.uniform(0, 1, 100) * (rng.random(100) < 0.5), 0.0)
+    z = rng.normal(size=(100, 3))
+    z[:, 0] = np.where(study == "study_0", 5 * rng.normal(size=100), 0.0)  # varies elsewhere
+    z[:, 2] = -activity + 0.01 * rng.normal(size=100)  # follows it, sign aside
+    z[:, 1] = 1.0  # constant: no correlation
+    model = SimpleNamespace(
+        adata=SimpleNamespace(obs=pd.DataFrame({"study": study, "planted_activity": activity})),
+        factor_names=["shared_0", "shared_1", "specific_0"],
+        shared_factor_names=["shared_0", "shared_1"],
+    )
+    out = bench.captured(model, z, {"study": "study_1"})
+    assert out["captured_by"] == "specific_0" and out["captured_kind"] == "specific"
+    assert out["captured_abs_r"] > 0.99
 
 
 def test_multistudy_against_background_scores_new_and_own_genes_apart():
