@@ -1066,12 +1066,14 @@ def multistudy_real_section(runs: list[list[dict[str, Any]]]) -> list[str]:
                 x.get("captured_abs_r_by_program"),
                 x.get("captured_on_specific_by_program", {}),
             )
+            pca = x.get("pca_abs_r_by_program", {})
             if abs_r:  # runs since session 19
                 line += (
                     "; the factor closest to each program's activity, |r| per seed: "
                     + ", ".join(
                         f"{k} {' '.join(f'{r:.2f}' for r in v)} (a specific factor in "
-                        f"{on_specific.get(k, '?')})"
+                        f"{on_specific.get(k, '?')}; PCA of the study's cells: "
+                        f"{' '.join(f'{r:.2f}' for r in pca.get(k, []))})"
                         for k, v in abs_r.items()
                     )
                 )

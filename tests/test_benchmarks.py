@@ -393,6 +393,7 @@ def test_multistudy_real_background_json_lines():
     for p in fit["programs"]:
         assert p["captured_by"] in fit_factor_names(fit) and 0.0 <= p["captured_abs_r"] <= 1.0
         assert p["captured_kind"] == ("specific" if "specific" in p["captured_by"] else "shared")
+        assert 0.0 <= p["pca_abs_r"] <= 1.0
     assert summary["fold"] == 4.0 and summary["seeds"] == [0]
     assert set(summary["specific_right_study_by_program"]) == {
         f"{p['name']} in {p['study']}" for p in fit["programs"]
@@ -433,6 +434,21 @@ def test_multistudy_captured_names_the_factor_that_follows_the_planted_activity(
     out = bench.captured(model, z, {"study": "study_1"})
     assert out["captured_by"] == "specific_0" and out["captured_kind"] == "specific"
     assert out["captured_abs_r"] > 0.99
+    # The peer's view: a program that dominates its study's variance is a principal component;
+    # with nothing planted, no component follows the (random) activity.
+    import anndata as ad
+    import scipy.sparse as sp
+
+    counts = rng.poisson(5.0, size=(100, 30)).astype(np.float32)
+    counts[:, :10] *= (1 + 8 * activity)[:, None].astype(np.float32)
+    obs = pd.DataFrame(
+        {"study": study, "planted_activity": activity}, index=[str(i) for i in range(100)]
+    )
+    strong = ad.AnnData(sp.csr_matrix(counts), obs=obs, layers={"counts": sp.csr_matrix(counts)})
+    assert bench.pca_abs_r(strong, {"study": "study_1"}) > 0.9
+    flat = rng.poisson(5.0, size=(100, 30)).astype(np.float32)
+    none = ad.AnnData(sp.csr_matrix(flat), obs=obs, layers={"counts": sp.csr_matrix(flat)})
+    assert bench.pca_abs_r(none, {"study": "study_1"}) < 0.6
 
 
 def test_multistudy_against_background_scores_new_and_own_genes_apart():
