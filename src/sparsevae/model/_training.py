@@ -55,6 +55,7 @@ class TrainingMixin:
         n_epochs_lambda0_ramp: int | None = None,
         n_epochs_shared_first: int | None = None,
         n_epochs_fixed_correlation: int | None = None,
+        kl_free_bits: float | None = None,
         plan_kwargs: dict[str, Any] | None = None,
         n_restarts: int = 1,
         move_confined: bool = True,
@@ -111,6 +112,13 @@ class TrainingMixin:
             Models with ``latent_prior="correlated"``: epochs at the start during which the
             prior's correlation ``R`` stays the identity, so the factors separate before ``R``
             is learned. Default ``None``: 20. Ignored by other models.
+        kl_free_bits
+            Free bits of the KL term (nats per factor) until the mask prior reaches full
+            strength: the encoder gains nothing by collapsing a factor onto the prior early, so
+            every factor stays available while the decoder learns. Default ``None``: 0.5 for
+            multi-study models (a specific factor that collapsed early left its study's program
+            unmodelled, user guide, "Why the defaults are what they are"), 0 (off) for
+            single-study models. Pass 0 to turn it off.
         plan_kwargs
             Passed to :class:`~sparsevae.train.SparseVAETrainingPlan`.
         n_restarts
@@ -158,7 +166,7 @@ class TrainingMixin:
             n_epochs_prior_warmup=n_epochs_prior_warmup,
             n_epochs_lambda0_ramp=n_epochs_lambda0_ramp,
             n_epochs_shared_first=n_epochs_shared_first,
-            n_epochs_fixed_correlation=n_epochs_fixed_correlation,
+            n_epochs_fixed_correlation=n_epochs_fixed_correlation, kl_free_bits=kl_free_bits,
             plan_kwargs=plan_kwargs, move_confined=move_confined, **trainer_kwargs,
         )  # fmt: skip
         if n_restarts == 1:
@@ -288,6 +296,7 @@ class TrainingMixin:
         n_epochs_shared_first: int | None,
         n_epochs_fixed_correlation: int | None,
         plan_kwargs: dict[str, Any] | None,
+        kl_free_bits: float | None = None,
         move_confined: bool = True,
         **trainer_kwargs: Any,
     ) -> Any:
@@ -306,6 +315,7 @@ class TrainingMixin:
             "n_epochs_kl_warmup": n_epochs_kl_warmup,
             "n_epochs_prior_warmup": n_epochs_prior_warmup,
             "n_epochs_lambda0_ramp": n_epochs_lambda0_ramp,
+            "kl_free_bits": kl_free_bits,
             **(plan_kwargs or {}),
         }
         schedule = prior_schedule(

@@ -289,6 +289,9 @@ class SparseVAEModule(BaseModuleClass):
         # latent_prior="correlated": whether the learned correlation is used (off, R = I, while
         # the training plan holds it fixed for the first epochs).
         self.correlation_on = True
+        # Free bits (nats per factor) of the training objective's KL term, set by the training
+        # plan while the mask prior warms up; 0: the plain ELBO (see ``loss``).
+        self.free_bits = 0.0
         self.sigma_prior_df = float(sigma_prior_df)
         self.sigma_prior_scale = float(sigma_prior_scale)
         if prior_cells is not None and (
@@ -754,15 +757,25 @@ class SparseVAEModule(BaseModuleClass):
             qz = MultivariateNormal(qz.loc, scale_tril=torch.diag_embed(qz.scale))
             kl = kl_divergence(qz, pz)
         elif isinstance(pz, Normal):
-            kl = kl_divergence(qz, pz).sum(-1)
+            per_factor = kl_divergence(qz, pz)
+            kl = per_factor.sum(-1)
         else:  # the mixture: scvi-tools' Monte Carlo estimate
             kl = self.mixture_prior.kl(qz)
         decoder_penalty = self.decoder_prior_penalty(n_obs)
         global_penalty = self.variance_prior_penalty()
         if self.latent_prior == "mixture":
             global_penalty = global_penalty + self.mixture_prior.dirichlet_penalty()
+        weight = self.kl_weight * kl_weight
+        if self.training and self.free_bits > 0 and isinstance(pz, Normal):
+            # Free bits (Kingma et al. 2016): a factor's KL below ``free_bits`` (mean over the
+            # minibatch) costs nothing, so the encoder gains nothing by collapsing a factor onto
+            # the prior before the decoder has found a use for it. The reported KL is unchanged.
+            free = torch.clamp(per_factor.mean(0), min=self.free_bits).sum()
+            negative_elbo = torch.mean(reconst) + weight * free
+        else:
+            negative_elbo = torch.mean(reconst + weight * kl)
         loss = (
-            torch.mean(reconst + self.kl_weight * kl_weight * kl)
+            negative_elbo
             + decoder_penalty / self.prior_divisor(n_obs)
             + global_penalty / max(n_obs, 1)
         )
