@@ -958,6 +958,51 @@ def test_mover_splits_the_confined_genes_off_a_shared_factor(monkeypatch):
     assert torch.all(m.prior_specific.p_star[[0, 2], :, 1] == 0)
 
 
+def test_mover_swaps_a_repeated_slot_with_a_factor_of_study_programs(monkeypatch):
+    """No free factor: a slot repeated in every study and a shared factor that carries one
+    study's program on some genes and another study's on others exchange roles, gene by gene."""
+    from sparsevae.model import _reassign
+
+    torch.manual_seed(0)
+    adata = small_multistudy()
+    SparseVAE.setup_anndata(adata, study_key="study")
+    model = SparseVAE(adata, n_factors=2, n_specific_factors=1, n_hidden=8)
+    model.train(max_epochs=1, batch_size=64, move_confined=False, **QUIET)
+    m = model.module
+    with torch.no_grad():
+        m.prior.p_star.zero_()
+        m.prior.p_star[:10, 0] = 0.99  # shared_0: genes 0-9
+        m.prior.p_star[30:36, 1] = 0.99  # shared_1: genes 30-35 (in use: not free)
+        m.prior.eta.fill_(0.3)
+        m.decoder.W.fill_(0.5)
+        m.prior_specific.p_star.zero_()
+        m.prior_specific.p_star[:, 20:28, 0] = 0.99  # slot 0: genes 20-27 in every study
+        m.prior_specific.eta.fill_(0.3)
+        m.decoder.W_specific.fill_(0.5)
+        m.decoder.W_specific[:, 3, 0] = 2.0  # a marked entry, to follow the slot's program
+    effects = np.ones((2, 3, 40))
+    effects[0, 2, :5] = 10.0  # genes 0-4 of shared_0 are driven in study_2 only
+    effects[0, 1, 5:10] = 10.0  # genes 5-9 in study_1 only
+
+    def fake_effects(module, z, codes, factors):
+        return effects[factors]
+
+    monkeypatch.setattr(_reassign, "within_study_effects", fake_effects)
+    moves = _reassign.MoveConfinedFactors(model).move(m)
+    assert moves == [
+        {"kind": "swap_split", "factor": "shared_0", "studies": "study_1;study_2",
+         "n_genes": 10, "slot": 0}
+    ]  # fmt: skip
+    # shared_0 now carries the slot's program; each study's slot the factor's genes of that study
+    assert torch.all(m.prior.p_star[20:28, 0] > 0.9) and torch.all(m.prior.p_star[:10, 0] < 0.9)
+    assert float(m.decoder.W[3, 0]) == 2.0
+    spec = m.prior_specific.p_star
+    assert torch.all(spec[2, :5, 0] > 0.9) and torch.all(spec[2, 5:, 0] == 0)
+    assert torch.all(spec[1, 5:10, 0] > 0.9) and torch.all(spec[1, :5, 0] == 0)
+    assert torch.all(spec[1, 10:, 0] == 0) and torch.all(spec[0, :, 0] == 0)
+    assert float(m.prior_specific.eta[0, 0]) < 0.3  # study_0's slot takes nothing: switched off
+
+
 def test_moves_between_masks_refuse_bad_indices_and_models():
     from sparsevae.module import SparseVAEModule
 
@@ -971,6 +1016,8 @@ def test_moves_between_masks_refuse_bad_indices_and_models():
         module.swap_roles(factor=0, study=0, slot=1)
     with pytest.raises(ValueError, match="factor or slot out of range: 0, 1"):
         module.move_to_shared(slot=1, factor=0)
+    with pytest.raises(ValueError, match="genes must be a boolean tensor of shape"):
+        module.swap_roles_by_gene(factor=0, slot=0, genes=genes)
     single = SparseVAEModule(n_input=6, n_factors=2, n_hidden=4)
     with pytest.raises(ValueError, match="split_to_specific needs a multi-study module"):
         single.split_to_specific(factor=0, study=0, slot=0, genes=genes)

@@ -32,6 +32,7 @@ from lightning.pytorch.callbacks import Callback
 
 from ..priors import factor_use, is_selected
 from ._checks import (
+    CONFINED_GENES_COLUMNS,
     MAX_EFFECT_CELLS,
     confined_genes,
     effect_cells,
@@ -188,6 +189,7 @@ class MoveConfinedFactors(Callback):
             slot = free.pop(0)
             module.move_to_specific(k, model.studies.index(varies[0]), slot)
             moves.append({"kind": "to_specific", **item, "slot": slot})
+        stuck = []  # repeated slots with neither a free shared factor nor a confined one
         for _, row in checks.repeated.iterrows():
             slots = {str(f).split(":", 1)[1] for f in str(row["factors"]).split(";")}
             if not row["in_all_studies"] or len(slots) != 1:
@@ -202,9 +204,79 @@ class MoveConfinedFactors(Callback):
                 k, conf = pending_confined.pop(0)
                 module.swap_roles(k, model.studies.index(conf["study"]), slot)
                 moves.append({"kind": "swap", **conf, "slot": slot})
+            else:
+                stuck.append(slot)
+        if stuck:
+            moves.extend(self._swap_split(module, z, codes, selections["shared"], stuck, moves))
         if free:
             moves.extend(self._split(module, z, codes, selections["shared"], free, moves))
         return moves
+
+    def _confined_table(
+        self,
+        module: Any,
+        z: np.ndarray,
+        codes: np.ndarray,
+        selected: pd.DataFrame,
+        moved: list[dict[str, Any]],
+    ) -> pd.DataFrame:
+        """:func:`confined_genes` of the shared factors that select genes and have not moved."""
+        model = self.model
+        taken = {m["factor"] for m in moved if "factor" in m}
+        names = list(model.shared_factor_names)
+        factors = [k for k, name in enumerate(names) if name not in taken and selected[name].any()]
+        if not factors:
+            return pd.DataFrame(columns=CONFINED_GENES_COLUMNS)
+        effects = within_study_effects(module, z, codes, factors)
+        selected = selected.set_axis(model.adata.var_names, axis=0)
+        return confined_genes(
+            effects, selected[[names[k] for k in factors]], model.studies, self.min_ratio
+        )
+
+    def _swap_split(
+        self,
+        module: Any,
+        z: np.ndarray,
+        codes: np.ndarray,
+        selected: pd.DataFrame,
+        slots: list[int],
+        moved: list[dict[str, Any]],
+    ) -> list[dict[str, Any]]:
+        """Exchange repeated slots with shared factors that carry study programs gene by gene.
+
+        For a slot that carries one program in every study when no factor is free: a shared
+        factor most of whose selected genes are confined to one study or another (each study's
+        program on one shared factor) takes the slot's program, and each study's slot takes the
+        factor's genes confined to that study (:meth:`SparseVAEModule.swap_roles_by_gene`).
+        """
+        model = self.model
+        table = self._confined_table(module, z, codes, selected, moved)
+        if table.empty:
+            return []
+        var_names = model.adata.var_names
+        candidates = []
+        for factor, rows in table.groupby("factor", sort=False):
+            n_confined = int(rows["n_genes"].sum())
+            if 2 * n_confined >= int(selected[factor].sum()):  # mostly study programs
+                candidates.append((n_confined, str(factor), rows))
+        candidates.sort(key=lambda c: -c[0])
+        swaps = []
+        for slot in slots:
+            if not candidates:
+                break
+            n_confined, factor, rows = candidates.pop(0)
+            genes = torch.zeros(len(model.studies), len(var_names), dtype=torch.bool)
+            for _, row in rows.iterrows():
+                genes[model.studies.index(row["study"])] = torch.as_tensor(
+                    var_names.isin(row["genes"].split(";"))
+                )
+            k = list(model.shared_factor_names).index(factor)
+            module.swap_roles_by_gene(k, slot, genes)
+            swaps.append(
+                {"kind": "swap_split", "factor": factor, "studies": ";".join(rows["study"]),
+                 "n_genes": n_confined, "slot": slot}
+            )  # fmt: skip
+        return swaps
 
     def _split(
         self,
@@ -217,16 +289,8 @@ class MoveConfinedFactors(Callback):
     ) -> list[dict[str, Any]]:
         """Hand the genes that a shared factor drives in one study only to a free slot."""
         model = self.model
-        taken = {m["factor"] for m in moved if "factor" in m}
         names = list(model.shared_factor_names)
-        factors = [k for k, name in enumerate(names) if name not in taken and selected[name].any()]
-        if not factors:
-            return []
-        effects = within_study_effects(module, z, codes, factors)
-        selected = selected.set_axis(model.adata.var_names, axis=0)
-        table = confined_genes(
-            effects, selected[[names[k] for k in factors]], model.studies, self.min_ratio
-        )
+        table = self._confined_table(module, z, codes, selected, moved)
         splits = []
         # One row, so one split, per factor and study (confined_genes).
         for _, row in table.sort_values("n_genes", ascending=False).iterrows():

@@ -1079,9 +1079,41 @@ class SparseVAEModule(BaseModuleClass):
             Index of the specific factor that carries the same program in every study.
         """
         self._check_reassignment("swap_roles", factor, slot, study)
+        genes = torch.zeros(self.n_studies, self.decoder.n_genes, dtype=torch.bool)
+        genes[study] = True
+        self.swap_roles_by_gene(factor, slot, genes)
+
+    @torch.no_grad()
+    def swap_roles_by_gene(self, factor: int, slot: int, genes: torch.Tensor) -> None:
+        """:meth:`swap_roles` where the shared factor carries a program per study, gene by gene.
+
+        For a shared factor that drives some genes in one study only and others in another
+        (each study's program on one shared factor, found by the gene-level check of the
+        multi-study guide) while ``slot`` carries the same program in every study: ``slot`` of
+        study ``s`` takes the factor's mask entries (``W``, gates, ``p*``) of the genes
+        ``genes[s]`` (and the factor's ``eta`` where ``genes[s]`` is not empty), the factor
+        takes the slot's program;
+        encoder units, first-layer and composition-offset columns are exchanged. The factor's
+        entries outside ``genes`` are dropped. Train on afterwards.
+
+        Parameters
+        ----------
+        factor
+            Index of the shared factor.
+        slot
+            Index of the specific factor that carries the same program in every study.
+        genes
+            Boolean ``(n_studies, n_genes)``: the genes each study's ``slot`` takes.
+        """
+        self._check_reassignment("swap_roles_by_gene", factor, slot)
         K = self.n_factors
         t = K + slot
         dec = self.decoder
+        genes = torch.as_tensor(genes, dtype=torch.bool, device=dec.W.device)
+        if genes.shape != (self.n_studies, dec.n_genes):
+            raise ValueError(
+                f"genes must be a boolean tensor of shape ({self.n_studies}, {dec.n_genes})."
+            )
 
         def swap_columns(weight: torch.Tensor) -> None:
             col = weight[:, factor].clone()
@@ -1099,18 +1131,16 @@ class SparseVAEModule(BaseModuleClass):
         w_old, g_old = dec.W[:, factor].clone(), dec.gate[:, factor].clone()
         dec.W[:, factor] = dec.W_specific[:, :, slot].mean(0)
         dec.gate[:, factor] = dec.gate_specific[:, :, slot].amax(0) if self.gate_shared else 1.0
-        dec.W_specific[:, :, slot] = 0.0
-        dec.W_specific[study, :, slot] = w_old
-        dec.gate_specific[:, :, slot] = 0.0 if self.gate_on and self.gate_specific else 1.0
-        dec.gate_specific[study, :, slot] = g_old
+        closed = 0.0 if self.gate_on and self.gate_specific else 1.0
+        dec.W_specific[:, :, slot] = torch.where(genes, w_old, torch.zeros_like(w_old))
+        dec.gate_specific[:, :, slot] = torch.where(genes, g_old, torch.full_like(g_old, closed))
         spec, shared = self.prior_specific, self.prior
         p_old, e_old = shared.p_star[:, factor].clone(), shared.eta[factor].clone()
         shared.p_star[:, factor] = spec.p_star[:, :, slot].mean(0)
         shared.eta[factor] = spec.eta[:, slot].mean()
-        spec.p_star[:, :, slot] = 0.0
-        spec.p_star[study, :, slot] = p_old
-        spec.eta[:, slot] = torch.clamp(spec.eta[:, slot], max=0.5 * spec.eta_off)
-        spec.eta[study, slot] = e_old
+        spec.p_star[:, :, slot] = torch.where(genes, p_old, torch.zeros_like(p_old))
+        off = torch.clamp(spec.eta[:, slot], max=0.5 * spec.eta_off)
+        spec.eta[:, slot] = torch.where(genes.any(1), e_old, off)
 
     @torch.no_grad()
     def em_step(self, update_eta: bool = True) -> None:
