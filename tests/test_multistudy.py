@@ -1087,11 +1087,11 @@ def test_a_check_that_moves_nothing_leaves_the_fit_unchanged(monkeypatch):
 
 def test_free_bits_in_the_loss_while_the_prior_warms_up(monkeypatch):
     """Free bits: a factor's KL below the threshold costs nothing in the training objective,
-    the reported KL is unchanged, evaluation ignores it; the plan turns it on (0.5 nats, the
-    multi-study default) only until the mask prior is at full strength."""
+    the reported KL is unchanged, evaluation ignores it; the plan turns it on (when asked) only
+    until the mask prior is at full strength, and it is off by default."""
     from torch.distributions import kl_divergence
 
-    from sparsevae.train import MULTISTUDY_FREE_BITS, SparseVAETrainingPlan
+    from sparsevae.train import SparseVAETrainingPlan
 
     torch.manual_seed(0)
     adata = small_multistudy()
@@ -1124,22 +1124,15 @@ def test_free_bits_in_the_loss_while_the_prior_warms_up(monkeypatch):
         seen[plan.current_epoch] = plan.module.free_bits
 
     monkeypatch.setattr(SparseVAETrainingPlan, "on_train_epoch_start", spy)
-    model.train(max_epochs=10, batch_size=64, move_confined=False, **QUIET)
+    model.train(max_epochs=10, batch_size=64, kl_free_bits=0.5, move_confined=False, **QUIET)
     full = model.trainer.lightning_module.schedule.full_prior_epoch  # 2 + 4 for 10 epochs
-    assert seen == {e: MULTISTUDY_FREE_BITS if e < full else 0.0 for e in range(10)}
+    assert seen == {e: 0.5 if e < full else 0.0 for e in range(10)}
     assert m.free_bits == 0.0
     seen.clear()
-    model.train(max_epochs=4, batch_size=64, kl_free_bits=0, move_confined=False, **QUIET)
-    assert seen == {e: 0.0 for e in range(4)}
+    model.train(max_epochs=4, batch_size=64, move_confined=False, **QUIET)
+    assert seen == {e: 0.0 for e in range(4)}  # off by default
     with pytest.raises(ValueError, match="kl_free_bits must be a number >= 0"):
         model.train(max_epochs=1, kl_free_bits=-1.0, **QUIET)
-    single = sparsevae.datasets.simulate_programs(
-        n_cells=60, n_genes=40, n_factors=2, genes_per_program=10, seed=0
-    )
-    SparseVAE.setup_anndata(single, layer="counts")
-    one = SparseVAE(single, n_factors=2, n_hidden=8)
-    one.train(max_epochs=3, **QUIET)
-    assert one.trainer.lightning_module.kl_free_bits == 0.0  # single-study: off by default
 
 
 def test_multistudy_count_models_default_to_gates_and_prior_cells():

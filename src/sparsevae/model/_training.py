@@ -55,7 +55,7 @@ class TrainingMixin:
         n_epochs_lambda0_ramp: int | None = None,
         n_epochs_shared_first: int | None = None,
         n_epochs_fixed_correlation: int | None = None,
-        kl_free_bits: float | None = None,
+        kl_free_bits: float = 0.0,
         plan_kwargs: dict[str, Any] | None = None,
         n_restarts: int = 1,
         move_confined: bool = True,
@@ -115,10 +115,10 @@ class TrainingMixin:
         kl_free_bits
             Free bits of the KL term (nats per factor) until the mask prior reaches full
             strength: the encoder gains nothing by collapsing a factor onto the prior early, so
-            every factor stays available while the decoder learns. Default ``None``: 0.5 for
-            multi-study models (a specific factor that collapsed early left its study's program
-            unmodelled, user guide, "Why the defaults are what they are"), 0 (off) for
-            single-study models. Pass 0 to turn it off.
+            every factor stays available while the decoder learns. Default 0 (off). Try 0.5 on
+            a multi-study fit whose specific factors are switched off although a study has a
+            program of its own (it can also keep surplus factors in use; user guide, "The
+            multi-study model").
         plan_kwargs
             Passed to :class:`~sparsevae.train.SparseVAETrainingPlan`.
         n_restarts
@@ -296,7 +296,7 @@ class TrainingMixin:
         n_epochs_shared_first: int | None,
         n_epochs_fixed_correlation: int | None,
         plan_kwargs: dict[str, Any] | None,
-        kl_free_bits: float | None = None,
+        kl_free_bits: float = 0.0,
         move_confined: bool = True,
         **trainer_kwargs: Any,
     ) -> Any:

@@ -1,7 +1,6 @@
 """Training plan and the schedule of the mask prior."""
 
 from ._plan import (
-    MULTISTUDY_FREE_BITS,
     DivergenceError,
     PriorSchedule,
     SparseVAETrainingPlan,
@@ -10,7 +9,6 @@ from ._plan import (
 )
 
 __all__ = [
-    "MULTISTUDY_FREE_BITS",
     "DivergenceError",
     "PriorSchedule",
     "SparseVAETrainingPlan",

@@ -13,7 +13,6 @@ from scvi.train import TrainingPlan
 from ..module import SparseVAEModule
 
 __all__ = [
-    "MULTISTUDY_FREE_BITS",
     "DivergenceError",
     "PriorSchedule",
     "SparseVAETrainingPlan",
@@ -27,9 +26,6 @@ PRIOR_WARMUP_SHARE = 0.2
 LAMBDA0_RAMP_SHARE = 0.4
 #: ``latent_prior="correlated"``: epochs with the prior's correlation held at the identity.
 FIXED_CORRELATION_EPOCHS = 20
-#: Multi-study modules: free bits (nats per factor) of the KL term until the mask prior is at full
-#: strength (``kl_free_bits=None``). See the user guide's "Why the defaults are what they are".
-MULTISTUDY_FREE_BITS = 0.5
 #: ``latent_prior="mixture"``: share of ``max_epochs`` with the ``N(0, I)`` prior before the
 #: mixture's components are placed on the factors (k-means) and the mixture takes over.
 MIXTURE_PRETRAIN_SHARE = 0.2
@@ -163,10 +159,9 @@ class SparseVAETrainingPlan(TrainingPlan):
         Free bits of the KL term, in nats per factor, until the mask prior reaches full
         strength: below it a factor's KL (mean over the minibatch) costs nothing, so the encoder
         does not collapse factors onto the prior before the decoder has found a use for them.
-        ``None``: :data:`MULTISTUDY_FREE_BITS` (0.5) for multi-study modules, where a specific
-        factor that collapses early leaves its study's program unmodelled; 0 (off) otherwise.
-        Only for the ``N(0, I)`` and conditional latent priors. The ELBO reported is the plain
-        one.
+        0 (default): off. Only for the ``N(0, I)`` and conditional latent priors; the ELBO
+        reported is the plain one. Measurements (multi-study simulations): user guide, "The
+        multi-study model".
     n_epochs_mixture_pretrain
         Modules with ``latent_prior="mixture"``: epochs with the ``N(0, I)`` prior at the start;
         then the components are placed by k-means on the training cells' factors and the mixture
@@ -189,7 +184,7 @@ class SparseVAETrainingPlan(TrainingPlan):
         n_epochs_shared_first: int | None = None,
         n_epochs_fixed_correlation: int | None = None,
         n_epochs_mixture_pretrain: int | None = None,
-        kl_free_bits: float | None = None,
+        kl_free_bits: float = 0.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(
@@ -206,10 +201,8 @@ class SparseVAETrainingPlan(TrainingPlan):
         ):
             if value is not None and value < 0:
                 raise ValueError(f"{name} must be >= 0 or None, got {value}.")
-        if kl_free_bits is None:
-            kl_free_bits = MULTISTUDY_FREE_BITS if module.is_multistudy else 0.0
         if not np.isfinite(kl_free_bits) or kl_free_bits < 0:
-            raise ValueError(f"kl_free_bits must be a number >= 0 or None, got {kl_free_bits}.")
+            raise ValueError(f"kl_free_bits must be a number >= 0, got {kl_free_bits}.")
         self.kl_free_bits = float(kl_free_bits)
         # Checked now, resolved against the trainer's max_epochs when training starts.
         prior_schedule(1, module.is_count, n_epochs_prior_warmup, n_epochs_lambda0_ramp)
