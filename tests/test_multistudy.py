@@ -1001,6 +1001,11 @@ def test_mover_swaps_a_repeated_slot_with_a_factor_of_study_programs(monkeypatch
     assert torch.all(spec[1, 5:10, 0] > 0.9) and torch.all(spec[1, :5, 0] == 0)
     assert torch.all(spec[1, 10:, 0] == 0) and torch.all(spec[0, :, 0] == 0)
     assert float(m.prior_specific.eta[0, 0]) < 0.3  # study_0's slot takes nothing: switched off
+    model.moved_factors_ = [{**moves[0], "epoch": 7}]  # as train() records it
+    assert (
+        "swapped by gene: shared factor shared_0 carried programs of study_1, study_2 on 10 genes "
+        "and specific_0 one program in every study; they exchanged roles"
+    ) in model.training_summary()
 
 
 def test_moves_between_masks_refuse_bad_indices_and_models():

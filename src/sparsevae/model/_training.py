@@ -260,6 +260,12 @@ class TrainingMixin:
                         f"split: shared factor {m['factor']} drove {m['n_genes']} of its genes in "
                         f"{m['study']} only; they are now on {m['study']}'s specific_{m['slot']}"
                     )
+                elif m["kind"] == "swap_split":
+                    lines.append(
+                        f"swapped by gene: shared factor {m['factor']} carried programs of "
+                        f"{m['studies'].replace(';', ', ')} on {m['n_genes']} genes and "
+                        f"specific_{m['slot']} one program in every study; they exchanged roles"
+                    )
                 else:
                     lines.append(
                         f"swapped: shared factor {m['factor']} (varied in {m['study']} only) and "
