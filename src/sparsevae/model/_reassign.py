@@ -13,7 +13,9 @@ reports), hands every shared factor confined to one study over to an unused spec
 that study (:meth:`~sparsevae.module.SparseVAEModule.move_to_specific`), and every program
 repeated on one specific factor in all studies to an unused shared factor
 (:meth:`~sparsevae.module.SparseVAEModule.move_to_shared`), or, when no unused factor is left,
-exchanges the two (:meth:`~sparsevae.module.SparseVAEModule.swap_roles`). Then, gene by gene:
+exchanges the two (:meth:`~sparsevae.module.SparseVAEModule.swap_roles`; gene by gene,
+:meth:`~sparsevae.module.SparseVAEModule.swap_roles_by_gene`, with a shared factor that carries
+the programs of several studies on different genes). Then, gene by gene:
 a shared factor that drives some of its genes in one study only (:func:`confined_genes`: a
 study's program that shares a factor with a shared one) hands those genes to a copy of itself in
 an unused specific factor of that study

@@ -133,7 +133,8 @@ class TrainingMixin:
             them after each move, while the masks refit), hand every shared factor that varies
             in one study only to an unused specific factor of that study, and every program
             that all studies' specific masks carry on one specific factor to an unused shared
-            factor, or exchange the two when no unused factor is left (the checks of
+            factor, or exchange the two when no unused factor is left (gene by gene when the
+            shared factor carries several studies' programs on different genes; the checks of
             :func:`~sparsevae.tl.check_shared_specific`); then hand the genes that a shared
             factor drives in one study only to a copy of it in an unused specific factor of that
             study. The remaining epochs refit the masks.
