@@ -402,15 +402,9 @@ def test_multistudy_real_background_json_lines():
     assert set(summary["captured_abs_r_by_program"]) == by_program
 
 
-def fit_factor_names(fit):
-    shared = [f"shared_{k}" for k in range(fit["n_factors"])]
-    return shared + [f"specific_{k}" for k in range(fit["n_specific_factors"])]
-
-
-def test_multistudy_captured_names_the_factor_that_follows_the_planted_activity():
-    """captured(): the factor with the largest |r| with the planted activity, within the study."""
+def load_multistudy_bench():
+    """benchmarks/multistudy.py as a module (it imports its sibling helpers)."""
     import importlib.util
-    from types import SimpleNamespace
 
     spec = importlib.util.spec_from_file_location("bench_multistudy", BENCH / "multistudy.py")
     bench = importlib.util.module_from_spec(spec)
@@ -419,6 +413,19 @@ def test_multistudy_captured_names_the_factor_that_follows_the_planted_activity(
         spec.loader.exec_module(bench)
     finally:
         sys.path.remove(str(BENCH))
+    return bench
+
+
+def fit_factor_names(fit):
+    shared = [f"shared_{k}" for k in range(fit["n_factors"])]
+    return shared + [f"specific_{k}" for k in range(fit["n_specific_factors"])]
+
+
+def test_multistudy_captured_names_the_factor_that_follows_the_planted_activity():
+    """captured(): the factor with the largest |r| with the planted activity, within the study."""
+    from types import SimpleNamespace
+
+    bench = load_multistudy_bench()
     rng = np.random.default_rng(0)
     study = np.array(["study_0"] * 50 + ["study_1"] * 50)
     activity = np.where(study == "study_1", rng.uniform(0, 1, 100) * (rng.random(100) < 0.5), 0.0)
@@ -454,15 +461,7 @@ def test_multistudy_captured_names_the_factor_that_follows_the_planted_activity(
 def test_multistudy_against_background_scores_new_and_own_genes_apart():
     """A planted gene the unplanted fit already selects is scored as an own gene; the others
     are asked to be specific to the right study."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_multistudy", BENCH / "multistudy.py")
-    bench = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec.loader.exec_module(bench)
-    finally:
-        sys.path.remove(str(BENCH))
+    bench = load_multistudy_bench()
     background = {
         "programs": [
             {"name": "P", "labels": {"a": "none", "b": "none", "c": "shared", "d": "none"}}
