@@ -17,7 +17,7 @@ from sparsevae import SparseVAE
 from sparsevae.nn import MaskedDecoder
 from sparsevae.priors import SpikeSlabLasso
 
-from .conftest import QUIET, hand_weights
+from .conftest import QUIET, hand_weights, small_counts
 
 STUDIES = ["study_0", "study_1", "study_2"]
 
@@ -979,7 +979,7 @@ def test_mover_swaps_a_repeated_slot_with_a_factor_of_study_programs(monkeypatch
         m.prior_specific.p_star[:, 20:28, 0] = 0.99  # slot 0: genes 20-27 in every study
         m.prior_specific.eta.fill_(0.3)
         m.decoder.W_specific.fill_(0.5)
-        m.decoder.W_specific[:, 3, 0] = 2.0  # a marked entry, to follow the slot's program
+        m.decoder.W_specific[:, 22, 0] = 2.0  # a marked entry, to follow the slot's program
     effects = np.ones((2, 3, 40))
     effects[0, 2, :5] = 10.0  # genes 0-4 of shared_0 are driven in study_2 only
     effects[0, 1, 5:10] = 10.0  # genes 5-9 in study_1 only
@@ -994,8 +994,9 @@ def test_mover_swaps_a_repeated_slot_with_a_factor_of_study_programs(monkeypatch
          "n_genes": 10, "slot": 0}
     ]  # fmt: skip
     # shared_0 now carries the slot's program; each study's slot the factor's genes of that study
-    assert torch.all(m.prior.p_star[20:28, 0] > 0.9) and torch.all(m.prior.p_star[:10, 0] < 0.9)
-    assert float(m.decoder.W[3, 0]) == 2.0
+    assert torch.all(m.prior.p_star[20:28, 0] > 0.9) and torch.all(m.prior.p_star[:10, 0] == 0)
+    assert float(m.decoder.W[22, 0]) == 2.0
+    assert torch.all(m.decoder.W[:10, 0] == 0)  # the genes handed to the slots stay there
     spec = m.prior_specific.p_star
     assert torch.all(spec[2, :5, 0] > 0.9) and torch.all(spec[2, 5:, 0] == 0)
     assert torch.all(spec[1, 5:10, 0] > 0.9) and torch.all(spec[1, :5, 0] == 0)
@@ -1003,9 +1004,72 @@ def test_mover_swaps_a_repeated_slot_with_a_factor_of_study_programs(monkeypatch
     assert float(m.prior_specific.eta[0, 0]) < 0.3  # study_0's slot takes nothing: switched off
     model.moved_factors_ = [{**moves[0], "epoch": 7}]  # as train() records it
     assert (
-        "swapped by gene: shared factor shared_0 carried programs of study_1, study_2 on 10 genes "
-        "and specific_0 one program in every study; they exchanged roles"
+        "swapped by gene: shared factor shared_0 carried programs of study_1, study_2 on 10 genes; "
+        "it exchanged roles with specific_0 (each study's slot took the factor's genes of that "
+        "study, the factor the slot's program)"
     ) in model.training_summary()
+
+
+def test_mover_swaps_a_factor_of_several_studies_programs_with_a_slot_that_is_not_repeated(
+    monkeypatch,
+):
+    """No free factor and no repeated slot: a shared factor that carries the programs of two
+    studies, gene by gene, swaps with the slot whose gene sets overlap most across studies; the
+    factor does not take back the genes it hands over. With one study's program only, nothing
+    moves."""
+    from sparsevae.model import _reassign
+
+    def setup():
+        torch.manual_seed(0)
+        adata = small_multistudy()
+        SparseVAE.setup_anndata(adata, study_key="study")
+        model = SparseVAE(adata, n_factors=2, n_specific_factors=2, n_hidden=8)
+        model.train(max_epochs=1, batch_size=64, move_confined=False, **QUIET)
+        m = model.module
+        with torch.no_grad():
+            m.prior.p_star.zero_()
+            m.prior.p_star[:10, 0] = 0.99  # shared_0: genes 0-9
+            m.prior.p_star[30:36, 1] = 0.99  # shared_1: genes 30-35 (in use: not free)
+            m.prior.eta.fill_(0.3)
+            m.decoder.W.fill_(0.5)
+            m.prior_specific.p_star.zero_()
+            # slot 0: pieces of one program, overlapping across studies (Jaccard 0.2-0.5, under
+            # the repeated-program check's 0.5); slot 1: each study's own genes (no overlap)
+            m.prior_specific.p_star[0, 0:4, 0] = 0.99
+            m.prior_specific.p_star[1, 2:6, 0] = 0.99
+            m.prior_specific.p_star[2, 12:16, 0] = 0.99
+            m.prior_specific.p_star[0, 16:18, 1] = 0.99
+            m.prior_specific.p_star[1, 18:20, 1] = 0.99
+            m.prior_specific.p_star[2, 36:38, 1] = 0.99
+            m.prior_specific.eta.fill_(0.3)
+            m.decoder.W_specific.fill_(0.5)
+        return model, m
+
+    effects = np.ones((2, 3, 40))
+    effects[0, 2, :5] = 10.0  # genes 0-4 of shared_0 are driven in study_2 only
+    effects[0, 1, 5:10] = 10.0  # genes 5-9 in study_1 only
+
+    def fake_effects(module, z, codes, factors):
+        return effects[factors]
+
+    monkeypatch.setattr(_reassign, "within_study_effects", fake_effects)
+    model, m = setup()
+    assert sparsevae.tl.check_shared_specific(model).repeated.empty  # no repeated slot
+    moves = _reassign.MoveConfinedFactors(model).move(m)
+    assert moves == [
+        {"kind": "swap_split", "factor": "shared_0", "studies": "study_1;study_2",
+         "n_genes": 10, "slot": 0}
+    ]  # fmt: skip
+    spec = m.prior_specific.p_star
+    assert torch.all(spec[2, :5, 0] > 0.9) and torch.all(spec[2, 5:, 0] == 0)
+    assert torch.all(spec[1, 5:10, 0] > 0.9) and torch.all(spec[1, :5, 0] == 0)
+    assert torch.all(m.prior.p_star[:10, 0] == 0) and torch.all(m.decoder.W[:10, 0] == 0)
+    assert torch.all(m.prior.p_star[12:16, 0] > 0.3)  # the slot's pieces, as a mean over studies
+    assert torch.all(spec[:, :, 1] == setup()[1].prior_specific.p_star[:, :, 1])  # slot 1 stays
+
+    effects[0, 1, 5:10] = 1.0  # one study's program only: not this move's case
+    model, m = setup()
+    assert _reassign.MoveConfinedFactors(model).move(m) == []
 
 
 def test_moves_between_masks_refuse_bad_indices_and_models():
@@ -1084,7 +1148,11 @@ def test_a_check_that_moves_nothing_leaves_the_fit_unchanged(monkeypatch):
         adata = small_multistudy()
         SparseVAE.setup_anndata(adata, study_key="study")
         model = SparseVAE(adata, n_factors=2, n_specific_factors=1, n_hidden=8)
-        model.train(max_epochs=12, batch_size=32, move_confined=move_confined, **QUIET)
+        model.train(
+            max_epochs=12, batch_size=32, move_confined=move_confined,
+            kl_free_bits_specific=0.0,  # a fit of these data where the check finds nothing to move
+            **QUIET,
+        )  # fmt: skip
         weights.append(model.module.decoder.W.detach().clone())
     assert len(checked) >= 2 and not any(checked)  # checked in several epochs, nothing moved
     torch.testing.assert_close(weights[0], weights[1], rtol=0, atol=0)
@@ -1117,27 +1185,44 @@ def test_free_bits_in_the_loss_while_the_prior_warms_up(monkeypatch):
     torch.testing.assert_close(free.loss, expected)
     torch.testing.assert_close(free.kl_local["kl_local"], plain.kl_local["kl_local"])
     torch.testing.assert_close(reconst, free.reconstruction_loss["reconstruction_loss"])
+    m.free_bits, m.free_bits_specific = 0.0, 5.0  # the specific factor's KL term only
+    specific = m.loss(batch, inf, gen)
+    k = m.n_factors
+    expected = plain.loss - per_factor[:, k:].sum(-1).mean() + 5.0 * (per_factor.shape[1] - k)
+    torch.testing.assert_close(specific.loss, expected)
     m.eval()
     torch.testing.assert_close(m.loss(batch, inf, gen).loss, plain.loss)  # evaluation: plain ELBO
-    m.free_bits = 0.0
+    m.free_bits = m.free_bits_specific = 0.0
 
     seen = {}
     epoch_start = SparseVAETrainingPlan.on_train_epoch_start
 
     def spy(plan):
         epoch_start(plan)
-        seen[plan.current_epoch] = plan.module.free_bits
+        seen[plan.current_epoch] = (plan.module.free_bits, plan.module.free_bits_specific)
 
     monkeypatch.setattr(SparseVAETrainingPlan, "on_train_epoch_start", spy)
-    model.train(max_epochs=10, batch_size=64, kl_free_bits=0.5, move_confined=False, **QUIET)
+    model.train(
+        max_epochs=10, batch_size=64, kl_free_bits=0.5, kl_free_bits_specific=0.0,
+        move_confined=False, **QUIET,
+    )  # fmt: skip
     full = model.trainer.lightning_module.schedule.full_prior_epoch  # 2 + 4 for 10 epochs
-    assert seen == {e: 0.5 if e < full else 0.0 for e in range(10)}
-    assert m.free_bits == 0.0
+    assert seen == {e: (0.5, 0.0) if e < full else (0.0, 0.0) for e in range(10)}
+    assert m.free_bits == m.free_bits_specific == 0.0
     seen.clear()
-    model.train(max_epochs=4, batch_size=64, move_confined=False, **QUIET)
-    assert seen == {e: 0.0 for e in range(4)}  # off by default
+    model.train(max_epochs=10, batch_size=64, move_confined=False, **QUIET)
+    # the default: free bits on the specific factors only, until the full prior
+    assert seen == {e: (0.0, 0.5) if e < full else (0.0, 0.0) for e in range(10)}
     with pytest.raises(ValueError, match="kl_free_bits must be a number >= 0"):
         model.train(max_epochs=1, kl_free_bits=-1.0, **QUIET)
+    with pytest.raises(ValueError, match="kl_free_bits_specific must be a number >= 0"):
+        model.train(max_epochs=1, kl_free_bits_specific=-1.0, **QUIET)
+
+    single = small_counts()
+    SparseVAE.setup_anndata(single)
+    seen.clear()
+    SparseVAE(single, n_factors=2, n_hidden=8).train(max_epochs=3, batch_size=64, **QUIET)
+    assert seen == {e: (0.0, 0.0) for e in range(3)}  # single-study models: off
 
 
 def test_multistudy_count_models_default_to_gates_and_prior_cells():

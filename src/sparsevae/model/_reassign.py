@@ -15,7 +15,9 @@ repeated on one specific factor in all studies to an unused shared factor
 (:meth:`~sparsevae.module.SparseVAEModule.move_to_shared`), or, when no unused factor is left,
 exchanges the two (:meth:`~sparsevae.module.SparseVAEModule.swap_roles`; gene by gene,
 :meth:`~sparsevae.module.SparseVAEModule.swap_roles_by_gene`, with a shared factor that carries
-the programs of several studies on different genes). Then, gene by gene:
+the programs of several studies on different genes; such a factor, when it carries the programs
+of two or more studies and no slot is free or repeated, swaps with the slot whose gene sets
+overlap most across studies). Then, gene by gene:
 a shared factor that drives some of its genes in one study only (:func:`confined_genes`: a
 study's program that shares a factor with a shared one) hands those genes to a copy of itself in
 an unused specific factor of that study
@@ -210,6 +212,16 @@ class MoveConfinedFactors(Callback):
                 stuck.append(slot)
         if stuck:
             moves.extend(self._swap_split(module, z, codes, selections["shared"], stuck, moves))
+        elif not free and not moves and module.n_specific_factors > 0:
+            # No free slot and no repeated one: a shared factor that carries the programs of
+            # several studies, gene by gene, swaps with the slot that looks most like a shared
+            # program (the specific slots then hold pieces of the program the factor lost).
+            slot = self._most_repeated_slot(masks[1:])
+            moves.extend(
+                self._swap_split(
+                    module, z, codes, selections["shared"], [slot], moves, min_studies=2
+                )
+            )
         if free:
             moves.extend(self._split(module, z, codes, selections["shared"], free, moves))
         return moves
@@ -243,13 +255,15 @@ class MoveConfinedFactors(Callback):
         selected: pd.DataFrame,
         slots: list[int],
         moved: list[dict[str, Any]],
+        min_studies: int = 1,
     ) -> list[dict[str, Any]]:
-        """Exchange repeated slots with shared factors that carry study programs gene by gene.
+        """Exchange slots with shared factors that carry study programs gene by gene.
 
         For a slot that carries one program in every study when no factor is free: a shared
         factor most of whose selected genes are confined to one study or another (each study's
         program on one shared factor) takes the slot's program, and each study's slot takes the
         factor's genes confined to that study (:meth:`SparseVAEModule.swap_roles_by_gene`).
+        ``min_studies``: only factors with confined genes in at least this many studies.
         """
         model = self.model
         table = self._confined_table(module, z, codes, selected, moved)
@@ -259,6 +273,8 @@ class MoveConfinedFactors(Callback):
         candidates = []
         for factor, rows in table.groupby("factor", sort=False):
             n_confined = int(rows["n_genes"].sum())
+            if len(rows) < min_studies:
+                continue
             if 2 * n_confined >= int(selected[factor].sum()):  # mostly study programs
                 candidates.append((n_confined, str(factor), rows))
         candidates.sort(key=lambda c: -c[0])
@@ -273,12 +289,29 @@ class MoveConfinedFactors(Callback):
                     var_names.isin(row["genes"].split(";"))
                 )
             k = list(model.shared_factor_names).index(factor)
-            module.swap_roles_by_gene(k, slot, genes)
+            module.swap_roles_by_gene(k, slot, genes, drop_from_factor=genes.any(0))
             swaps.append(
                 {"kind": "swap_split", "factor": factor, "studies": ";".join(rows["study"]),
                  "n_genes": n_confined, "slot": slot}
             )  # fmt: skip
         return swaps
+
+    @staticmethod
+    def _most_repeated_slot(specific_masks: list[Any]) -> int:
+        """The specific slot whose selected genes overlap most across studies (mean Jaccard)."""
+        sets = [is_selected(m.p_star).cpu().numpy() for m in specific_masks]
+        best, best_score = 0, -1.0
+        for slot in range(sets[0].shape[1]):
+            scores = []
+            for i in range(len(sets)):
+                for j in range(i + 1, len(sets)):
+                    a, b = sets[i][:, slot], sets[j][:, slot]
+                    union = int((a | b).sum())
+                    scores.append((a & b).sum() / union if union else 0.0)
+            score = float(np.mean(scores)) if scores else 0.0
+            if score > best_score:
+                best, best_score = slot, score
+        return best
 
     def _split(
         self,

@@ -12,7 +12,12 @@ import scvi
 import torch
 
 from ..priors import MIN_EFFECT_SHARE, anchors, effect_share, factor_use, is_selected
-from ..train import DivergenceError, default_max_epochs, prior_schedule
+from ..train import (
+    MULTISTUDY_FREE_BITS_SPECIFIC,
+    DivergenceError,
+    default_max_epochs,
+    prior_schedule,
+)
 from ._checks import MAX_EFFECT_CELLS, effect_cells, shared_specific_checks, within_study_effects
 from ._reassign import MoveConfinedFactors
 from ._validate import (
@@ -56,6 +61,7 @@ class TrainingMixin:
         n_epochs_shared_first: int | None = None,
         n_epochs_fixed_correlation: int | None = None,
         kl_free_bits: float = 0.0,
+        kl_free_bits_specific: float | None = None,
         plan_kwargs: dict[str, Any] | None = None,
         n_restarts: int = 1,
         move_confined: bool = True,
@@ -119,6 +125,12 @@ class TrainingMixin:
             a multi-study fit whose specific factors are switched off although a study has a
             program of its own (it can also keep surplus factors in use; user guide, "The
             multi-study model").
+        kl_free_bits_specific
+            Multi-study models: free bits of the study-specific factors only, on the same
+            schedule. Default ``None``: ``MULTISTUDY_FREE_BITS_SPECIFIC`` (0.5), so that a
+            study's factor is not given up before the decoder finds the study's program; 0
+            turns it off (ignored by single-study models). Measurements: user guide, "The
+            multi-study model".
         plan_kwargs
             Passed to :class:`~sparsevae.train.SparseVAETrainingPlan`.
         n_restarts
@@ -134,7 +146,8 @@ class TrainingMixin:
             in one study only to an unused specific factor of that study, and every program
             that all studies' specific masks carry on one specific factor to an unused shared
             factor, or exchange the two when no unused factor is left (gene by gene when the
-            shared factor carries several studies' programs on different genes; the checks of
+            shared factor carries several studies' programs on different genes, also with the
+            slot most alike across studies when none is free or repeated; the checks of
             :func:`~sparsevae.tl.check_shared_specific`); then hand the genes that a shared
             factor drives in one study only to a copy of it in an unused specific factor of that
             study. The remaining epochs refit the masks.
@@ -168,6 +181,7 @@ class TrainingMixin:
             n_epochs_lambda0_ramp=n_epochs_lambda0_ramp,
             n_epochs_shared_first=n_epochs_shared_first,
             n_epochs_fixed_correlation=n_epochs_fixed_correlation, kl_free_bits=kl_free_bits,
+            kl_free_bits_specific=kl_free_bits_specific,
             plan_kwargs=plan_kwargs, move_confined=move_confined, **trainer_kwargs,
         )  # fmt: skip
         if n_restarts == 1:
@@ -264,8 +278,9 @@ class TrainingMixin:
                 elif m["kind"] == "swap_split":
                     lines.append(
                         f"swapped by gene: shared factor {m['factor']} carried programs of "
-                        f"{m['studies'].replace(';', ', ')} on {m['n_genes']} genes and "
-                        f"specific_{m['slot']} one program in every study; they exchanged roles"
+                        f"{m['studies'].replace(';', ', ')} on {m['n_genes']} genes; it "
+                        f"exchanged roles with specific_{m['slot']} (each study's slot took the "
+                        "factor's genes of that study, the factor the slot's program)"
                     )
                 else:
                     lines.append(
@@ -304,6 +319,7 @@ class TrainingMixin:
         n_epochs_fixed_correlation: int | None,
         plan_kwargs: dict[str, Any] | None,
         kl_free_bits: float = 0.0,
+        kl_free_bits_specific: float | None = None,
         move_confined: bool = True,
         **trainer_kwargs: Any,
     ) -> Any:
@@ -323,6 +339,7 @@ class TrainingMixin:
             "n_epochs_prior_warmup": n_epochs_prior_warmup,
             "n_epochs_lambda0_ramp": n_epochs_lambda0_ramp,
             "kl_free_bits": kl_free_bits,
+            "kl_free_bits_specific": self._free_bits_specific(kl_free_bits_specific),
             **(plan_kwargs or {}),
         }
         schedule = prior_schedule(
@@ -417,6 +434,12 @@ class TrainingMixin:
         self.history_ = history
         self.restart_elbos_ = elbos
         return result
+
+    def _free_bits_specific(self, value: float | None) -> float:
+        """``kl_free_bits_specific`` with its default filled in (0 for single-study models)."""
+        if not self.module.is_multistudy:
+            return 0.0
+        return MULTISTUDY_FREE_BITS_SPECIFIC if value is None else float(value)
 
     def _lone_last_cell(self, train_size: float, batch_size: int) -> bool:
         """Whether the training cells would leave a last minibatch of a single cell."""

@@ -290,8 +290,10 @@ class SparseVAEModule(BaseModuleClass):
         # the training plan holds it fixed for the first epochs).
         self.correlation_on = True
         # Free bits (nats per factor) of the training objective's KL term, set by the training
-        # plan while the mask prior warms up; 0: the plain ELBO (see ``loss``).
+        # plan while the mask prior warms up; 0: the plain ELBO (see ``loss``). On every factor
+        # (``free_bits``) and on the study-specific factors only (``free_bits_specific``).
         self.free_bits = 0.0
+        self.free_bits_specific = 0.0
         self.sigma_prior_df = float(sigma_prior_df)
         self.sigma_prior_scale = float(sigma_prior_scale)
         if prior_cells is not None and (
@@ -766,11 +768,12 @@ class SparseVAEModule(BaseModuleClass):
         if self.latent_prior == "mixture":
             global_penalty = global_penalty + self.mixture_prior.dirichlet_penalty()
         weight = self.kl_weight * kl_weight
-        if self.training and self.free_bits > 0 and isinstance(pz, Normal):
-            # Free bits (Kingma et al. 2016): a factor's KL below ``free_bits`` (mean over the
+        free_bits = self._free_bits_per_factor()
+        if self.training and free_bits is not None and isinstance(pz, Normal):
+            # Free bits (Kingma et al. 2016): a factor's KL below its free bits (mean over the
             # minibatch) costs nothing, so the encoder gains nothing by collapsing a factor onto
             # the prior before the decoder has found a use for it. The reported KL is unchanged.
-            free = torch.clamp(per_factor.mean(0), min=self.free_bits).sum()
+            free = torch.maximum(per_factor.mean(0), free_bits.to(per_factor)).sum()
             negative_elbo = torch.mean(reconst) + weight * free
         else:
             negative_elbo = torch.mean(reconst + weight * kl)
@@ -785,6 +788,18 @@ class SparseVAEModule(BaseModuleClass):
             kl_local=kl,
             kl_global=decoder_penalty + global_penalty,
         )
+
+    def _free_bits_per_factor(self) -> torch.Tensor | None:
+        """Free bits per factor (``free_bits``; ``free_bits_specific`` on the specific factors).
+
+        ``None`` when both are 0 (the plain KL term).
+        """
+        if self.free_bits <= 0 and self.free_bits_specific <= 0:
+            return None
+        n_z = self.n_factors + self.n_specific_factors
+        bits = torch.full((n_z,), float(self.free_bits))
+        bits[self.n_factors :] = max(float(self.free_bits), float(self.free_bits_specific))
+        return bits
 
     def mask_priors(self) -> list[SpikeSlabLasso]:
         """The Spike-and-Slab Lasso priors of the masks (empty for the plain VAE).
@@ -1084,7 +1099,13 @@ class SparseVAEModule(BaseModuleClass):
         self.swap_roles_by_gene(factor, slot, genes)
 
     @torch.no_grad()
-    def swap_roles_by_gene(self, factor: int, slot: int, genes: torch.Tensor) -> None:
+    def swap_roles_by_gene(
+        self,
+        factor: int,
+        slot: int,
+        genes: torch.Tensor,
+        drop_from_factor: torch.Tensor | None = None,
+    ) -> None:
         """:meth:`swap_roles` where the shared factor carries a program per study, gene by gene.
 
         For a shared factor that drives some genes in one study only and others in another
@@ -1104,6 +1125,11 @@ class SparseVAEModule(BaseModuleClass):
             Index of the specific factor that carries the same program in every study.
         genes
             Boolean ``(n_studies, n_genes)``: the genes each study's ``slot`` takes.
+        drop_from_factor
+            Boolean ``(n_genes,)``: genes the factor does not take from the slot (their entries
+            start in the spike). The move check passes the genes it hands to the studies'
+            slots, so that a slot that also carried pieces of its own study's program does not
+            give them back to the shared factor. ``None``: the factor takes every gene.
         """
         self._check_reassignment("swap_roles_by_gene", factor, slot)
         K = self.n_factors
@@ -1138,6 +1164,16 @@ class SparseVAEModule(BaseModuleClass):
         p_old, e_old = shared.p_star[:, factor].clone(), shared.eta[factor].clone()
         shared.p_star[:, factor] = spec.p_star[:, :, slot].mean(0)
         shared.eta[factor] = spec.eta[:, slot].mean()
+        if drop_from_factor is not None:
+            drop = torch.as_tensor(drop_from_factor, dtype=torch.bool, device=dec.W.device)
+            if drop.shape != (dec.n_genes,):
+                raise ValueError(
+                    f"drop_from_factor must be a boolean tensor of shape ({dec.n_genes},)."
+                )
+            dec.W[drop, factor] = 0.0
+            shared.p_star[drop, factor] = 0.0
+            if self.gate_on and self.gate_shared:
+                dec.gate[drop, factor] = 0.0
         spec.p_star[:, :, slot] = torch.where(genes, p_old, torch.zeros_like(p_old))
         off = torch.clamp(spec.eta[:, slot], max=0.5 * spec.eta_off)
         spec.eta[:, slot] = torch.where(genes.any(1), e_old, off)

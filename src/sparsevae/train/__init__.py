@@ -1,6 +1,7 @@
 """Training plan and the schedule of the mask prior."""
 
 from ._plan import (
+    MULTISTUDY_FREE_BITS_SPECIFIC,
     DivergenceError,
     PriorSchedule,
     SparseVAETrainingPlan,
@@ -9,6 +10,7 @@ from ._plan import (
 )
 
 __all__ = [
+    "MULTISTUDY_FREE_BITS_SPECIFIC",
     "DivergenceError",
     "PriorSchedule",
     "SparseVAETrainingPlan",

@@ -13,6 +13,7 @@ from scvi.train import TrainingPlan
 from ..module import SparseVAEModule
 
 __all__ = [
+    "MULTISTUDY_FREE_BITS_SPECIFIC",
     "DivergenceError",
     "PriorSchedule",
     "SparseVAETrainingPlan",
@@ -24,6 +25,9 @@ __all__ = [
 PRIOR_WARMUP_SHARE = 0.2
 #: Count likelihoods: share of ``max_epochs`` of the spike-rate ladder after the warm-up.
 LAMBDA0_RAMP_SHARE = 0.4
+#: Multi-study models: default free bits (nats per factor) of the study-specific factors until
+#: the mask prior is at full strength (``SparseVAE.train(kl_free_bits_specific=)``).
+MULTISTUDY_FREE_BITS_SPECIFIC = 0.5
 #: ``latent_prior="correlated"``: epochs with the prior's correlation held at the identity.
 FIXED_CORRELATION_EPOCHS = 20
 #: ``latent_prior="mixture"``: share of ``max_epochs`` with the ``N(0, I)`` prior before the
@@ -162,6 +166,9 @@ class SparseVAETrainingPlan(TrainingPlan):
         0 (default): off. Only for the ``N(0, I)`` and conditional latent priors; the ELBO
         reported is the plain one. Measurements (multi-study simulations): user guide, "The
         multi-study model".
+    kl_free_bits_specific
+        Free bits of the study-specific factors only (multi-study modules), on the same
+        schedule; a factor gets the larger of the two. 0 (default): off.
     n_epochs_mixture_pretrain
         Modules with ``latent_prior="mixture"``: epochs with the ``N(0, I)`` prior at the start;
         then the components are placed by k-means on the training cells' factors and the mixture
@@ -185,6 +192,7 @@ class SparseVAETrainingPlan(TrainingPlan):
         n_epochs_fixed_correlation: int | None = None,
         n_epochs_mixture_pretrain: int | None = None,
         kl_free_bits: float = 0.0,
+        kl_free_bits_specific: float = 0.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(
@@ -201,9 +209,14 @@ class SparseVAETrainingPlan(TrainingPlan):
         ):
             if value is not None and value < 0:
                 raise ValueError(f"{name} must be >= 0 or None, got {value}.")
-        if not np.isfinite(kl_free_bits) or kl_free_bits < 0:
-            raise ValueError(f"kl_free_bits must be a number >= 0, got {kl_free_bits}.")
+        for name, bits in (
+            ("kl_free_bits", kl_free_bits),
+            ("kl_free_bits_specific", kl_free_bits_specific),
+        ):
+            if not np.isfinite(bits) or bits < 0:
+                raise ValueError(f"{name} must be a number >= 0, got {bits}.")
         self.kl_free_bits = float(kl_free_bits)
+        self.kl_free_bits_specific = float(kl_free_bits_specific)
         # Checked now, resolved against the trainer's max_epochs when training starts.
         prior_schedule(1, module.is_count, n_epochs_prior_warmup, n_epochs_lambda0_ramp)
         self._schedule_args = (n_epochs_prior_warmup, n_epochs_lambda0_ramp)
@@ -248,7 +261,9 @@ class SparseVAETrainingPlan(TrainingPlan):
         self.module.set_prior_schedule(penalty_on=self._em_on, ramp=t)
         self.module.specific_on = epoch >= self.n_epochs_shared_first
         self.module.correlation_on = epoch >= self.n_epochs_fixed_correlation
-        self.module.free_bits = self.kl_free_bits if epoch < self.schedule.full_prior_epoch else 0.0
+        free = epoch < self.schedule.full_prior_epoch
+        self.module.free_bits = self.kl_free_bits if free else 0.0
+        self.module.free_bits_specific = self.kl_free_bits_specific if free else 0.0
         if epoch >= self.n_epochs_mixture_pretrain:
             self._place_mixture()
 
@@ -309,6 +324,7 @@ class SparseVAETrainingPlan(TrainingPlan):
         self.module.specific_on = True
         self.module.correlation_on = True
         self.module.free_bits = 0.0
+        self.module.free_bits_specific = 0.0
 
     def _divergence(self, what: str) -> DivergenceError:
         return DivergenceError(
