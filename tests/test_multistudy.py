@@ -958,31 +958,43 @@ def test_mover_splits_the_confined_genes_off_a_shared_factor(monkeypatch):
     assert torch.all(m.prior_specific.p_star[[0, 2], :, 1] == 0)
 
 
+def model_for_swaps(n_specific_factors, slot_genes):
+    """A briefly trained model with hand-set masks for the move check's swaps: shared_0 selects
+    genes 0-9, shared_1 genes 30-35 (in use, so not free); ``slot_genes`` maps (study, slot) to
+    the genes that slot selects; every W entry 0.5; and the check's gene-level effects of
+    shared_0: genes 0-4 driven in study_2 only, genes 5-9 in study_1 only."""
+    torch.manual_seed(0)
+    adata = small_multistudy()
+    SparseVAE.setup_anndata(adata, study_key="study")
+    model = SparseVAE(adata, n_factors=2, n_specific_factors=n_specific_factors, n_hidden=8)
+    model.train(max_epochs=1, batch_size=64, move_confined=False, **QUIET)
+    m = model.module
+    with torch.no_grad():
+        m.prior.p_star.zero_()
+        m.prior.p_star[:10, 0] = 0.99
+        m.prior.p_star[30:36, 1] = 0.99
+        m.prior.eta.fill_(0.3)
+        m.decoder.W.fill_(0.5)
+        m.prior_specific.p_star.zero_()
+        for (study, slot), genes in slot_genes.items():
+            m.prior_specific.p_star[study, genes, slot] = 0.99
+        m.prior_specific.eta.fill_(0.3)
+        m.decoder.W_specific.fill_(0.5)
+    effects = np.ones((2, 3, 40))
+    effects[0, 2, :5] = 10.0
+    effects[0, 1, 5:10] = 10.0
+    return model, m, effects
+
+
 def test_mover_swaps_a_repeated_slot_with_a_factor_of_study_programs(monkeypatch):
     """No free factor: a slot repeated in every study and a shared factor that carries one
     study's program on some genes and another study's on others exchange roles, gene by gene."""
     from sparsevae.model import _reassign
 
-    torch.manual_seed(0)
-    adata = small_multistudy()
-    SparseVAE.setup_anndata(adata, study_key="study")
-    model = SparseVAE(adata, n_factors=2, n_specific_factors=1, n_hidden=8)
-    model.train(max_epochs=1, batch_size=64, move_confined=False, **QUIET)
-    m = model.module
+    # slot 0: genes 20-27 in every study (a repeated program)
+    model, m, effects = model_for_swaps(1, {(s, 0): slice(20, 28) for s in range(3)})
     with torch.no_grad():
-        m.prior.p_star.zero_()
-        m.prior.p_star[:10, 0] = 0.99  # shared_0: genes 0-9
-        m.prior.p_star[30:36, 1] = 0.99  # shared_1: genes 30-35 (in use: not free)
-        m.prior.eta.fill_(0.3)
-        m.decoder.W.fill_(0.5)
-        m.prior_specific.p_star.zero_()
-        m.prior_specific.p_star[:, 20:28, 0] = 0.99  # slot 0: genes 20-27 in every study
-        m.prior_specific.eta.fill_(0.3)
-        m.decoder.W_specific.fill_(0.5)
         m.decoder.W_specific[:, 22, 0] = 2.0  # a marked entry, to follow the slot's program
-    effects = np.ones((2, 3, 40))
-    effects[0, 2, :5] = 10.0  # genes 0-4 of shared_0 are driven in study_2 only
-    effects[0, 1, 5:10] = 10.0  # genes 5-9 in study_1 only
 
     def fake_effects(module, z, codes, factors):
         return effects[factors]
@@ -1019,41 +1031,13 @@ def test_mover_swaps_a_factor_of_several_studies_programs_with_a_slot_that_is_no
     moves."""
     from sparsevae.model import _reassign
 
-    def setup():
-        torch.manual_seed(0)
-        adata = small_multistudy()
-        SparseVAE.setup_anndata(adata, study_key="study")
-        model = SparseVAE(adata, n_factors=2, n_specific_factors=2, n_hidden=8)
-        model.train(max_epochs=1, batch_size=64, move_confined=False, **QUIET)
-        m = model.module
-        with torch.no_grad():
-            m.prior.p_star.zero_()
-            m.prior.p_star[:10, 0] = 0.99  # shared_0: genes 0-9
-            m.prior.p_star[30:36, 1] = 0.99  # shared_1: genes 30-35 (in use: not free)
-            m.prior.eta.fill_(0.3)
-            m.decoder.W.fill_(0.5)
-            m.prior_specific.p_star.zero_()
-            # slot 0: pieces of one program, overlapping across studies (Jaccard 0.2-0.5, under
-            # the repeated-program check's 0.5); slot 1: each study's own genes (no overlap)
-            m.prior_specific.p_star[0, 0:4, 0] = 0.99
-            m.prior_specific.p_star[1, 2:6, 0] = 0.99
-            m.prior_specific.p_star[2, 12:16, 0] = 0.99
-            m.prior_specific.p_star[0, 16:18, 1] = 0.99
-            m.prior_specific.p_star[1, 18:20, 1] = 0.99
-            m.prior_specific.p_star[2, 36:38, 1] = 0.99
-            m.prior_specific.eta.fill_(0.3)
-            m.decoder.W_specific.fill_(0.5)
-        return model, m
+    # slot 0: pieces of one program, overlapping across studies (Jaccard 0-0.33, under the
+    # repeated-program check's 0.5); slot 1: each study's own genes (no overlap)
+    slots = {(0, 0): slice(0, 4), (1, 0): slice(2, 6), (2, 0): slice(12, 16),
+             (0, 1): slice(16, 18), (1, 1): slice(18, 20), (2, 1): slice(36, 38)}  # fmt: skip
 
-    effects = np.ones((2, 3, 40))
-    effects[0, 2, :5] = 10.0  # genes 0-4 of shared_0 are driven in study_2 only
-    effects[0, 1, 5:10] = 10.0  # genes 5-9 in study_1 only
-
-    def fake_effects(module, z, codes, factors):
-        return effects[factors]
-
-    monkeypatch.setattr(_reassign, "within_study_effects", fake_effects)
-    model, m = setup()
+    model, m, effects = model_for_swaps(2, slots)
+    monkeypatch.setattr(_reassign, "within_study_effects", lambda module, z, c, f: effects[f])
     assert sparsevae.tl.check_shared_specific(model).repeated.empty  # no repeated slot
     moves = _reassign.MoveConfinedFactors(model).move(m)
     assert moves == [
@@ -1065,10 +1049,10 @@ def test_mover_swaps_a_factor_of_several_studies_programs_with_a_slot_that_is_no
     assert torch.all(spec[1, 5:10, 0] > 0.9) and torch.all(spec[1, :5, 0] == 0)
     assert torch.all(m.prior.p_star[:10, 0] == 0) and torch.all(m.decoder.W[:10, 0] == 0)
     assert torch.all(m.prior.p_star[12:16, 0] > 0.3)  # the slot's pieces, as a mean over studies
-    assert torch.all(spec[:, :, 1] == setup()[1].prior_specific.p_star[:, :, 1])  # slot 1 stays
+    assert torch.all(spec[0, 16:18, 1] > 0.9) and torch.all(spec[2, 36:38, 1] > 0.9)  # slot 1 stays
 
+    model, m, effects = model_for_swaps(2, slots)
     effects[0, 1, 5:10] = 1.0  # one study's program only: not this move's case
-    model, m = setup()
     assert _reassign.MoveConfinedFactors(model).move(m) == []
 
 
