@@ -60,8 +60,9 @@ thread). At the package defaults one pbmc fit (400 epochs) took 12-13 minutes on
 the shared 2-core machine (1.8-2.0 s per epoch at load 2-3; 1.45 s at load 1.1), so
 ``--real pbmc --seeds 0 1 2 --folds 2 4 8`` (nine fits) takes about 2 hours; a Zeisel fit (100
 epochs of about 10 s) about 17 minutes. ``benchmarks/results/multistudy_real.jsonl`` holds
-runs at the defaults of their time; the last, of session 17, ``--real pbmc --folds 1 8`` for
-seeds 0-4 with the multi-study defaults for counts (spike gates, ``prior_cells=200``).
+runs at the defaults of their time; the last, of session 20, ``--real pbmc --folds 8`` and
+``--folds 4`` for seeds 0-4 (one process per seed and fold), scored against session 19's
+fold-1 fits of the same seeds.
 """
 
 from __future__ import annotations
