@@ -119,12 +119,11 @@ class TrainingMixin:
             prior's correlation ``R`` stays the identity, so the factors separate before ``R``
             is learned. Default ``None``: 20. Ignored by other models.
         kl_free_bits
-            Free bits of the KL term (nats per factor) until the mask prior reaches full
-            strength: the encoder gains nothing by collapsing a factor onto the prior early, so
-            every factor stays available while the decoder learns. Default 0 (off). Try 0.5 on
-            a multi-study fit whose specific factors are switched off although a study has a
-            program of its own (it can also keep surplus factors in use; user guide, "The
-            multi-study model").
+            Free bits of the KL term (nats per factor), on every factor, until the mask prior
+            reaches full strength: the encoder gains nothing by collapsing a factor onto the
+            prior early. Default 0 (off): on every factor they keep surplus factors in use.
+            Multi-study models have them on their specific factors by default
+            (``kl_free_bits_specific``).
         kl_free_bits_specific
             Multi-study models: free bits of the study-specific factors only, on the same
             schedule. Default ``None``: ``MULTISTUDY_FREE_BITS_SPECIFIC`` (0.5), so that a
