@@ -55,6 +55,10 @@ fit is the background the other folds are scored against (:func:`against_backgro
 genes that it already selects belong to the data's own programs, where ``both`` is the right
 label, and the target is asked of the other genes (``planted_specific_right_study_new``).
 
+``--module-kwargs`` and ``--train-kwargs`` (JSON, either mode) are passed to ``SparseVAE(...)``
+and ``model.train(...)``, e.g. ``--train-kwargs '{"kl_free_bits_specific": 0}'`` to compare
+with the free bits of the specific factors off; each fit line records them.
+
 ``python benchmarks/multistudy.py --real pbmc --quick``: seed 0, fold 4, 40 epochs (66 s on one
 thread). At the package defaults one pbmc fit (400 epochs) took 12-13 minutes on one thread of
 the shared 2-core machine (1.8-2.0 s per epoch at load 2-3; 1.45 s at load 1.1), so
@@ -113,6 +117,7 @@ def fit(
     kl_warmup: int | None = None,
     move_confined: bool = True,
     module_kwargs: dict[str, Any] | None = None,
+    train_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Fit one multi-study SparseVAE (``extra`` surplus factors per mask) and score it."""
     ad = simulate(n_studies, seed, size)
@@ -132,6 +137,7 @@ def fit(
         n_epochs_shared_first=shared_first,
         n_epochs_kl_warmup=kl_warmup,
         move_confined=move_confined,
+        **(train_kwargs or {}),
         **QUIET,
     )
     seconds = time.perf_counter() - t0
@@ -160,6 +166,7 @@ def fit(
         **{k: size[k] for k in ("n_genes", "n_shared", "n_specific", "n_cells_per_study")},
         "extra_factors": extra,
         "module_kwargs": module_kwargs or {},
+        "train_kwargs": train_kwargs or {},
         "n_epochs_kl_warmup": kl_warmup,
         "move_confined": move_confined,
         "moved": model.moved_factors_,
@@ -250,9 +257,10 @@ def fit_real(
     n_specific: int,
     move_confined: bool = True,
     module_kwargs: dict[str, Any] | None = None,
+    train_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Plant the programs into the real counts, fit (package defaults unless ``module_kwargs``
-    say otherwise), and score."""
+    or ``train_kwargs`` say otherwise), and score."""
     ad = real.plant(background, programs, fold, fraction, seed)
     info = real.DATASETS[data]
     n_shared = info["n_factors"]
@@ -262,7 +270,7 @@ def fit_real(
         ad, n_factors=n_shared, n_specific_factors=n_specific, **(module_kwargs or {})
     )
     t0 = time.perf_counter()
-    model.train(max_epochs=max_epochs, move_confined=move_confined, **QUIET)
+    model.train(max_epochs=max_epochs, move_confined=move_confined, **(train_kwargs or {}), **QUIET)
     seconds = time.perf_counter() - t0
     n_epochs = int(model.trainer.lightning_module.current_epoch) or (max_epochs or 0)
     table = sparsevae.tl.shared_specific_genes(model).genes.reindex(ad.var_names)
@@ -321,6 +329,7 @@ def fit_real(
         "n_factors": n_shared,
         "n_specific_factors": n_specific,
         "module_kwargs": module_kwargs or {},
+        "train_kwargs": train_kwargs or {},
         "max_epochs": max_epochs,
         "n_epochs": n_epochs,
         "planted_fraction": fraction,
@@ -540,6 +549,7 @@ def main_real(args: argparse.Namespace) -> None:
             "n_factors": real.DATASETS[args.real]["n_factors"],
             "n_specific_factors": args.n_specific_factors,
             "module_kwargs": json.loads(args.module_kwargs),
+            "train_kwargs": json.loads(args.train_kwargs),
         },
         "sparsevae_source": str(Path(sparsevae.__file__).parent),
         "machine": machine_info(threads=1),
@@ -566,6 +576,7 @@ def main_real(args: argparse.Namespace) -> None:
                 args.n_specific_factors,
                 not args.no_move,
                 json.loads(args.module_kwargs),
+                json.loads(args.train_kwargs),
             )
             if fold == 1.0:
                 baseline = record
@@ -650,6 +661,12 @@ def main() -> None:
         default="{}",
         help="JSON passed to SparseVAE(...) in either mode, e.g. '{\"spike_gate\": true}'",
     )
+    real_mode.add_argument(
+        "--train-kwargs",
+        default="{}",
+        help="JSON passed to model.train(...) in either mode, e.g. "
+        "'{\"kl_free_bits_specific\": 0}'",
+    )
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -697,6 +714,7 @@ def main() -> None:
             "kl_warmup": args.kl_warmup,
             "move_confined": not args.no_move,
             "module_kwargs": json.loads(args.module_kwargs),
+            "train_kwargs": json.loads(args.train_kwargs),
             "cost": not args.no_cost,
         },
         "machine": machine_info(threads=1),
@@ -715,6 +733,7 @@ def main() -> None:
                     args.kl_warmup,
                     not args.no_move,
                     json.loads(args.module_kwargs),
+                    json.loads(args.train_kwargs),
                 )
                 print(json.dumps(record), flush=True)
         if not args.no_cost:

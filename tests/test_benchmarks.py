@@ -8,9 +8,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
+#: The Hallmark gene sets of the project's shared folder: the pbmc real-background runs plant them.
+HALLMARK_GMT = ROOT.parent / "shared" / "genesets" / "h.all.v7.5.1.symbols.gmt"
+needs_hallmark = pytest.mark.skipif(
+    not HALLMARK_GMT.exists(), reason=f"needs {HALLMARK_GMT} (the project's shared folder)"
+)
 
 
 def test_identifiability_quick_json_lines_and_report(tmp_path):
@@ -165,6 +171,7 @@ def test_multistudy_script_json_lines():
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
     cmd = [sys.executable, str(BENCH / "multistudy.py"), "--quick", "--max-epochs", "3"]
+    cmd += ["--train-kwargs", '{"kl_free_bits_specific": 0.25}']  # recorded (passed: below)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
@@ -175,6 +182,8 @@ def test_multistudy_script_json_lines():
     ]
     meta, fit, cost = records
     assert meta["settings"]["max_epochs"] == 3 and meta["settings"]["studies"] == [3]
+    assert meta["settings"]["train_kwargs"] == {"kl_free_bits_specific": 0.25}
+    assert fit["train_kwargs"] == {"kl_free_bits_specific": 0.25}
     assert fit["n_studies"] == 3 and fit["max_epochs"] == 3
     assert len(fit["f1_shared"]) == 2 and set(fit["f1_specific"]) == {
         "study_0",
@@ -332,6 +341,7 @@ def test_stability_script_json_lines():
     assert records[6]["median_jaccard_anchors"] is None  # the VAE has no mask
 
 
+@needs_hallmark
 def test_multistudy_real_background_json_lines():
     """benchmarks/multistudy.py --real pbmc --quick, cut short (3 epochs), folds 4 and 1: a meta
     line, one fit line per (seed, fold) with the shares of each planted program's genes per
@@ -419,6 +429,33 @@ def load_multistudy_bench():
 def fit_factor_names(fit):
     shared = [f"shared_{k}" for k in range(fit["n_factors"])]
     return shared + [f"specific_{k}" for k in range(fit["n_specific_factors"])]
+
+
+@needs_hallmark
+def test_multistudy_fits_pass_train_kwargs_to_train(monkeypatch):
+    """--train-kwargs reaches model.train() in both modes (the fit stops there)."""
+    import sparsevae
+
+    bench = load_multistudy_bench()
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def train(self, **kwargs):
+        seen.append(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(sparsevae.SparseVAE, "train", train)
+    size = {"n_genes": 60, "n_shared": 1, "n_specific": 1, "genes_per_program": 10,
+            "n_cells_per_study": 30, "n_hidden": 8, "batch_size": 32}  # fmt: skip
+    with pytest.raises(Stop):
+        bench.fit(2, 0, size, 2, train_kwargs={"kl_free_bits_specific": 0.0})
+    background, programs = bench.real.background("pbmc", 2, 0)
+    with pytest.raises(Stop):
+        bench.fit_real("pbmc", background, programs, "random", 0, 4.0, 2, 0.5, 1,
+                       train_kwargs={"kl_free_bits_specific": 0.0})  # fmt: skip
+    assert [k["kl_free_bits_specific"] for k in seen] == [0.0, 0.0]
 
 
 def test_multistudy_captured_names_the_factor_that_follows_the_planted_activity():
