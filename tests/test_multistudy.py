@@ -1071,6 +1071,9 @@ def test_moves_between_masks_refuse_bad_indices_and_models():
         module.move_to_shared(slot=1, factor=0)
     with pytest.raises(ValueError, match="genes must be a boolean tensor of shape"):
         module.swap_roles_by_gene(factor=0, slot=0, genes=genes)
+    by_study = torch.zeros(2, 6, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"drop_from_factor must be a boolean tensor of shape"):
+        module.swap_roles_by_gene(factor=0, slot=0, genes=by_study, drop_from_factor=by_study)
     single = SparseVAEModule(n_input=6, n_factors=2, n_hidden=4)
     with pytest.raises(ValueError, match="split_to_specific needs a multi-study module"):
         single.split_to_specific(factor=0, study=0, slot=0, genes=genes)

@@ -20,6 +20,7 @@ __all__ = [
     "MultiStudyChecks",
     "confined_genes",
     "effect_cells",
+    "jaccard",
     "shared_specific_checks",
     "within_study_effects",
 ]
@@ -256,6 +257,12 @@ def confined_genes(
 MIN_FOLD_OVER_CHANCE = 2.0
 
 
+def jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    """Jaccard index of two boolean gene sets (0 when both are empty)."""
+    union = int((a | b).sum())
+    return int((a & b).sum()) / union if union else 0.0
+
+
 def _repeated_programs(
     sets: list[tuple[str, str, np.ndarray]], n_studies: int, min_jaccard: float
 ) -> pd.DataFrame:
@@ -275,9 +282,8 @@ def _repeated_programs(
             if sets[i][0] == sets[j][0]:
                 continue
             a, b = sets[i][2], sets[j][2]
-            union = int((a | b).sum())
             shared = int((a & b).sum())
-            jac[i, j] = jac[j, i] = shared / union if union else 0.0
+            jac[i, j] = jac[j, i] = jaccard(a, b)
             chance = a.sum() * b.sum() / a.size
             if jac[i, j] >= min_jaccard and shared >= MIN_FOLD_OVER_CHANCE * chance:
                 parent[root(i)] = root(j)

@@ -40,6 +40,7 @@ from ._checks import (
     MAX_EFFECT_CELLS,
     confined_genes,
     effect_cells,
+    jaccard,
     shared_specific_checks,
     within_study_effects,
 )
@@ -212,7 +213,7 @@ class MoveConfinedFactors(Callback):
                 stuck.append(slot)
         if stuck:
             moves.extend(self._swap_split(module, z, codes, selections["shared"], stuck, moves))
-        elif not free and not moves and module.n_specific_factors > 0:
+        elif not free and not moves:
             # No free slot and no repeated one: a shared factor that carries the programs of
             # several studies, gene by gene, swaps with the slot that looks most like a shared
             # program (the specific slots then hold pieces of the program the factor lost).
@@ -302,12 +303,11 @@ class MoveConfinedFactors(Callback):
         sets = [is_selected(m.p_star).cpu().numpy() for m in specific_masks]
         best, best_score = 0, -1.0
         for slot in range(sets[0].shape[1]):
-            scores = []
-            for i in range(len(sets)):
-                for j in range(i + 1, len(sets)):
-                    a, b = sets[i][:, slot], sets[j][:, slot]
-                    union = int((a | b).sum())
-                    scores.append((a & b).sum() / union if union else 0.0)
+            scores = [
+                jaccard(sets[i][:, slot], sets[j][:, slot])
+                for i in range(len(sets))
+                for j in range(i + 1, len(sets))
+            ]
             score = float(np.mean(scores)) if scores else 0.0
             if score > best_score:
                 best, best_score = slot, score

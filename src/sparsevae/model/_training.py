@@ -127,9 +127,10 @@ class TrainingMixin:
         kl_free_bits_specific
             Multi-study models: free bits of the study-specific factors only, on the same
             schedule. Default ``None``: ``MULTISTUDY_FREE_BITS_SPECIFIC`` (0.5), so that a
-            study's factor is not given up before the decoder finds the study's program; 0
-            turns it off (ignored by single-study models). Measurements: user guide, "The
-            multi-study model".
+            study's factor is not given up before the decoder finds the study's program. Set
+            0 when the specific masks select many genes beyond their study's program, or to
+            compare with a fit without them; ignored by single-study models. Measurements:
+            user guide, "The multi-study model".
         plan_kwargs
             Passed to :class:`~sparsevae.train.SparseVAETrainingPlan`.
         n_restarts
