@@ -1,7 +1,7 @@
 """Recovery of planted count programs from several random starts: one JSON line per start.
 
 Usage: ``python benchmarks/planted_starts.py [--seeds 0 1 2] [--data-seed 0] [--n-restarts 1]
-[--module-kwargs '{"n_layers": 1}']``.
+[--module-kwargs '{"n_layers": 1}'] [--train-kwargs '{"kl_free_bits": 0.5}']``.
 The setting of ``tests/test_planted.py``: ``simulate_programs`` (1000 cells, 400 genes, 8
 programs), 10 factors, 100 epochs, package defaults. Each line: the start, the training ELBO per
 cell (``get_elbo()``), the smallest |Pearson r| of a true factor with its matched learned factor,
@@ -22,7 +22,13 @@ from scipy.optimize import linear_sum_assignment
 N_TRUE, N_FIT = 8, 10
 
 
-def fit(seed: int, data_seed: int, n_restarts: int, module_kwargs: dict | None = None) -> dict:
+def fit(
+    seed: int,
+    data_seed: int,
+    n_restarts: int,
+    module_kwargs: dict | None = None,
+    train_kwargs: dict | None = None,
+) -> dict:
     """Fit one model and score it against the planted programs."""
     import scvi
 
@@ -34,7 +40,9 @@ def fit(seed: int, data_seed: int, n_restarts: int, module_kwargs: dict | None =
     sparsevae.SparseVAE.setup_anndata(adata, layer="counts")
     model = sparsevae.SparseVAE(adata, n_factors=N_FIT, **(module_kwargs or {}))
     t0 = time.perf_counter()
-    model.train(max_epochs=100, n_restarts=n_restarts, **TRAINER_KWARGS)
+    model.train(
+        max_epochs=100, n_restarts=n_restarts, **(train_kwargs or {}), **TRAINER_KWARGS
+    )
     seconds = time.perf_counter() - t0
     z, zt = model.get_latent_representation(), adata.obsm["true_factors"]
     corr = np.corrcoef(zt.T, z.T)[:N_TRUE, N_TRUE:]
@@ -55,6 +63,7 @@ def fit(seed: int, data_seed: int, n_restarts: int, module_kwargs: dict | None =
         "data_seed": data_seed,
         "n_restarts": n_restarts,
         "module_kwargs": module_kwargs or {},
+        "train_kwargs": train_kwargs or {},
         "elbo": round(float(model.get_elbo()), 3),
         "min_abs_r": round(float(min(abs(corr[t, k]) for t, k in match.items())), 3),
         "mean_f1": round(float(np.mean(f1)), 3),
@@ -74,6 +83,7 @@ def main() -> None:
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--n-restarts", type=int, default=1)
     p.add_argument("--module-kwargs", default="{}", help="JSON passed to SparseVAE(...)")
+    p.add_argument("--train-kwargs", default="{}", help="JSON passed to model.train(...)")
     args = p.parse_args()
     import torch
 
@@ -81,7 +91,13 @@ def main() -> None:
     quiet_logs()
     with stdout_to_stderr() as out:
         for seed in args.seeds:
-            rec = fit(seed, args.data_seed, args.n_restarts, json.loads(args.module_kwargs))
+            rec = fit(
+                seed,
+                args.data_seed,
+                args.n_restarts,
+                json.loads(args.module_kwargs),
+                json.loads(args.train_kwargs),
+            )
             print(json.dumps(rec), file=out, flush=True)
 
 

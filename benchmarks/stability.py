@@ -84,7 +84,10 @@ def fit(method: str, adata: Any, label: str, seed: int, args: argparse.Namespace
         **(json.loads(args.module_kwargs) if method == "sparsevae" else {}),
     )
     t0 = time.perf_counter()
-    model.train(max_epochs=args.epochs, n_restarts=args.n_restarts, **TRAINER_KWARGS)
+    train_kwargs = json.loads(args.train_kwargs) if method == "sparsevae" else {}
+    model.train(
+        max_epochs=args.epochs, n_restarts=args.n_restarts, **train_kwargs, **TRAINER_KWARGS
+    )
     seconds = time.perf_counter() - t0
     model.write_results(ad, effects=False)
     labels = ad.obs[label].astype(str)
@@ -100,6 +103,7 @@ def fit(method: str, adata: Any, label: str, seed: int, args: argparse.Namespace
         "seed": seed,
         "n_restarts": args.n_restarts,
         "module_kwargs": json.loads(args.module_kwargs) if method == "sparsevae" else {},
+        "train_kwargs": train_kwargs,
         "elbo": round(float(model.get_elbo()), 3),
         "accuracy": round(float(acc["mean"]), 4),
         "train_seconds": round(seconds, 1),
@@ -146,6 +150,11 @@ def main(argv: list[str] | None = None) -> int:
         "--module-kwargs",
         default="{}",
         help="JSON of extra SparseVAE arguments for the Sparse VAE, e.g. '{\"spike_gate\": false}'",
+    )
+    p.add_argument(
+        "--train-kwargs",
+        default="{}",
+        help="JSON of model.train arguments for the Sparse VAE, e.g. '{\"kl_free_bits\": 0.5}'",
     )
     p.add_argument(
         "--auxiliary-key", default=None, help="obs column used as u by ivae, sparse_conditional"

@@ -70,3 +70,30 @@ def test_bad_inputs(written):
     other.var_names = [f"x{i}" for i in range(adata.n_vars)]
     with pytest.raises(ValueError, match="other genes"):
         sparsevae.tl.factor_stability([adata, other])
+
+
+def test_factors_in_use_are_matched_among_themselves(written):
+    """A switched-off factor that still varies a little with a real one is no counterpart: the
+    reference factor is matched to the factor in use, and one without a partner in use is
+    unmatched (|r| 0)."""
+    _, adata = written
+    ref = adata.copy()
+    ref.varm["sparsevae_pstar"][0] = 1.0  # every factor selects gene 0: all three in use
+    ref.varm["sparsevae_W"][0] = 1.0
+    ref.uns["sparsevae"]["eta"] = np.full(3, 0.5)
+    z = ref.obsm["X_sparsevae"]
+    rng = np.random.default_rng(0)
+    other = ref.copy()
+    other.obsm["X_sparsevae"] = np.column_stack(
+        [z[:, 0] + 0.8 * z[:, 0].std() * rng.normal(size=len(z)), z[:, 1], 0.01 * z[:, 0]]
+    )
+    other.varm["sparsevae_pstar"][:, 2] = 0.0  # factor 2: switched off
+    other.varm["sparsevae_W"][:, 2] = 0.0
+    other.uns["sparsevae"]["eta"] = np.array([0.5, 0.5, 0.0])
+    stab = sparsevae.tl.factor_stability([ref, other])
+    m = stab.matches.set_index("factor")
+    names = list(stab.factors["factor"])
+    assert m.loc[names[0], "matched"] == names[0]
+    assert 0.6 < m.loc[names[0], "abs_r"] < 0.95
+    assert m.loc[names[1], "matched"] == names[1]
+    assert m.loc[names[2], "matched"] is None and m.loc[names[2], "abs_r"] == 0.0

@@ -119,6 +119,23 @@ def _abs_corr(za: np.ndarray, zb: np.ndarray) -> np.ndarray:
     return np.abs(a.T @ b / len(za))
 
 
+def _match(corr: np.ndarray, active_ref: np.ndarray, active: np.ndarray) -> dict[int, int]:
+    """One-to-one matches of reference factors (rows) to another fit's (columns) by ``|r|``.
+
+    Factors in use are matched among themselves first; the reference's switched-off factors then
+    take what is left. A reference factor in use left without a partner in use is unmatched.
+    """
+    match: dict[int, int] = {}
+    rows, cols = np.flatnonzero(active_ref), np.flatnonzero(active)
+    r_idx, c_idx = linear_sum_assignment(-corr[np.ix_(rows, cols)])
+    match.update(zip(rows[r_idx].tolist(), cols[c_idx].tolist(), strict=True))
+    rest_rows = np.flatnonzero(~active_ref)
+    rest_cols = np.setdiff1d(np.arange(corr.shape[1]), list(match.values()))
+    r_idx, c_idx = linear_sum_assignment(-corr[np.ix_(rest_rows, rest_cols)])
+    match.update(zip(rest_rows[r_idx].tolist(), rest_cols[c_idx].tolist(), strict=True))
+    return match
+
+
 def factor_stability(
     fits: Sequence[FitData],
     *,
@@ -131,7 +148,11 @@ def factor_stability(
     """How reproducible each factor is across fits of the same cells.
 
     The factors of every fit are matched one to one to those of the first fit (the reference)
-    by the Hungarian algorithm on the absolute correlation of their values over the cells. For each
+    by the Hungarian algorithm on the absolute correlation of their values over the cells, the
+    factors in use with the factors in use: a switched-off factor (no effect on the decoder)
+    can still vary a little over the cells and correlate with a real one, and is no counterpart
+    of it. A reference factor in use that finds no factor in use in another fit is unmatched
+    there (``abs_r`` and Jaccard indices 0). For each
     reference factor it reports the matched absolute correlation and the Jaccard indices of the
     selected genes and of the anchor genes, and a consensus: the share of fits selecting each
     gene. An identifiable model gives the same factors from every start; a plain VAE's factors
@@ -177,23 +198,20 @@ def factor_stability(
         if not res.genes.equals(genes):
             raise ValueError(f"Fit {i} has other genes than fit 0; compare fits of the same data.")
 
-    def columns(res: Results) -> tuple[np.ndarray, list[str], Any, Any]:
+    def columns(res: Results) -> tuple[np.ndarray, list[str], Any, Any, np.ndarray]:
         names = res.mask(kind).factors
         z = res.latent[:, [res.factor_names.index(f) for f in names]]
         if not res.has_prior:
-            return z, names, None, None
+            return z, names, None, None, np.ones(len(names), dtype=bool)
         return (
             z,
             names,
             res.selected(kind, min_pstar).to_numpy(),
             res.anchors(kind, min_pstar).to_numpy(),
+            ~res.factor_status(kind, min_pstar)["switched_off"].to_numpy(),
         )
 
-    z0, names0, sel0, anc0 = columns(ref)
-    if ref.has_prior:
-        active0 = ~ref.factor_status(kind, min_pstar)["switched_off"].to_numpy()
-    else:
-        active0 = np.ones(len(names0), dtype=bool)
+    z0, names0, sel0, anc0, active0 = columns(ref)
     rows = []
     selected_count = np.zeros((len(genes), len(names0)))
     n_with_masks = 0
@@ -201,15 +219,14 @@ def factor_stability(
         selected_count += sel0
         n_with_masks += 1
     for i, res in enumerate(results[1:], start=1):
-        z, names, sel, anc = columns(res)
+        z, names, sel, anc, active = columns(res)
         if z.shape[0] != z0.shape[0]:
             raise ValueError(
                 f"Fit {i} has {z.shape[0]} cells and fit 0 has {z0.shape[0]}: compare fits of "
                 "the same cells."
             )
         corr = _abs_corr(z0, z)
-        r_idx, c_idx = linear_sum_assignment(-corr)
-        match = dict(zip(r_idx.tolist(), c_idx.tolist(), strict=True))
+        match = _match(corr, active0, active)
         if sel is not None:
             n_with_masks += 1
         for k, factor in enumerate(names0):
