@@ -40,9 +40,7 @@ def fit(
     sparsevae.SparseVAE.setup_anndata(adata, layer="counts")
     model = sparsevae.SparseVAE(adata, n_factors=N_FIT, **(module_kwargs or {}))
     t0 = time.perf_counter()
-    model.train(
-        max_epochs=100, n_restarts=n_restarts, **(train_kwargs or {}), **TRAINER_KWARGS
-    )
+    model.train(max_epochs=100, n_restarts=n_restarts, **(train_kwargs or {}), **TRAINER_KWARGS)
     seconds = time.perf_counter() - t0
     z, zt = model.get_latent_representation(), adata.obsm["true_factors"]
     corr = np.corrcoef(zt.T, z.T)[:N_TRUE, N_TRUE:]
