@@ -314,10 +314,12 @@ def test_merge_runs_more_seeds():
 
 def test_stability_script_json_lines():
     """benchmarks/stability.py --quick: a meta line, a fit line per method and seed, and a
-    stability line per method."""
+    stability line per model (the linear peers give their accuracy only); --train-kwargs is
+    recorded with the Sparse VAE's fits."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, str(BENCH / "stability.py"), "--quick"]
+    cmd = [sys.executable, str(BENCH / "stability.py"), "--quick", "--methods", "sparsevae"]
+    cmd += ["vae", "pca", "--train-kwargs", '{"rotate_after_warmup": false}']
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
@@ -330,14 +332,20 @@ def test_stability_script_json_lines():
         ("fit", "vae"),
         ("fit", "vae"),
         ("stability", "vae"),
+        ("fit", "pca"),
+        ("fit", "pca"),
     ]
     fit = records[1]
+    assert fit["train_kwargs"] == {"rotate_after_warmup": False}
+    assert records[4]["train_kwargs"] == {}  # the VAE's
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in records[7:])
     assert 0 <= fit["identifiable_factors"] <= fit["active_factors"] <= 15
     assert len(fit["anchors_per_factor"]) == 15 and 0.0 <= fit["accuracy"] <= 1.0
     assert isinstance(fit["unfaithful_factors"], list)
     assert fit["effect_share_selected"] is None or 0.0 <= fit["effect_share_selected"] <= 1.0
     stab = records[3]
     assert 0.0 <= stab["median_abs_r"] <= 1.0 and stab["seeds"] == [0, 1]
+    assert stab["median_jaccard_selected"] is None or 0.0 <= stab["median_jaccard_selected"] <= 1
     assert records[6]["median_jaccard_anchors"] is None  # the VAE has no mask
 
 

@@ -366,3 +366,47 @@ def test_restarts_keep_the_fit_with_the_best_elbo():
     assert single.get_elbo() == pytest.approx(elbos[0], rel=1e-4)
     with pytest.raises(ValueError, match="n_restarts"):
         model.train(max_epochs=1, n_restarts=0, **QUIET)
+
+
+def test_factors_take_their_varimax_rotation_at_the_end_of_the_warmup():
+    """rotate_after_warmup: when the mask prior starts, the factors' loadings on the genes are in
+    their varimax position (varimax of them is the identity); the rotation is kept; no rotation
+    without a warm-up (Gaussian default) or when turned off."""
+    import lightning.pytorch as pl
+
+    from sparsevae.module import varimax
+
+    adata = small_counts(n_cells=150, n_genes=40, n_factors=2)
+    SparseVAE.setup_anndata(adata, layer="counts")
+    model = SparseVAE(adata, n_factors=3, n_hidden=8)
+    counts = adata.layers["counts"]
+    x = torch.tensor(counts.toarray() if sp.issparse(counts) else counts, dtype=torch.float32)
+    seen = {}
+
+    class AtPriorStart(pl.Callback):
+        def on_train_batch_start(self, trainer, plan, batch, batch_idx):
+            if trainer.current_epoch == 2 and batch_idx == 0:
+                module = plan.module
+                module.eval()  # as the rotation reads the factors: no dropout
+                with torch.no_grad():
+                    z = module.inference(x)["qz"].loc.double().numpy()
+                    lx = module.loading_expression({"X": x}).double().numpy()
+                module.train()
+                z = z[:, z.std(0) >= 0.1] - z[:, z.std(0) >= 0.1].mean(0)
+                lx = (lx - lx.mean(0)) / np.where(lx.std(0) > 0, lx.std(0), 1.0)
+                values, vectors = np.linalg.eigh(z.T @ z / len(z))
+                white = z @ (vectors / np.sqrt(values)) @ vectors.T  # loadings as the plan's
+                seen["R"] = varimax(lx.T @ white / len(z))
+
+    model.train(
+        max_epochs=4, n_epochs_prior_warmup=2, n_epochs_lambda0_ramp=1,
+        rotate_after_warmup=True, callbacks=[AtPriorStart()], **QUIET,
+    )  # fmt: skip
+    R = model.warmup_rotation_
+    np.testing.assert_allclose(R.T @ R, np.eye(3), atol=1e-5)
+    assert not np.allclose(R, np.eye(3), atol=1e-3)  # a random start is not in varimax position
+    np.testing.assert_allclose(seen["R"], np.eye(len(seen["R"])), atol=0.05)
+    model.train(max_epochs=4, n_epochs_prior_warmup=2, rotate_after_warmup=False, **QUIET)
+    assert model.warmup_rotation_ is None
+    model.train(max_epochs=4, n_epochs_prior_warmup=0, rotate_after_warmup=True, **QUIET)
+    assert model.warmup_rotation_ is None

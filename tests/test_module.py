@@ -242,3 +242,58 @@ def test_specific_gates_leave_the_shared_mask_open():
     both = SparseVAEModule(10, n_factors=2, n_hidden=8, n_specific_factors=2, n_studies=2,
                            spike_gate=True)  # fmt: skip
     assert both.gate_shared and both.gate_specific
+
+
+def test_varimax_gives_the_same_loadings_from_any_rotation():
+    """varimax: the rotated loadings are sparse, canonical (order, sign) and the same whatever
+    rotation of them it is given; R is orthogonal."""
+    from sparsevae.module import varimax
+
+    rng = np.random.default_rng(0)
+    L = np.zeros((60, 3))
+    for k in range(3):  # three blocks of genes, one per factor, of decreasing strength
+        L[20 * k : 20 * (k + 1), k] = rng.uniform(0.5, 1.0, 20) * (3 - k)
+    L += rng.normal(scale=0.05, size=L.shape)
+    Q = np.linalg.qr(rng.normal(size=(3, 3)))[0]
+    R = varimax(L @ Q)
+    np.testing.assert_allclose(R.T @ R, np.eye(3), atol=1e-10)
+    rotated = L @ Q @ R
+    np.testing.assert_allclose(rotated, L @ varimax(L), atol=1e-4)
+    np.testing.assert_allclose(rotated, L, atol=0.05)  # the blocks, in order, signed positive
+    with pytest.raises(ValueError, match="matrix"):
+        varimax(np.ones(3))
+
+
+def test_rotate_factors_keeps_the_model_when_mask_rows_are_flat():
+    """rotate_factors: encoder means rotate exactly (z' = R^T z) and, with flat mask rows, the
+    decoded means do not change; models whose prior is not rotation-invariant refuse."""
+    torch.manual_seed(0)
+    module = SparseVAEModule(30, n_factors=3, n_hidden=8)
+    with torch.no_grad():
+        module.decoder.W.copy_(torch.rand(30, 1).expand(30, 3))
+        for p in module.offset_net.parameters():
+            p.normal_(0, 0.3)
+    module.eval()
+    x = torch.poisson(torch.full((20, 30), 3.0))
+
+    def run():
+        inf = module.inference(x)
+        z = inf["qz"].loc
+        return z, module.generative(z, inf["library"])["px"].mean
+
+    z0, mu0 = run()
+    R = torch.linalg.qr(torch.randn(3, 3))[0]
+    module.rotate_factors(R)
+    z1, mu1 = run()
+    torch.testing.assert_close(z1, z0 @ R, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mu1, mu0, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="3 x 3"):
+        module.rotate_factors(torch.eye(2))
+    for other in (
+        SparseVAEModule(30, n_factors=3, latent_prior="correlated"),
+        SparseVAEModule(30, n_factors=3, mask=None),
+        SparseVAEModule(30, n_factors=2, n_studies=2, n_specific_factors=1),
+    ):
+        assert not other.can_rotate
+        with pytest.raises(ValueError, match="rotate"):
+            other.rotate_factors(torch.eye(other.n_factors))

@@ -1212,15 +1212,15 @@ def test_free_bits_in_the_loss_while_the_prior_warms_up(monkeypatch):
     assert seen == {e: (0.0, 0.0) for e in range(3)}  # single-study models: off
 
 
-def test_multistudy_count_models_default_to_gates_and_prior_cells():
-    from sparsevae.module import MULTISTUDY_COUNT_DEFAULTS
+def test_count_models_default_to_gates_and_prior_cells():
+    from sparsevae.module import COUNT_DEFAULTS
 
     adata = small_multistudy()
     SparseVAE.setup_anndata(adata, study_key="study")
     model = SparseVAE(adata, n_factors=2, n_specific_factors=1)
     assert model.likelihood == "nb"
     assert model.module.gate_shared and model.module.gate_specific
-    assert model.module.prior_cells == MULTISTUDY_COUNT_DEFAULTS["prior_cells"] == 200
+    assert model.module.prior_cells == COUNT_DEFAULTS["prior_cells"] == 200
     # recorded as the model's options, so that a saved model is rebuilt with them
     assert model.init_params_["kwargs"]["module_kwargs"]["prior_cells"] == 200
     # what the user passes wins: the exact MAP weight without gates
@@ -1229,11 +1229,12 @@ def test_multistudy_count_models_default_to_gates_and_prior_cells():
     only = SparseVAE(adata, n_factors=2, n_specific_factors=1, spike_gate="specific")
     assert not only.module.gate_shared and only.module.gate_specific
     assert only.module.prior_cells == 200
-    # single-study models and the Gaussian likelihood keep the module's defaults
+    # single-study models on counts too; the Gaussian likelihood and the VAE keep the module's
     single = small_multistudy()
     SparseVAE.setup_anndata(single)
     one = SparseVAE(single, n_factors=2)
-    assert not one.module.spike_gate and one.module.prior_cells is None
+    assert one.module.gate_shared and one.module.prior_cells == 200
+    assert not SparseVAE(single, n_factors=2, mask=None).module.spike_gate
     logged = small_multistudy()
     logged.X = sp.csr_matrix(logged.X).log1p().astype(np.float32)
     SparseVAE.setup_anndata(logged, study_key="study")

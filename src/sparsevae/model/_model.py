@@ -24,7 +24,7 @@ from ..module import (
     AUXILIARY_KEY,
     LATENT_PRIORS,
     LIKELIHOODS,
-    MULTISTUDY_COUNT_DEFAULTS,
+    COUNT_DEFAULTS,
     STUDY_KEY,
     SparseVAEModule,
 )
@@ -133,11 +133,12 @@ class SparseVAE(
         cells. Ignored by other priors.
     **module_kwargs
         Passed to :class:`~sparsevae.module.SparseVAEModule` (e.g. ``n_layers_encoder``,
-        ``dropout_rate``, ``spike_gate``, ``prior_cells``). Multi-study models with a count
-        likelihood default to ``spike_gate=True, prior_cells=200``
-        (:data:`~sparsevae.module.MULTISTUDY_COUNT_DEFAULTS`): without them a program of one
-        study stays on the shared masks on real counts (user guide, "The multi-study model");
-        pass ``spike_gate=False, prior_cells=None`` for the exact MAP weight without gates.
+        ``dropout_rate``, ``spike_gate``, ``prior_cells``). Models with a count likelihood
+        default to ``spike_gate=True, prior_cells=200``
+        (:data:`~sparsevae.module.COUNT_DEFAULTS`): without them real counts give dense masks
+        without anchors, and a program of one study stays on the shared masks (user guide,
+        "Why the defaults are what they are"); pass ``spike_gate=False, prior_cells=None`` for
+        the exact MAP weight without gates.
 
     Examples
     --------
@@ -236,9 +237,9 @@ class SparseVAE(
             scale = np.where(stats.col_stds > 1e-8, stats.col_stds, 1.0)
             data_kwargs["gene_loc"] = torch.as_tensor(stats.col_means, dtype=torch.float32)
             data_kwargs["gene_scale"] = torch.as_tensor(scale, dtype=torch.float32)
-        if n_specific_factors and likelihood != "gaussian" and mask is not None:
-            # Multi-study on counts: gates and a prior against at most 200 cells, unless given.
-            module_kwargs = {**MULTISTUDY_COUNT_DEFAULTS, **module_kwargs}
+        if likelihood != "gaussian" and mask is not None:
+            # Counts: gates and a prior against at most 200 cells, unless given.
+            module_kwargs = {**COUNT_DEFAULTS, **module_kwargs}
         # Kept so that train(n_restarts=...) can start again from a fresh initialisation.
         self._module_kwargs = dict(
             n_input=n_genes,

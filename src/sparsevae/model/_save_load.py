@@ -198,8 +198,8 @@ def read_model_file(path: str | os.PathLike) -> dict[str, Any]:
 def _keep_old_prior_defaults(saved: dict[str, Any]) -> None:
     """Files that do not record ``spike_gate`` and ``prior_cells`` load with both off.
 
-    Multi-study models on counts record both since they default to them
-    (:data:`~sparsevae.module.MULTISTUDY_COUNT_DEFAULTS`); a file without them was written before
+    Models on counts record both since they default to them
+    (:data:`~sparsevae.module.COUNT_DEFAULTS`); a file without them was written before
     that, or by a model whose defaults are these (the module's), so further training keeps them.
     """
     init = saved["attr_dict"].get("init_params_")

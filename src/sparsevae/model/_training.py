@@ -14,6 +14,7 @@ import torch
 from ..priors import MIN_EFFECT_SHARE, anchors, effect_share, factor_use, is_selected
 from ..train import (
     MULTISTUDY_FREE_BITS_SPECIFIC,
+    ROTATE_AFTER_WARMUP,
     DivergenceError,
     default_max_epochs,
     prior_schedule,
@@ -62,6 +63,7 @@ class TrainingMixin:
         n_epochs_fixed_correlation: int | None = None,
         kl_free_bits: float = 0.0,
         kl_free_bits_specific: float | None = None,
+        rotate_after_warmup: bool | None = None,
         plan_kwargs: dict[str, Any] | None = None,
         n_restarts: int = 1,
         move_confined: bool = True,
@@ -131,6 +133,15 @@ class TrainingMixin:
             0 when the specific masks select many genes beyond their study's program, or to
             compare with a fit without them; ignored by single-study models. Measurements:
             user guide, "The multi-study model".
+        rotate_after_warmup
+            At the end of the mask prior's warm-up, rotate the factors to the varimax rotation
+            of their loadings on the genes, so that the mask prior starts from the same basis
+            whatever the random start (during the warm-up the model is a plain VAE, whose factors
+            are identified only up to a rotation). Default ``None``:
+            :data:`~sparsevae.train.ROTATE_AFTER_WARMUP`. Applies to single-study models with
+            ``latent_prior="normal"`` and a warm-up (count likelihoods by default); ignored by
+            others. The rotation is kept in ``model.warmup_rotation_``. Measurements: user
+            guide, "Why the defaults are what they are".
         plan_kwargs
             Passed to :class:`~sparsevae.train.SparseVAETrainingPlan`.
         n_restarts
@@ -182,6 +193,7 @@ class TrainingMixin:
             n_epochs_shared_first=n_epochs_shared_first,
             n_epochs_fixed_correlation=n_epochs_fixed_correlation, kl_free_bits=kl_free_bits,
             kl_free_bits_specific=kl_free_bits_specific,
+            rotate_after_warmup=rotate_after_warmup,
             plan_kwargs=plan_kwargs, move_confined=move_confined, **trainer_kwargs,
         )  # fmt: skip
         if n_restarts == 1:
@@ -320,6 +332,7 @@ class TrainingMixin:
         plan_kwargs: dict[str, Any] | None,
         kl_free_bits: float = 0.0,
         kl_free_bits_specific: float | None = None,
+        rotate_after_warmup: bool | None = None,
         move_confined: bool = True,
         **trainer_kwargs: Any,
     ) -> Any:
@@ -340,6 +353,9 @@ class TrainingMixin:
             "n_epochs_lambda0_ramp": n_epochs_lambda0_ramp,
             "kl_free_bits": kl_free_bits,
             "kl_free_bits_specific": self._free_bits_specific(kl_free_bits_specific),
+            "rotate_after_warmup": ROTATE_AFTER_WARMUP
+            if rotate_after_warmup is None
+            else bool(rotate_after_warmup),
             **(plan_kwargs or {}),
         }
         schedule = prior_schedule(
@@ -393,6 +409,8 @@ class TrainingMixin:
         )
         if mover is not None:
             self.moved_factors_ = list(mover.moves)
+        rotation = self.trainer.lightning_module.rotation_
+        self.warmup_rotation_ = None if rotation is None else rotation.detach().cpu().numpy()
         bad = self.module.non_finite_parameters()
         if bad:
             raise DivergenceError(

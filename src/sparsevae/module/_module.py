@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 from scvi import REGISTRY_KEYS
 from scvi.distributions import NegativeBinomial, ZeroInflatedNegativeBinomial
@@ -17,13 +18,14 @@ from torch.distributions import MultivariateNormal, Normal, Poisson, kl_divergen
 
 from ..nn import MaskedDecoder
 from ..priors import ConditionalPrior, MixturePrior, SpikeSlabLasso, is_selected
+from ._rotation import varimax
 
 __all__ = [
     "AUXILIARY_KEY",
     "DEFAULT_PRIOR_CELLS",
     "LATENT_PRIORS",
     "LIKELIHOODS",
-    "MULTISTUDY_COUNT_DEFAULTS",
+    "COUNT_DEFAULTS",
     "STUDY_KEY",
     "ModuleMask",
     "SparseVAEModule",
@@ -68,12 +70,12 @@ class ModuleMask:
 #: Default ``prior_cells``: ``None``, the exact MAP weight (the prior against all ``N`` cells).
 DEFAULT_PRIOR_CELLS: float | None = None
 
-#: Module options that :class:`~sparsevae.SparseVAE` fills in for multi-study models with a
-#: count likelihood and the mask prior, where the user does not pass them: spike gates on every
-#: mask and the prior weighed against at most 200 cells (each study's specific mask against at
-#: most 200 of its own). Pass ``spike_gate=False, prior_cells=None`` for the exact MAP weight
-#: without gates (the multi-study guide, "Which genes are specific").
-MULTISTUDY_COUNT_DEFAULTS: dict[str, bool | float] = {"spike_gate": True, "prior_cells": 200.0}
+#: Module options that :class:`~sparsevae.SparseVAE` fills in for models with a count likelihood
+#: and the mask prior, where the user does not pass them: spike gates on every mask and the
+#: prior weighed against at most 200 cells (each study's specific mask against at most 200 of
+#: its own). Pass ``spike_gate=False, prior_cells=None`` for the exact MAP weight without gates
+#: (user guide, "Why the defaults are what they are").
+COUNT_DEFAULTS: dict[str, bool | float] = {"spike_gate": True, "prior_cells": 200.0}
 
 
 class SparseVAEModule(BaseModuleClass):
@@ -182,11 +184,10 @@ class SparseVAEModule(BaseModuleClass):
         with anchors on real counts. ``"specific"`` gates the study-specific masks only: use it
         for multi-study models on real counts, where a program of one study is carried by that
         study's specific factor but, that factor selecting few genes (a small ``eta``), stays
-        below ``p* = 0.5`` without gates. Default ``None`` (off) here; multi-study
-        :class:`~sparsevae.SparseVAE` models on counts turn it on
-        (:data:`MULTISTUDY_COUNT_DEFAULTS`). Off for single-study models: on the paper's
-        simulation the gates left one feature at ``p*`` 0.53 on the wrong factor (user guide,
-        "Why the defaults are what they are").
+        below ``p* = 0.5`` without gates. Default ``None`` (off) here;
+        :class:`~sparsevae.SparseVAE` models on counts turn it on (:data:`COUNT_DEFAULTS`).
+        Off for the Gaussian likelihood: on the paper's simulation the gates left one feature
+        at ``p*`` 0.53 on the wrong factor (user guide, "Why the defaults are what they are").
     prior_cells
         The decoder's prior (mask penalty and weight prior) is weighed against at most this many
         cells: the per-cell loss adds ``penalty / min(N, prior_cells)``. Up to ``prior_cells``
@@ -196,10 +197,10 @@ class SparseVAEModule(BaseModuleClass):
         together with ``spike_gate=True``) for sparse masks with anchors on real counts with
         thousands of cells; lower is sparser. Multi-study: each study's specific mask is weighed
         against at most ``prior_cells`` of its own cells (see ``study_shares``). Default
-        ``None``, the exact MAP weight (200 lost factors on the single-study simulations);
-        multi-study :class:`~sparsevae.SparseVAE` models on counts use 200
-        (:data:`MULTISTUDY_COUNT_DEFAULTS`). Measurements in the user guide, "Why the defaults
-        are what they are".
+        ``None``, the exact MAP weight here (200 lost factors on the paper's Gaussian
+        simulation); :class:`~sparsevae.SparseVAE` models on counts use 200
+        (:data:`COUNT_DEFAULTS`). Measurements in the user guide, "Why the defaults are what
+        they are".
     n_auxiliary_categories
         ``latent_prior="conditional"`` with a categorical ``u``: its number of categories
         (``None`` for a continuous ``u``).
@@ -880,6 +881,111 @@ class SparseVAEModule(BaseModuleClass):
             self.decoder.gate_specific.copy_(
                 is_selected(self.prior_specific.p_star).to(self.decoder.gate_specific.dtype)
             )
+
+    @property
+    def can_rotate(self) -> bool:
+        """Whether a rotation of the factors leaves the model's prior unchanged.
+
+        True for single-study models with a mask prior and ``latent_prior="normal"``: their
+        factors' prior ``N(0, I)`` is the same in any rotated basis (see :meth:`rotate_factors`).
+        """
+        return self.prior is not None and not self.is_multistudy and self.latent_prior == "normal"
+
+    def loading_expression(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The data of a minibatch on the scale the factors' loadings are measured on.
+
+        Counts: ``log1p(1e4 * x / total)`` per cell; Gaussian data: ``x`` as given.
+
+        Parameters
+        ----------
+        tensors
+            Minibatch from the data loader.
+
+        Returns
+        -------
+        ``(n_cells, n_genes)`` tensor on the module's device.
+        """
+        x = tensors[REGISTRY_KEYS.X_KEY].to(self.decoder.W.device, torch.float32)
+        if not self.is_count:
+            return x
+        return torch.log1p(1e4 * x / x.sum(dim=1, keepdim=True).clamp_min(1.0))
+
+    @torch.no_grad()
+    def varimax_rotation(
+        self, cov_xz: torch.Tensor, var_x: torch.Tensor, cov_z: torch.Tensor
+    ) -> torch.Tensor:
+        """The rotation of the factors that makes their loadings on the genes sparsest.
+
+        The loadings are those of each standardised gene on the whitened factors
+        (``cov(x, z) cov(z)^(-1/2)``), so that every factor counts alike whatever its variance;
+        they turn with the factors, so the rotation found is the same for every rotation of the
+        factors it starts from. The factors the encoder does not use (posterior-mean variance
+        below ``0.01``) stay as they are. See :func:`varimax`.
+
+        Parameters
+        ----------
+        cov_xz
+            ``(n_genes, n_factors)`` covariance of the genes (:meth:`loading_expression`) with
+            the factors' posterior means over the training cells.
+        var_x
+            ``(n_genes,)`` variances of the genes.
+        cov_z
+            ``(n_factors, n_factors)`` covariance of the factors' posterior means.
+
+        Returns
+        -------
+        ``(n_factors, n_factors)`` orthogonal matrix ``R``, for :meth:`rotate_factors`.
+        """
+        cov_z = cov_z.double().cpu().numpy()
+        used = np.diag(cov_z) >= 0.01
+        R = np.eye(self.n_factors)
+        if used.sum() >= 2:
+            sd_x = var_x.double().cpu().clamp_min(1e-12).sqrt().numpy()
+            A = cov_xz.double().cpu().numpy()[:, used] / sd_x[:, None]
+            values, vectors = np.linalg.eigh(cov_z[np.ix_(used, used)])
+            inv_sqrt = (vectors / np.sqrt(np.clip(values, 1e-12, None))) @ vectors.T
+            R[np.ix_(used, used)] = varimax(A @ inv_sqrt)
+        return torch.as_tensor(R, device=self.decoder.W.device, dtype=self.decoder.W.dtype)
+
+    @torch.no_grad()
+    def rotate_factors(self, rotation: torch.Tensor) -> None:
+        """Rotate the factors: new factors ``z' = R^T z``, the network adjusted to match.
+
+        The encoder's means are rotated exactly (its log-variances are kept); the decoder's
+        first layer (and the composition offset's) takes ``R`` so that it sees the same input.
+        A gene's mask row acts per factor, so it cannot follow a rotation exactly: each gene
+        keeps the root mean square of its row on every factor (exact when the rows are flat,
+        as while the mask prior is off). Meant for the end of the mask prior's warm-up, when the
+        factors are those of a plain VAE, identified only up to a rotation.
+
+        Parameters
+        ----------
+        rotation
+            ``(n_factors, n_factors)`` orthogonal matrix, e.g. from :meth:`varimax_rotation`.
+        """
+        if not self.can_rotate:
+            raise ValueError(
+                "Only single-study models with a mask prior and latent_prior='normal' can "
+                "rotate their factors (their prior is the same in every rotated basis)."
+            )
+        K = self.n_factors
+        R = rotation.to(self.decoder.W.device, self.decoder.W.dtype)
+        if tuple(R.shape) != (K, K):
+            raise ValueError(f"rotation must be {K} x {K}, got {tuple(R.shape)}.")
+        mean = self.encoder.mean_encoder
+        mean.weight[:K] = R.T @ mean.weight[:K]
+        mean.bias[:K] = R.T @ mean.bias[:K]
+        dec = self.decoder
+        first, _ = dec.shared_weights()
+        new_first = first[:, :K] @ R
+        scale = torch.ones(K, device=R.device, dtype=R.dtype)
+        if dec.normalize_shared:
+            scale = new_first.norm(dim=0).clamp_min(1e-12)
+        dec.first.weight[:, :K] = new_first
+        row = dec.W.pow(2).mean(dim=1, keepdim=True).sqrt()
+        dec.W.copy_(row * scale[None, :])
+        if self.composition_offset:
+            self.offset_net[0].weight[:, :K] = self.offset_net[0].weight[:, :K] @ R
 
     @torch.no_grad()
     def _latent_prior_columns(self) -> list[tuple[torch.Tensor, int, float]]:

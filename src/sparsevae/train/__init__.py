@@ -2,6 +2,7 @@
 
 from ._plan import (
     MULTISTUDY_FREE_BITS_SPECIFIC,
+    ROTATE_AFTER_WARMUP,
     DivergenceError,
     PriorSchedule,
     SparseVAETrainingPlan,
@@ -11,6 +12,7 @@ from ._plan import (
 
 __all__ = [
     "MULTISTUDY_FREE_BITS_SPECIFIC",
+    "ROTATE_AFTER_WARMUP",
     "DivergenceError",
     "PriorSchedule",
     "SparseVAETrainingPlan",

@@ -14,6 +14,7 @@ from ..module import SparseVAEModule
 
 __all__ = [
     "MULTISTUDY_FREE_BITS_SPECIFIC",
+    "ROTATE_AFTER_WARMUP",
     "DivergenceError",
     "PriorSchedule",
     "SparseVAETrainingPlan",
@@ -28,6 +29,9 @@ LAMBDA0_RAMP_SHARE = 0.4
 #: Multi-study models: default free bits (nats per factor) of the study-specific factors until
 #: the mask prior is at full strength (``SparseVAE.train(kl_free_bits_specific=)``).
 MULTISTUDY_FREE_BITS_SPECIFIC = 0.5
+#: Default of ``SparseVAE.train(rotate_after_warmup=)``: rotate the factors to the varimax
+#: rotation of their loadings at the end of the mask prior's warm-up.
+ROTATE_AFTER_WARMUP = True
 #: ``latent_prior="correlated"``: epochs with the prior's correlation held at the identity.
 FIXED_CORRELATION_EPOCHS = 20
 #: ``latent_prior="mixture"``: share of ``max_epochs`` with the ``N(0, I)`` prior before the
@@ -175,6 +179,13 @@ class SparseVAETrainingPlan(TrainingPlan):
         takes over (``None``: ``MIXTURE_PRETRAIN_SHARE`` of ``max_epochs``, 20%). Started from
         random components, a GMVAE tends to put every cell in one component or to keep uniform
         assignments.
+    rotate_after_warmup
+        At the end of the mask prior's warm-up, rotate the factors to the varimax rotation of
+        their loadings on the genes (:meth:`SparseVAEModule.rotate_factors`), so that the mask
+        prior starts from the same basis whatever the random start: during the warm-up the
+        model is a plain VAE, whose factors are identified only up to a rotation. Only modules
+        that can rotate (``can_rotate``) and schedules with a warm-up. Default ``False`` here;
+        :meth:`~sparsevae.SparseVAE.train` turns it on (``ROTATE_AFTER_WARMUP``).
     **kwargs
         Passed to :class:`scvi.train.TrainingPlan`.
     """
@@ -193,6 +204,7 @@ class SparseVAETrainingPlan(TrainingPlan):
         n_epochs_mixture_pretrain: int | None = None,
         kl_free_bits: float = 0.0,
         kl_free_bits_specific: float = 0.0,
+        rotate_after_warmup: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(
@@ -217,6 +229,9 @@ class SparseVAETrainingPlan(TrainingPlan):
                 raise ValueError(f"{name} must be a number >= 0, got {bits}.")
         self.kl_free_bits = float(kl_free_bits)
         self.kl_free_bits_specific = float(kl_free_bits_specific)
+        self.rotate_after_warmup = bool(rotate_after_warmup)
+        #: The rotation applied at the end of the warm-up (``None`` before, or without one).
+        self.rotation_: torch.Tensor | None = None
         # Checked now, resolved against the trainer's max_epochs when training starts.
         prior_schedule(1, module.is_count, n_epochs_prior_warmup, n_epochs_lambda0_ramp)
         self._schedule_args = (n_epochs_prior_warmup, n_epochs_lambda0_ramp)
@@ -255,6 +270,14 @@ class SparseVAETrainingPlan(TrainingPlan):
         """Set the mask prior's schedule (warm-up, spike ladder, full prior) for this epoch."""
         warm, ramp = self.schedule.warmup, self.schedule.ramp
         epoch = self.current_epoch
+        if (
+            self.rotate_after_warmup
+            and warm > 0
+            and epoch == warm
+            and self.rotation_ is None
+            and self.module.can_rotate
+        ):
+            self.rotation_ = self._rotate_to_varimax()
         self._em_on = epoch >= warm
         t = 1.0 if ramp == 0 else (epoch - warm) / ramp
         self._update_eta = t >= 1.0
@@ -284,6 +307,36 @@ class SparseVAETrainingPlan(TrainingPlan):
             return
         means, variances = self._posteriors()
         module.mixture_prior.em_update(means, variances)
+
+    @torch.no_grad()
+    def _rotate_to_varimax(self) -> torch.Tensor:
+        """Rotate the factors to the varimax rotation of their loadings (training cells)."""
+        module = self.module
+        was_training = module.training
+        module.eval()
+        K = module.n_factors
+        sums: dict[str, torch.Tensor] = {}
+        for batch in self.trainer.train_dataloader:
+            z = module.posterior(batch).loc[:, :K].double()
+            x = module.loading_expression(batch).double()
+            parts = {
+                "n": torch.tensor([float(x.shape[0])], device=x.device, dtype=x.dtype),
+                "x": x.sum(0), "xx": x.pow(2).sum(0), "z": z.sum(0), "zz": z.T @ z,
+                "xz": x.T @ z,
+            }  # fmt: skip
+            for key, value in parts.items():
+                sums[key] = sums[key] + value if key in sums else value
+        module.train(was_training)
+        if int(getattr(self.trainer, "world_size", 1) or 1) > 1:
+            sums = {k: self.trainer.strategy.reduce(v, reduce_op="sum") for k, v in sums.items()}
+        n = sums["n"]
+        mx, mz = sums["x"] / n, sums["z"] / n
+        var_x = sums["xx"] / n - mx.pow(2)
+        cov_z = sums["zz"] / n - mz[:, None] * mz[None, :]
+        cov_xz = sums["xz"] / n - mx[:, None] * mz[None, :]
+        rotation = module.varimax_rotation(cov_xz, var_x, cov_z)
+        module.rotate_factors(rotation)
+        return rotation
 
     @torch.no_grad()
     def _posteriors(self) -> tuple[torch.Tensor, torch.Tensor]:
