@@ -22,9 +22,9 @@ from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin, VAEMixin
 
 from ..module import (
     AUXILIARY_KEY,
+    COUNT_DEFAULTS,
     LATENT_PRIORS,
     LIKELIHOODS,
-    COUNT_DEFAULTS,
     STUDY_KEY,
     SparseVAEModule,
 )

@@ -22,10 +22,10 @@ from ._rotation import varimax
 
 __all__ = [
     "AUXILIARY_KEY",
+    "COUNT_DEFAULTS",
     "DEFAULT_PRIOR_CELLS",
     "LATENT_PRIORS",
     "LIKELIHOODS",
-    "COUNT_DEFAULTS",
     "STUDY_KEY",
     "ModuleMask",
     "SparseVAEModule",
