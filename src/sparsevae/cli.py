@@ -78,8 +78,8 @@ def _build_parser() -> argparse.ArgumentParser:
             "Fit a SparseVAE to approximate counts of scanpy's bundled pbmc68k_reduced "
             "(700 cells, 765 genes; no download) and write adata.h5ad, top_genes.csv, "
             "mask_heatmap.png and umap_factors.png into the output folder. It uses the "
-            "recommended setting for real counts, spike gates with the mask prior weighed "
-            "against 200 cells; --spike-gate off --prior-cells 0 fits the package defaults."
+            "package's setting for counts, spike gates with the mask prior weighed against "
+            "200 cells; --spike-gate off --prior-cells 0 fits the exact MAP weight without gates."
         ),
     )
     demo.add_argument("--out", default="sparsevae_demo", help="output folder (created)")
@@ -101,8 +101,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "--prior-cells",
         type=_non_negative_int,
         default=200,
-        help="weigh the mask prior against at most this many cells; 0: all cells, the package "
-        "default (default: 200)",
+        help="weigh the mask prior against at most this many cells; 0: all cells, the exact MAP "
+        "weight (default: 200, the package's for counts)",
     )
 
     fit = sub.add_parser(
@@ -146,7 +146,7 @@ def _build_parser() -> argparse.ArgumentParser:
         default=None,
         help="weigh the mask prior against at most this many cells (e.g. 200: sparse masks with "
         "anchors on real counts with thousands of cells); 0: all cells, the exact MAP (default: "
-        "the model's, 200 for multi-study counts, else all cells)",
+        "the model's, 200 for counts, else all cells)",
     )
     fit.add_argument(
         "--spike-gate",
@@ -155,7 +155,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="on: the decoder sees mask entries with p* < 0.5 as zero, so a factor's mask says "
         "which genes it acts on; with --prior-cells 200 the recipe for sparse masks with anchors "
         "on real counts. specific: gate the study-specific masks only (default: the model's, on "
-        "for multi-study counts, else off)",
+        "for counts, else off)",
     )
     fit.add_argument("--seed", type=int, default=0, help="random seed (scvi.settings.seed)")
     fit.add_argument(
