@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import sparsevae
@@ -96,4 +97,4 @@ def test_factors_in_use_are_matched_among_themselves(written):
     assert m.loc[names[0], "matched"] == names[0]
     assert 0.6 < m.loc[names[0], "abs_r"] < 0.95
     assert m.loc[names[1], "matched"] == names[1]
-    assert m.loc[names[2], "matched"] is None and m.loc[names[2], "abs_r"] == 0.0
+    assert pd.isna(m.loc[names[2], "matched"]) and m.loc[names[2], "abs_r"] == 0.0
