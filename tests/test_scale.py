@@ -72,6 +72,10 @@ def test_two_ddp_processes_keep_one_em_state_and_agree_with_one_process(tmp_path
     assert rank0["mixture"].keys() == rank1["mixture"].keys()
     for key, value in rank0["mixture"].items():
         torch.testing.assert_close(value, rank1["mixture"][key], rtol=0, atol=0)
+    # The rotation after the warm-up: measured on the cells of both processes, the same in both.
+    assert rank0["rotation_max_diff"] == 0.0 and rank1["rotation_max_diff"] == 0.0
+    torch.testing.assert_close(rank0["rotation"], rank1["rotation"], rtol=0, atol=0)
+    assert not torch.allclose(rank0["rotation"], torch.eye(4, dtype=rank0["rotation"].dtype))
     # Against one process with the same seed and total minibatch: the same active factors
     # (matched by correlation), selecting the same genes.
     sel2 = (rank0["state"]["prior.p_star"] >= 0.5).numpy()
