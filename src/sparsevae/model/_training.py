@@ -140,7 +140,9 @@ class TrainingMixin:
             are identified only up to a rotation). Default ``None``:
             :data:`~sparsevae.train.ROTATE_AFTER_WARMUP`. Applies to single-study models with
             ``latent_prior="normal"`` and a warm-up (count likelihoods by default); ignored by
-            others. The rotation is kept in ``model.warmup_rotation_``. Measurements: user
+            others. The rotation is kept in ``model.warmup_rotation_``. Turn it off to
+            reproduce a fit made before it existed, or to start the mask prior from the
+            warm-up's own basis (e.g. when comparing starts on purpose). Measurements: user
             guide, "Why the defaults are what they are".
         plan_kwargs
             Passed to :class:`~sparsevae.train.SparseVAETrainingPlan`.
