@@ -159,7 +159,7 @@ def fit_scvi_style(
         kwargs["latent_prior"] = "correlated"
     elif not method.startswith("sparsevae"):
         kwargs["mask"] = None
-    schedule: dict[str, int] = {}
+    schedule: dict[str, Any] = {}
     if method.endswith("_sched"):
         schedule = {
             "n_epochs_prior_warmup": round(0.2 * args.epochs),
@@ -169,6 +169,7 @@ def fit_scvi_style(
         kwargs["kl_weight"] = args.beta
     if method.startswith("sparsevae"):
         kwargs.update(json.loads(args.module_kwargs))
+        schedule.update(json.loads(args.train_kwargs))
     model = sparsevae.SparseVAE(train, n_factors=N_LATENT, **kwargs)
     t0 = time.perf_counter()
     model.train(
@@ -351,6 +352,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--note", default=None, help="free text stored in the meta record")
     p.add_argument(
         "--module-kwargs", default="{}", help="JSON passed to SparseVAE(...) for sparsevae*"
+    )
+    p.add_argument(
+        "--train-kwargs",
+        default="{}",
+        help="JSON passed to train(...) for sparsevae* (over the *_sched schedule)",
     )
     args = p.parse_args(argv)
     q = args.quick
