@@ -17,6 +17,15 @@ Data: ``zeisel`` reads ``../shared/data/zeisel2015.h5ad`` (1000 ``seurat_v3`` ge
 ``zeisel.py``); ``pbmc`` uses scanpy's bundled ``pbmc68k_reduced`` with approximate counts
 (``sparsevae.datasets.pbmc68k_reduced_counts``, 765 genes).
 
+Saved fits: ``--save-dir DIR`` writes every fit (its AnnData with the results of
+``write_results``) to ``DIR/{data}_{method}_s{seed}.h5ad``; ``--fits-from DIR`` fits nothing and
+prints the ``stability`` lines of the fits saved there (so the seeds of one study can be fitted
+in two processes: ``--first-seed 0 --seeds 3`` and ``--first-seed 3 --seeds 3``). With four or
+more fits the stability line also gives ``split_half_consensus_anchors``: the fits are split in
+two halves, each half's consensus anchors (genes that are anchors of the factor in at least half
+of its fits, ``FactorStability.consensus_anchors``) are compared, and the median Jaccard index
+over the active factors is reported, beside the single fits' ``median_jaccard_anchors``.
+
 Conditional prior (issue 18): ``--auxiliary-key`` names an ``obs`` column used as ``u`` by the
 methods ``ivae`` (``mask=None, latent_prior="conditional"``) and ``sparse_conditional``
 (``latent_prior="conditional"`` with the mask); e.g. ``--data pbmc --methods vae ivae
@@ -30,9 +39,11 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from _common import (
     SHARED,
     TRAINER_KWARGS,
@@ -193,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--auxiliary-key", default=None, help="obs column used as u by ivae, sparse_conditional"
     )
+    p.add_argument("--save-dir", default=None, help="write each fit's AnnData here (h5ad)")
+    p.add_argument(
+        "--fits-from", default=None, help="fit nothing: stability of the fits saved in this folder"
+    )
     p.add_argument("--quick", action="store_true", help="pbmc, 200 cells, 2 seeds, 3 epochs")
     args = p.parse_args(argv)
     if args.quick:
@@ -207,8 +222,75 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def split_half_consensus_anchors(fits: list[Any], sparsevae: Any) -> float | None:
+    """Median Jaccard index, over the first half's active factors, of the consensus anchors
+    (anchors in at least half of the fits) of two halves of the fits; ``None`` below 4 fits
+    or without masks."""
+    if len(fits) < 4:
+        return None
+    half = len(fits) // 2
+    a = sparsevae.tl.factor_stability(fits[:half])
+    b = sparsevae.tl.factor_stability(fits[half:])
+    if a.anchor_consensus.isna().all().all():
+        return None
+    link = sparsevae.tl.factor_stability([fits[0], fits[half]]).matches.set_index("factor")
+    anchors_a, anchors_b = a.consensus_anchors(0.5), b.consensus_anchors(0.5)
+    values = []
+    for factor in a.factors.loc[a.factors["active"], "factor"]:
+        partner = link.loc[factor, "matched"]
+        ga = set(anchors_a[str(factor)])
+        gb = set() if partner is None or pd.isna(partner) else set(anchors_b[str(partner)])
+        union = ga | gb
+        values.append(len(ga & gb) / len(union) if union else np.nan)  # as tl.factor_stability
+    values = [v for v in values if not np.isnan(v)]
+    return round(float(np.median(values)), 4) if values else None
+
+
+def stability_record(
+    method: str, seeds: list[int], fits: list[Any], args: Any, sparsevae: Any
+) -> dict[str, Any]:
+    """The ``stability`` JSON record of one method's fits."""
+    stab = sparsevae.tl.factor_stability(fits)
+    f = stab.factors
+    active = f[f["active"]]
+    return {
+        "record": "stability",
+        "method": method,
+        "seeds": seeds,
+        "n_restarts": args.n_restarts,
+        "active_factors_reference": len(active),
+        "median_abs_r": round(stab.median_abs_r, 4),
+        "median_jaccard_selected": None
+        if active["median_jaccard_selected"].isna().all()
+        else round(float(active["median_jaccard_selected"].median()), 4),
+        "median_jaccard_anchors": None
+        if np.isnan(stab.median_jaccard_anchors)
+        else round(stab.median_jaccard_anchors, 4),
+        "split_half_consensus_anchors": split_half_consensus_anchors(fits, sparsevae),
+        "reproducible_factors": int(active["reproducible"].sum()),
+        "per_factor_median_abs_r": [round(x, 3) for x in active["median_abs_r"]],
+    }
+
+
+def saved_fits(folder: str, data: str, method: str) -> tuple[list[int], list[Any]]:
+    """The seeds and AnnData of the fits saved by ``--save-dir`` for one method, by seed."""
+    import anndata as ad
+
+    paths = Path(folder).glob(f"{data}_{method}_s*.h5ad")
+    by_seed = sorted((int(p.stem.rsplit("_s", 1)[1]), p) for p in paths)
+    return [s for s, _ in by_seed], [ad.read_h5ad(p) for _, p in by_seed]
+
+
 def run(args: argparse.Namespace, sparsevae: Any, out: Any) -> None:
     """Fit every method from every seed; write the JSON lines to ``out``."""
+    if args.fits_from is not None:
+        for method in args.methods:
+            seeds, fits = saved_fits(args.fits_from, args.data, method)
+            if len(fits) < 2:
+                raise SystemExit(f"fewer than two saved fits of {method!r} in {args.fits_from}")
+            record = stability_record(method, seeds, fits, args, sparsevae)
+            print(json.dumps({**record, "fits_from": args.fits_from}), file=out, flush=True)
+        return
     adata, label = load(args.data, args.n_cells)
     print(json.dumps({"record": "meta", "benchmark": "stability", "data": args.data,
                       "n_cells": adata.n_obs, "n_genes": adata.n_vars, "argv": sys.argv[1:],
@@ -219,35 +301,17 @@ def run(args: argparse.Namespace, sparsevae: Any, out: Any) -> None:
                 print(json.dumps(fit_linear(method, adata, label, seed)), file=out, flush=True)
             continue
         fits = []
-        for seed in range(args.first_seed, args.first_seed + args.seeds):
+        seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+        for seed in seeds:
             ad, record = fit(method, adata, label, seed, args)
             fits.append(ad)
+            if args.save_dir is not None:
+                Path(args.save_dir).mkdir(parents=True, exist_ok=True)
+                ad.write_h5ad(Path(args.save_dir) / f"{args.data}_{method}_s{seed}.h5ad")
             print(json.dumps(record), file=out, flush=True)
-        stab = sparsevae.tl.factor_stability(fits)
-        f = stab.factors
-        active = f[f["active"]]
-        print(
-            json.dumps(
-                {
-                    "record": "stability",
-                    "method": method,
-                    "seeds": list(range(args.first_seed, args.first_seed + args.seeds)),
-                    "n_restarts": args.n_restarts,
-                    "active_factors_reference": len(active),
-                    "median_abs_r": round(stab.median_abs_r, 4),
-                    "median_jaccard_selected": None
-                    if active["median_jaccard_selected"].isna().all()
-                    else round(float(active["median_jaccard_selected"].median()), 4),
-                    "median_jaccard_anchors": None
-                    if np.isnan(stab.median_jaccard_anchors)
-                    else round(stab.median_jaccard_anchors, 4),
-                    "reproducible_factors": int(active["reproducible"].sum()),
-                    "per_factor_median_abs_r": [round(x, 3) for x in active["median_abs_r"]],
-                }
-            ),
-            file=out,
-            flush=True,
-        )
+        if len(fits) >= 2:
+            record = stability_record(method, seeds, fits, args, sparsevae)
+            print(json.dumps(record), file=out, flush=True)
 
 
 if __name__ == "__main__":

@@ -312,14 +312,16 @@ def test_merge_runs_more_seeds():
             raise AssertionError("runs that cannot be joined were joined")
 
 
-def test_stability_script_json_lines():
+def test_stability_script_json_lines(tmp_path):
     """benchmarks/stability.py --quick: a meta line, a fit line per method and seed, and a
     stability line per model (the linear peers give their accuracy only); --train-kwargs is
-    recorded with the Sparse VAE's fits."""
+    recorded with the Sparse VAE's fits; --save-dir keeps the fits and --fits-from gives their
+    stability line again without fitting."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
     cmd = [sys.executable, str(BENCH / "stability.py"), "--quick", "--methods", "sparsevae"]
     cmd += ["vae", "pca", "--train-kwargs", '{"rotate_after_warmup": false}']
+    cmd += ["--save-dir", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
@@ -347,6 +349,44 @@ def test_stability_script_json_lines():
     assert 0.0 <= stab["median_abs_r"] <= 1.0 and stab["seeds"] == [0, 1]
     assert stab["median_jaccard_selected"] is None or 0.0 <= stab["median_jaccard_selected"] <= 1
     assert records[6]["median_jaccard_anchors"] is None  # the VAE has no mask
+    assert stab["split_half_consensus_anchors"] is None  # fewer than four fits
+    saved = sorted(p.name for p in tmp_path.glob("*.h5ad"))
+    assert saved == [f"pbmc_{m}_s{s}.h5ad" for m in ("sparsevae", "vae") for s in (0, 1)]
+    again = [sys.executable, str(BENCH / "stability.py"), "--fits-from", str(tmp_path)]
+    again += ["--data", "pbmc", "--methods", "sparsevae"]
+    proc = subprocess.run(again, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (line,) = [json.loads(x) for x in proc.stdout.splitlines() if x.strip()]
+    assert {k: v for k, v in line.items() if k != "fits_from"} == stab
+
+
+def test_split_half_consensus_anchors_compares_two_halves_of_the_fits():
+    """Four fits in two identical halves give consensus anchors that agree (Jaccard 1); halves
+    of copies of two fits give those fits' anchor Jaccard; fewer than four fits give None."""
+    sys.path.insert(0, str(BENCH))
+    import scvi
+    from stability import split_half_consensus_anchors
+
+    import sparsevae
+
+    from .conftest import QUIET, small_counts
+
+    adata = small_counts(n_cells=300, n_genes=60, n_factors=3)
+    sparsevae.SparseVAE.setup_anndata(adata)
+    fits = []
+    for seed in (0, 1):  # fits with anchors (16-24 per active factor)
+        scvi.settings.seed = seed
+        model = sparsevae.SparseVAE(adata, n_factors=3, n_hidden=16)
+        model.train(max_epochs=80, **QUIET)
+        fits.append(model.write_results(adata.copy(), effects=False))
+    assert split_half_consensus_anchors(fits * 1, sparsevae) is None
+    assert split_half_consensus_anchors(fits * 2, sparsevae) == 1.0
+    # halves (fit 0, fit 0) and (fit 1, fit 1): their consensus anchors are each fit's anchors
+    pair = sparsevae.tl.factor_stability(fits).factors
+    expected = pair.loc[pair["active"], "median_jaccard_anchors"].median()
+    assert not np.isnan(expected)
+    got = split_half_consensus_anchors([fits[0], fits[0], fits[1], fits[1]], sparsevae)
+    assert got == pytest.approx(expected, abs=1e-4)
 
 
 @needs_hallmark

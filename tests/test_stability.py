@@ -98,3 +98,29 @@ def test_factors_in_use_are_matched_among_themselves(written):
     assert 0.6 < m.loc[names[0], "abs_r"] < 0.95
     assert m.loc[names[1], "matched"] == names[1]
     assert pd.isna(m.loc[names[2], "matched"]) and m.loc[names[2], "abs_r"] == 0.0
+
+
+def test_anchor_consensus_counts_the_fits_in_which_a_gene_is_an_anchor(written):
+    """A gene that is an anchor in two of three fits (in the third another factor selects it
+    too) has an anchor share of 2/3: kept by ``consensus_anchors(0.5)``, not by ``(1.0)``."""
+    _, adata = written
+    results = sparsevae.tl.read_results(adata)
+    anchors = results.anchors("shared", 0.5).to_numpy()
+    names = list(results.factor_names)
+    gene, factor = (int(i) for i in np.argwhere(anchors)[0])
+    other = _permuted(adata, [2, 0, 1], np.array([1.0, -1.0, 1.0]))
+    shared = adata.copy()
+    second = (factor + 1) % 3
+    shared.varm["sparsevae_pstar"][gene, second] = 1.0  # the gene now loads on two factors
+    shared.varm["sparsevae_W"][gene, second] = 1.0
+    stab = sparsevae.tl.factor_stability([adata, other, shared])
+    share = stab.anchor_consensus
+    assert share.iloc[gene, factor] == pytest.approx(2 / 3)
+    expected = np.where(np.arange(len(share))[:, None] == gene, 0.0, anchors.astype(float))
+    expected[gene, factor] = 2 / 3
+    np.testing.assert_allclose(share.to_numpy(), expected)
+    gene_name = str(adata.var_names[gene])
+    assert gene_name in stab.consensus_anchors(0.5)[names[factor]]
+    assert gene_name not in stab.consensus_anchors(1.0)[names[factor]]
+    with pytest.raises(ValueError, match="min_share"):
+        stab.consensus_anchors(0.0)

@@ -36,6 +36,9 @@ class FactorStability:
     consensus
         Genes x reference factors: the share of fits in which the (matched) factor selects the
         gene; ``NaN`` for fits without a mask prior.
+    anchor_consensus
+        Genes x reference factors: the share of fits in which the gene is an anchor of the
+        (matched) factor; ``NaN`` for fits without a mask prior.
     min_abs_r, min_jaccard, min_pstar
         Thresholds used.
     """
@@ -43,6 +46,7 @@ class FactorStability:
     factors: pd.DataFrame
     matches: pd.DataFrame
     consensus: pd.DataFrame
+    anchor_consensus: pd.DataFrame
     min_abs_r: float = 0.9
     min_jaccard: float = 0.5
     min_pstar: float = 0.5
@@ -71,12 +75,24 @@ class FactorStability:
         -------
         ``{factor: [genes]}``, genes in decreasing share.
         """
-        out = {}
-        for factor in self.consensus.columns:
-            share = self.consensus[factor].dropna()
-            share = share[share >= min_share].sort_values(ascending=False, kind="stable")
-            out[str(factor)] = [str(g) for g in share.index]
-        return out
+        return _above(self.consensus, min_share)
+
+    def consensus_anchors(self, min_share: float = 0.5) -> dict[str, list[str]]:
+        """Genes that are anchors of the factor in at least ``min_share`` of the fits.
+
+        A single fit's anchor set moves between random starts (genes at the edge of another
+        factor's mask come and go); the anchors that most fits agree on are the ones to read.
+
+        Parameters
+        ----------
+        min_share
+            Share of fits, in ``(0, 1]``.
+
+        Returns
+        -------
+        ``{factor: [genes]}``, genes in decreasing share.
+        """
+        return _above(self.anchor_consensus, min_share)
 
     def summary(self) -> str:
         """Readable summary.
@@ -103,6 +119,18 @@ class FactorStability:
 
     def _repr_pretty_(self, p: Any, cycle: bool) -> None:
         p.text(self.summary())
+
+
+def _above(share: pd.DataFrame, min_share: float) -> dict[str, list[str]]:
+    """Per column, the genes with ``share >= min_share``, in decreasing share."""
+    if not 0.0 < min_share <= 1.0:
+        raise ValueError(f"min_share must be in (0, 1], got {min_share}.")
+    out = {}
+    for factor in share.columns:
+        col = share[factor].dropna()
+        col = col[col >= min_share].sort_values(ascending=False, kind="stable")
+        out[str(factor)] = [str(g) for g in col.index]
+    return out
 
 
 def _jaccard(a: np.ndarray | None, b: np.ndarray | None) -> float:
@@ -152,11 +180,11 @@ def factor_stability(
     factors in use with the factors in use: a switched-off factor (no effect on the decoder)
     can still vary a little over the cells and correlate with a real one, and is no counterpart
     of it. A reference factor in use that finds no factor in use in another fit is unmatched
-    there (``abs_r`` and Jaccard indices 0). For each
-    reference factor it reports the matched absolute correlation and the Jaccard indices of the
-    selected genes and of the anchor genes, and a consensus: the share of fits selecting each
-    gene. An identifiable model gives the same factors from every start; a plain VAE's factors
-    are identified only up to rotation, so their matches are weak.
+    there (``abs_r`` and Jaccard indices 0). For each reference factor it reports the matched
+    absolute correlation and the Jaccard indices of the selected genes and of the anchor genes,
+    and a consensus: the share of fits selecting each gene and the share of fits in which it is
+    an anchor. An identifiable model gives the same factors from every start; a plain VAE's
+    factors are identified only up to rotation, so their matches are weak.
 
     Parameters
     ----------
@@ -177,7 +205,8 @@ def factor_stability(
     Returns
     -------
     A :class:`FactorStability` with the per-factor table ``.factors``, the matches ``.matches``,
-    the consensus ``.consensus`` and a ``summary()``.
+    the consensus ``.consensus`` and ``.anchor_consensus`` (read with ``consensus_genes()`` and
+    ``consensus_anchors()``) and a ``summary()``.
 
     Examples
     --------
@@ -187,6 +216,7 @@ def factor_stability(
     ...     m = sparsevae.SparseVAE(adata); m.train(); models.append(m)
     >>> stab = sparsevae.tl.factor_stability(models)
     >>> print(stab.summary())
+    >>> stab.consensus_anchors(0.8)  # anchors in at least 80% of the fits, per factor
     """
     if len(fits) < 2:
         raise ValueError(f"factor_stability needs at least two fits, got {len(fits)}.")
@@ -214,9 +244,11 @@ def factor_stability(
     z0, names0, sel0, anc0, active0 = columns(ref)
     rows = []
     selected_count = np.zeros((len(genes), len(names0)))
+    anchor_count = np.zeros((len(genes), len(names0)))
     n_with_masks = 0
     if sel0 is not None:
         selected_count += sel0
+        anchor_count += anc0
         n_with_masks += 1
     for i, res in enumerate(results[1:], start=1):
         z, names, sel, anc, active = columns(res)
@@ -237,6 +269,7 @@ def factor_stability(
                 continue
             if sel is not None:
                 selected_count[:, k] += sel[:, m]
+                anchor_count[:, k] += anc[:, m]
             rows.append(
                 {
                     "fit": i,
@@ -267,13 +300,15 @@ def factor_stability(
     if not ref.has_prior:
         anchors_ok[:] = True
     factors["reproducible"] = (factors["median_abs_r"] >= min_abs_r) & anchors_ok
-    consensus = pd.DataFrame(
-        selected_count / n_with_masks if n_with_masks else np.nan, index=genes, columns=names0
+    consensus, anchor_consensus = (
+        pd.DataFrame(count / n_with_masks if n_with_masks else np.nan, index=genes, columns=names0)
+        for count in (selected_count, anchor_count)
     )
     return FactorStability(
         factors=factors,
         matches=matches,
         consensus=consensus,
+        anchor_consensus=anchor_consensus,
         min_abs_r=float(min_abs_r),
         min_jaccard=float(min_jaccard),
         min_pstar=min_pstar,
