@@ -564,7 +564,34 @@ def zeisel_section(records: list[dict[str, Any]], fig_dir: Path) -> list[str]:
             "",
         ]
         out += factors_used_lines(groups, ours, acc)
+    out += zeisel_stability_lines(records)
     return out
+
+
+def zeisel_stability_lines(records: list[dict[str, Any]]) -> list[str]:
+    """The table of the run's ``stability`` lines (``tl.factor_stability`` over its seeds)."""
+    stab = [r for r in records if r.get("record") == "stability" and not r.get("partial")]
+    if not stab:
+        return []
+    lines = [
+        "**Stability across random starts** (`sparsevae.tl.factor_stability` over the fits of "
+        "all cells, the first seed as the reference; the issue's targets: median matched |r| "
+        ">= 0.9 and median anchor-set Jaccard >= 0.5). A VAE's factors are identified only up "
+        "to a rotation, so its matches are the baseline.",
+        "",
+        "| method | seeds | median matched abs r | median anchor Jaccard | reproducible / active |",
+        "|---|---|---|---|---|",
+    ]
+    for r in stab:
+        seeds = r.get("seeds")
+        seed_text = ", ".join(str(x) for x in seeds) if seeds else str(r.get("n_fits", "?"))
+        jac = r.get("median_jaccard_anchors")
+        lines.append(
+            f"| {z_label(r.get('method', '?'))} | {seed_text} | {fmt(r.get('median_abs_r'), 3)} "
+            f"| {'-' if jac is None else fmt(jac, 3)} | {r.get('reproducible_factors', '-')} / "
+            f"{r.get('active_reference_factors', '-')} |"
+        )
+    return [*lines, ""]
 
 
 def z_label(method: str) -> str:

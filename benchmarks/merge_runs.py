@@ -18,7 +18,8 @@ agree in every setting but ``rhos``.
 
 More seeds for a run (``--more-seeds``): NEW holds runs of the same methods and settings with
 other seeds (``zeisel.py --first-seed 2 --seeds 2``, ...); their fits are added to OLD's and the
-summaries recomputed. Seeds must not repeat.
+summaries recomputed. Seeds must not repeat. OLD's ``stability`` lines are kept as they are, with
+the seeds they cover (stability needs the fitted models, which the JSON lines do not hold).
 """
 
 from __future__ import annotations
@@ -158,7 +159,14 @@ def more_seeds(
         f"{old_meta.get('note') or ''} [more seeds: seeds {old_seeds} from the run started "
         f"{old_meta.get('started', '?')}; {'; '.join(notes)}" + (f"; {note}" if note else "") + "]"
     ).strip()
-    return [merged_meta, *fits, *summarise(fits)]
+    # Stability needs the fitted models, so it cannot be recomputed here: OLD's lines are kept,
+    # marked with the seeds they cover.
+    stability = [
+        {**r, "seeds": r.get("seeds", old_seeds)}
+        for r in old
+        if r.get("record") == "stability" and not r.get("partial")
+    ]
+    return [merged_meta, *fits, *summarise(fits), *stability]
 
 
 def _summarise(benchmark: str) -> Any:

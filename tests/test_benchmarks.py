@@ -281,7 +281,8 @@ def test_report_hides_identifiability_runs_carried_forward_by_a_later_merge():
 
 def test_merge_runs_more_seeds():
     """--more-seeds adds the fits of further seeds of the same methods and settings, recomputes
-    the summaries, and refuses other settings, other methods or repeated seeds."""
+    the summaries, keeps the first run's stability lines (the report shows them), and refuses
+    other settings, other methods or repeated seeds."""
     sys.path.insert(0, str(BENCH))
     from merge_runs import more_seeds
 
@@ -303,6 +304,16 @@ def test_merge_runs_more_seeds():
     summary = {r["method"]: r for r in merged if r["record"] == "summary"}
     assert summary["pca"]["n_seeds"] == 5
     assert abs(summary["pca"]["accuracy_mean"] - 0.92) < 1e-9
+    # the first run's final stability lines are kept with the seeds they cover; partial ones not
+    stab = {"record": "stability", "method": "sparsevae_nb", "n_fits": 2, "median_abs_r": 0.97}
+    first = [*run([0, 1]), {**stab, "partial": True, "median_abs_r": 0.5}, stab]
+    kept = [r for r in more_seeds("zeisel", first, [run([2])]) if r["record"] == "stability"]
+    assert kept == [{**stab, "seeds": [0, 1]}]
+    from make_report import zeisel_stability_lines
+
+    table = zeisel_stability_lines(kept)
+    assert "| Sparse VAE (NB, counts) | 0, 1 | 0.970 | - | - / - |" in table
+    assert zeisel_stability_lines(run([0])) == []
     for bad in (run([2], epochs=100), run([2], methods=("pca",)), run([1])):
         try:
             more_seeds("zeisel", run([0, 1]), [bad])
