@@ -561,11 +561,52 @@ def zeisel_section(records: list[dict[str, Any]], fig_dir: Path) -> list[str]:
             ),
             f"- held-out NLL no worse than the VAE with the same likelihood: {check(nll_ok)}"
             + (f" ({nll_detail})" if nll_detail else ""),
+            *mask_target_lines(groups.get("sparsevae_nb", []), records),
             "",
         ]
         out += factors_used_lines(groups, ours, acc)
     out += zeisel_stability_lines(records)
     return out
+
+
+def mask_target_lines(fits: list[dict[str, Any]], records: list[dict[str, Any]]) -> list[str]:
+    """Issue 20's mask and stability targets for the Sparse VAE on counts (``sparsevae_nb``):
+    per fit, at least 10 active factors, every active factor identifiable, a median selected
+    share of at most 20% of the genes; across seeds, median matched |r| >= 0.9 and anchor-set
+    Jaccard >= 0.5."""
+    fits = [r for r in fits if r.get("active_factors") is not None]
+    if not fits:
+        return []
+    active = [r["active_factors"] for r in fits]
+    ident = [r.get("identifiable_factors") for r in fits]
+    share = [r.get("median_selected_share") for r in fits]
+    lines = [
+        f"- Sparse VAE (NB): at least 10 active factors in every fit: {check(min(active) >= 10)} "
+        f"({min(active)}-{max(active)})",
+        "- every active factor identifiable (>= 2 anchors) in every fit: "
+        f"{check(all(i == a for i, a in zip(ident, active, strict=True)))} "
+        f"({', '.join(f'{i} of {a}' for i, a in zip(ident, active, strict=True))})",
+    ]
+    if all(x is not None for x in share):
+        lines.append(
+            f"- median selected genes per active factor <= 20% of genes in every fit: "
+            f"{check(max(share) <= 0.2)} ({min(share):.1%}-{max(share):.1%})"
+        )
+    stab = [
+        r
+        for r in records
+        if r.get("record") == "stability"
+        and r.get("method") == "sparsevae_nb"
+        and not r.get("partial")
+    ]
+    for r in stab:
+        jac = r.get("median_jaccard_anchors")
+        lines.append(
+            f"- factors across seeds (median matched |r| >= 0.9): "
+            f"{check(r['median_abs_r'] >= 0.9)} ({r['median_abs_r']:.3f}); anchor sets (median "
+            f"Jaccard >= 0.5): {check(jac is not None and jac >= 0.5)} ({fmt(jac, 3)})"
+        )
+    return lines
 
 
 def zeisel_stability_lines(records: list[dict[str, Any]]) -> list[str]:

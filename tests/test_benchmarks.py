@@ -314,6 +314,18 @@ def test_merge_runs_more_seeds():
     table = zeisel_stability_lines(kept)
     assert "| Sparse VAE (NB, counts) | 0, 1 | 0.970 | - | - / - |" in table
     assert zeisel_stability_lines(run([0])) == []
+    from make_report import mask_target_lines
+
+    fits = [
+        {"active_factors": a, "identifiable_factors": i, "median_selected_share": sh}
+        for a, i, sh in ((10, 10, 0.15), (9, 7, 0.25))
+    ]
+    lines = mask_target_lines(fits, kept)
+    assert lines[0].endswith("**not met** (9-10)")
+    assert "(10 of 10, 7 of 9)" in lines[1] and "**not met**" in lines[1]
+    assert lines[2].endswith("(15.0%-25.0%)") and "**not met**" in lines[2]
+    assert "**met** (0.970)" in lines[3] and lines[3].endswith("**not met** (-)")
+    assert mask_target_lines(fits[:1], [])[0].endswith("**met** (10-10)")
     for bad in (run([2], epochs=100), run([2], methods=("pca",)), run([1])):
         try:
             more_seeds("zeisel", run([0, 1]), [bad])
