@@ -687,3 +687,34 @@ def test_zeisel_mask_summary_and_stability_use_the_package_rules():
     expected = sparsevae.tl.factor_stability(fits)
     assert rec["method"] == "sparsevae_nb" and rec["n_fits"] == 2
     assert rec["median_abs_r"] == expected.median_abs_r
+
+
+def test_mask_flicker_reads_selection_within_a_fit_and_across_starts():
+    """benchmarks/mask_flicker.py: a fit's earlier epochs are compared with its last one; two
+    starts whose factors are the same up to order match exactly however the selection is read,
+    and the quick run prints a meta, a fit line per seed and an across line."""
+    sys.path.insert(0, str(BENCH))
+    from mask_flicker import across, within
+
+    import sparsevae
+
+    rng = np.random.default_rng(0)
+    last = np.zeros((6, 2))
+    last[[0, 1, 2], 0] = 0.9  # factor 0: genes 0-2, anchors 0-1 (gene 2 shared)
+    last[[2, 3, 4], 1] = 0.9  # factor 1: genes 2-4, anchors 3-4
+    earlier = last.copy()
+    earlier[1, 0] = 0.1  # one epoch before: gene 1 not selected yet
+    z = rng.normal(size=(50, 2))
+    run = {"seed": 0, "epochs": [8, 9], "pstar": np.stack([earlier, last]), "z": z}
+    rec = within(run, sparsevae)
+    assert rec["active_factors"] == 2 and rec["selected_entries"] == 6
+    assert rec["per_epoch"]["9"] == {"jaccard_selected": 1.0, "jaccard_anchors": 1.0, "anchors": 4}
+    # factor 0: selected {0, 2} vs {0, 1, 2} -> 2/3, anchors {0} vs {0, 1} -> 1/2; factor 1: 1, 1
+    assert rec["per_epoch"]["8"]["jaccard_selected"] == pytest.approx((2 / 3 + 1) / 2, abs=1e-4)
+    assert rec["per_epoch"]["8"]["jaccard_anchors"] == pytest.approx(0.75, abs=1e-4)
+    other = {"seed": 1, "epochs": [8, 9], "pstar": run["pstar"][:, :, ::-1], "z": z[:, ::-1]}
+    rec = across(run, other, sparsevae)
+    for reading in ("last_epoch", "vote_last5", "mean_pstar"):
+        assert rec[reading]["jaccard_selected"] == 1.0 and rec[reading]["jaccard_anchors"] == 1.0
+    records = _quick("mask_flicker.py", "--quick")
+    assert [r["record"] for r in records] == ["meta", "fit", "fit", "across"]
