@@ -410,3 +410,63 @@ def test_factors_take_their_varimax_rotation_at_the_end_of_the_warmup():
     assert model.warmup_rotation_ is None
     model.train(max_epochs=4, n_epochs_prior_warmup=0, rotate_after_warmup=True, **QUIET)
     assert model.warmup_rotation_ is None
+
+
+def test_mask_decision_schedule_defaults_and_checks():
+    from sparsevae.train import prior_schedule
+
+    s = prior_schedule(100, True, gated=True)
+    assert (s.warmup, s.ramp, s.average, s.settle) == (20, 40, 5, 5)
+    assert (s.average_epoch, s.decide_epoch) == (90, 95) and s.decides
+    # ungated masks (the Gaussian default) read the last EM step, as before
+    assert not prior_schedule(100, True, gated=False).decides
+    assert not prior_schedule(300, False).decides
+    # defaults that do not fit after the full prior are shortened
+    s = prior_schedule(100, True, n_epochs_prior_warmup=40, n_epochs_lambda0_ramp=56, gated=True)
+    assert (s.average, s.settle) == (0, 4)
+    s = prior_schedule(100, True, n_epochs_mask_average=0, n_epochs_mask_settle=10, gated=False)
+    assert (s.average, s.settle, s.decide_epoch) == (0, 10, 90)
+    with pytest.raises(ValueError, match="must fit"):
+        prior_schedule(100, True, n_epochs_mask_average=30, n_epochs_mask_settle=20)
+    with pytest.raises(ValueError, match="n_epochs_mask_settle"):
+        prior_schedule(100, True, n_epochs_mask_settle=-1)
+
+
+def test_masks_are_decided_from_averaged_pstar_and_the_network_refits():
+    """Gated masks: p* averaged over the last epochs decides the selection, then EM stops."""
+    import scvi
+    from lightning.pytorch.callbacks import Callback
+
+    from sparsevae.priors import is_selected
+
+    adata = small_counts()
+    SparseVAE.setup_anndata(adata)
+    scvi.settings.seed = 0
+    model = SparseVAE(adata, n_factors=2, n_hidden=8)
+    assert model.module.spike_gate  # count default
+    seen = []
+
+    class Record(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            m = pl_module.module
+            seen.append((m.prior.p_star.clone(), m.decoder.gate.clone(), m.decoder.W.clone()))
+
+    model.train(
+        max_epochs=20, n_epochs_mask_average=3, n_epochs_mask_settle=2, callbacks=[Record()],
+        **QUIET,
+    )  # fmt: skip
+    plan = model.trainer.lightning_module
+    assert (plan.schedule.average_epoch, plan.schedule.decide_epoch) == (15, 18)
+    prior = model.module.prior
+    average = torch.stack([p for p, _, _ in seen[15:18]]).mean(0)
+    assert torch.allclose(prior.p_star, average, atol=1e-6)
+    assert not torch.allclose(seen[17][0], average)  # the average, not the last EM step
+    for p, gate, _ in seen[18:]:  # settle: p* fixed, the gates are the decided selection
+        assert torch.equal(p, prior.p_star)
+        assert torch.equal(gate, is_selected(prior.p_star).to(gate.dtype))
+    assert not torch.equal(seen[18][2], seen[19][2])  # the network (and W) still train
+    assert torch.equal(model.module.decoder.gate, is_selected(prior.p_star).to(gate.dtype))
+    assert not prior.decided  # released: a later train() call runs the EM again
+    # Without the decision the masks are read from the last EM step, as before
+    model.train(max_epochs=20, n_epochs_mask_average=0, n_epochs_mask_settle=0, **QUIET)
+    assert not model.trainer.lightning_module.schedule.decides

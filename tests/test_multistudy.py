@@ -1241,3 +1241,26 @@ def test_count_models_default_to_gates_and_prior_cells():
     gaussian = SparseVAE(logged, n_factors=2, n_specific_factors=1)
     assert gaussian.likelihood == "gaussian"
     assert not gaussian.module.spike_gate and gaussian.module.prior_cells is None
+
+
+def test_a_move_restarts_the_average_that_decides_the_masks():
+    """Columns moved between the shared and specific masks are new factors: average anew."""
+    from sparsevae.module import SparseVAEModule
+    from sparsevae.train import SparseVAETrainingPlan
+
+    torch.manual_seed(0)
+    module = SparseVAEModule(n_input=12, n_factors=3, n_hidden=8, n_specific_factors=2, n_studies=2)
+    plan = SparseVAETrainingPlan(module)
+    with torch.no_grad():
+        module.decoder.W_specific[:, :, 1] = 0.0  # slot 1 unused in every study
+    plan._add_to_average()
+    plan._add_to_average()
+    assert plan._n_averaged == 2 and module.mask_edits == 0
+    module.move_to_specific(factor=2, study=1, slot=1)
+    assert module.mask_edits == 1
+    plan._add_to_average()
+    assert plan._n_averaged == 1
+    plan._decide_masks()
+    shared, specific = module.mask_priors()
+    assert shared.decided and specific.decided
+    assert torch.all(shared.p_star[:, 2] == 0)  # the moved column, as the move left it

@@ -64,6 +64,8 @@ class TrainingMixin:
         kl_free_bits: float = 0.0,
         kl_free_bits_specific: float | None = None,
         rotate_after_warmup: bool | None = None,
+        n_epochs_mask_average: int | None = None,
+        n_epochs_mask_settle: int | None = None,
         plan_kwargs: dict[str, Any] | None = None,
         n_restarts: int = 1,
         move_confined: bool = True,
@@ -144,6 +146,18 @@ class TrainingMixin:
             reproduce a fit made before it existed, or to start the mask prior from the
             warm-up's own basis (e.g. when comparing starts on purpose). Measurements: user
             guide, "Why the defaults are what they are".
+        n_epochs_mask_average
+            Models with gates on their masks (count data by default): the selection is decided
+            from ``p*`` averaged over the ends of this many epochs before the last
+            ``n_epochs_mask_settle``, instead of from the last EM step, whose ``p*`` flickers
+            for entries near 0.5. Default ``None``: 5% of ``max_epochs`` with gates, 0
+            without (:func:`~sparsevae.train.prior_schedule`).
+        n_epochs_mask_settle
+            Epochs at the end with the selection decided: EM stops, the gates stay as decided,
+            each mask entry is charged its part's rate (slab if selected, spike if not) and the
+            network refits to the decided masks. Default ``None``: 5% of ``max_epochs`` with
+            gates, 0 without. Set both to 0 to read the masks from the last EM step (the
+            earlier behaviour; measurements: user guide, "Why the defaults are what they are").
         plan_kwargs
             Passed to :class:`~sparsevae.train.SparseVAETrainingPlan`.
         n_restarts
@@ -196,6 +210,8 @@ class TrainingMixin:
             n_epochs_fixed_correlation=n_epochs_fixed_correlation, kl_free_bits=kl_free_bits,
             kl_free_bits_specific=kl_free_bits_specific,
             rotate_after_warmup=rotate_after_warmup,
+            n_epochs_mask_average=n_epochs_mask_average,
+            n_epochs_mask_settle=n_epochs_mask_settle,
             plan_kwargs=plan_kwargs, move_confined=move_confined, **trainer_kwargs,
         )  # fmt: skip
         if n_restarts == 1:
@@ -335,6 +351,8 @@ class TrainingMixin:
         kl_free_bits: float = 0.0,
         kl_free_bits_specific: float | None = None,
         rotate_after_warmup: bool | None = None,
+        n_epochs_mask_average: int | None = None,
+        n_epochs_mask_settle: int | None = None,
         move_confined: bool = True,
         **trainer_kwargs: Any,
     ) -> Any:
@@ -358,6 +376,8 @@ class TrainingMixin:
             "rotate_after_warmup": ROTATE_AFTER_WARMUP
             if rotate_after_warmup is None
             else bool(rotate_after_warmup),
+            "n_epochs_mask_average": n_epochs_mask_average,
+            "n_epochs_mask_settle": n_epochs_mask_settle,
             **(plan_kwargs or {}),
         }
         schedule = prior_schedule(
@@ -365,6 +385,9 @@ class TrainingMixin:
             self.module.is_count,
             plan_kwargs["n_epochs_prior_warmup"],
             plan_kwargs["n_epochs_lambda0_ramp"],
+            self.module.spike_gate,
+            plan_kwargs["n_epochs_mask_average"],
+            plan_kwargs["n_epochs_mask_settle"],
         )
         # Log the epoch metrics even when an epoch has fewer than Lightning's default 50 steps.
         trainer_kwargs.setdefault("log_every_n_steps", 1)

@@ -320,6 +320,10 @@ class SparseVAEModule(BaseModuleClass):
         # Whether the gates follow the prior (set by the training plan once the prior is at full
         # strength); until then every gate is open.
         self.gate_on = False
+        #: Number of moves of mask columns between the shared and specific masks so far
+        #: (``move_to_specific`` and the like); the training plan restarts its average of ``p*``
+        #: when it changes.
+        self.mask_edits = 0
 
         if latent_prior is None:
             latent_prior = "normal"
@@ -861,6 +865,31 @@ class SparseVAEModule(BaseModuleClass):
             self.open_gates()
 
     @torch.no_grad()
+    def decide_masks(self, p_stars: Sequence[torch.Tensor]) -> None:
+        """Fix the selection of every mask (:meth:`SpikeSlabLasso.decide`) and close its gates.
+
+        Parameters
+        ----------
+        p_stars
+            One ``p*`` per prior of :meth:`mask_priors`, in that order (e.g. averaged over the
+            last epochs by the training plan).
+        """
+        priors = self.mask_priors()
+        if len(p_stars) != len(priors):
+            raise ValueError(
+                f"Expected {len(priors)} p* tensors (one per mask prior), got {len(p_stars)}."
+            )
+        for prior, p in zip(priors, p_stars, strict=True):
+            prior.decide(p)
+        if self.gate_on:
+            self.close_spike_gates()
+
+    def release_masks(self) -> None:
+        """Let the EM move every mask's selection again (undoes :meth:`decide_masks`)."""
+        for prior in self.mask_priors():
+            prior.release()
+
+    @torch.no_grad()
     def open_gates(self) -> None:
         """Let every mask entry reach the decoder (as before the prior is at full strength)."""
         if self.prior is not None:
@@ -1021,10 +1050,13 @@ class SparseVAEModule(BaseModuleClass):
             elif mode == "swap":
                 b.copy_(saved)
 
-    def _check_reassignment(
+    def _begin_reassignment(
         self, what: str, factor: int, slot: int, study: int | None = None
     ) -> None:
-        """Refuse a move between the masks that this module or these indices cannot take."""
+        """Refuse a move between the masks that this module or these indices cannot take; count it.
+
+        Every accepted move adds one to :attr:`mask_edits`.
+        """
         if not self.is_multistudy or self.prior is None:
             raise ValueError(f"{what} needs a multi-study module with mask priors.")
         if self.latent_prior == "correlated":
@@ -1035,6 +1067,7 @@ class SparseVAEModule(BaseModuleClass):
                 raise ValueError(f"factor or slot out of range: {factor}, {slot}.")
         elif not (in_range and 0 <= study < self.n_studies):
             raise ValueError(f"factor, study or slot out of range: {factor}, {study}, {slot}.")
+        self.mask_edits += 1
 
     @torch.no_grad()
     def move_to_specific(self, factor: int, study: int, slot: int) -> None:
@@ -1058,7 +1091,7 @@ class SparseVAEModule(BaseModuleClass):
         slot
             Index of the specific factor (``0 <= slot < n_specific_factors``).
         """
-        self._check_reassignment("move_to_specific", factor, slot, study)
+        self._begin_reassignment("move_to_specific", factor, slot, study)
         K = self.n_factors
         target = K + slot
         dec = self.decoder
@@ -1109,7 +1142,7 @@ class SparseVAEModule(BaseModuleClass):
         genes
             Boolean tensor over genes: the genes to hand over.
         """
-        self._check_reassignment("split_to_specific", factor, slot, study)
+        self._begin_reassignment("split_to_specific", factor, slot, study)
         K = self.n_factors
         genes = torch.as_tensor(genes, dtype=torch.bool, device=self.decoder.W.device)
         if genes.shape != (self.decoder.n_genes,):
@@ -1155,7 +1188,7 @@ class SparseVAEModule(BaseModuleClass):
         factor
             Index of the (unused) shared factor.
         """
-        self._check_reassignment("move_to_shared", factor, slot)
+        self._begin_reassignment("move_to_shared", factor, slot)
         K = self.n_factors
         source = K + slot
         dec = self.decoder
@@ -1199,7 +1232,7 @@ class SparseVAEModule(BaseModuleClass):
         slot
             Index of the specific factor that carries the same program in every study.
         """
-        self._check_reassignment("swap_roles", factor, slot, study)
+        self._begin_reassignment("swap_roles", factor, slot, study)
         genes = torch.zeros(self.n_studies, self.decoder.n_genes, dtype=torch.bool)
         genes[study] = True
         self.swap_roles_by_gene(factor, slot, genes)
@@ -1237,7 +1270,7 @@ class SparseVAEModule(BaseModuleClass):
             slots, so that a slot that also carried pieces of its own study's program does not
             give them back to the shared factor. ``None``: the factor takes every gene.
         """
-        self._check_reassignment("swap_roles_by_gene", factor, slot)
+        self._begin_reassignment("swap_roles_by_gene", factor, slot)
         K = self.n_factors
         t = K + slot
         dec = self.decoder
@@ -1286,7 +1319,10 @@ class SparseVAEModule(BaseModuleClass):
 
     @torch.no_grad()
     def em_step(self, update_eta: bool = True) -> None:
-        """Update the prior's inclusion probabilities and factor weights (no-op without mask)."""
+        """Update the prior's inclusion probabilities and factor weights (no-op without mask).
+
+        Not allowed while the selection is decided (:meth:`decide_masks`).
+        """
         if self.prior is not None:
             self.prior.em_step(self.decoder.W, update_eta=update_eta)
         if self.prior_specific is not None:

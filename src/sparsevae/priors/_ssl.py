@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from ._rules import is_selected
+
 __all__ = ["SpikeSlabLasso"]
 
 _ETA_EPS = 1e-6
@@ -76,6 +78,9 @@ class SpikeSlabLasso(nn.Module):
         lead = () if n_groups is None else (int(n_groups),)
         self.register_buffer("p_star", torch.full((*lead, n_genes, n_factors), 0.5))
         self.register_buffer("eta", torch.full((*lead, n_factors), 0.5))
+        #: Whether the selection is decided (:meth:`decide`): the penalty then charges selected
+        #: entries the slab rate and the others the spike rate, and ``p*`` no longer moves.
+        self.decided = False
 
     @property
     def w_off(self) -> float:
@@ -106,6 +111,9 @@ class SpikeSlabLasso(nn.Module):
     def penalty(self, W: torch.Tensor, group_weights: torch.Tensor | None = None) -> torch.Tensor:
         """Negative expected log prior of ``W``: ``sum_jk (l1 p* + l0 (1 - p*)) |w_jk|``.
 
+        Once the selection is decided (:meth:`decide`), ``p*`` is read as 1 for the selected
+        entries and 0 for the others: each entry is charged the rate of the part it is in.
+
         Parameters
         ----------
         W
@@ -118,7 +126,7 @@ class SpikeSlabLasso(nn.Module):
         -------
         Scalar tensor.
         """
-        p = self.p_star
+        p = is_selected(self.p_star).to(W.dtype) if self.decided else self.p_star
         rate = self.lambda1 * p + self.spike_rate * (1.0 - p)
         terms = rate * W.abs()
         if group_weights is None:
@@ -166,9 +174,41 @@ class SpikeSlabLasso(nn.Module):
             Also run the M-step for ``eta`` (``False`` keeps ``eta`` fixed, as the training plan
             does while the spike rate climbs to ``lambda0``).
         """
+        if self.decided:
+            raise RuntimeError("The selection is decided; call release() before em_step().")
         W = W.detach().to(self.p_star.dtype)
         p = torch.sigmoid(self.inclusion_logits(W, self.eta))
-        eta = (p.sum(-2) + self.a - 1.0) / (self.a + self.b + self.n_genes - 2.0)
         self.p_star.copy_(p)
         if update_eta:
-            self.eta.copy_(eta.clamp(_ETA_EPS, 1.0 - _ETA_EPS))
+            self.eta.copy_(self._eta_from(p))
+
+    def _eta_from(self, p: torch.Tensor) -> torch.Tensor:
+        """The M-step: each factor's weight ``eta`` from its inclusion probabilities."""
+        eta = (p.sum(-2) + self.a - 1.0) / (self.a + self.b + self.n_genes - 2.0)
+        return eta.clamp(_ETA_EPS, 1.0 - _ETA_EPS)
+
+    @torch.no_grad()
+    def decide(self, p_star: torch.Tensor) -> None:
+        """Fix the selection: set ``p*`` (and ``eta`` by the M-step) and stop it moving.
+
+        The training plan calls it with ``p*`` averaged over the last epochs, so that the
+        selection does not depend on the minibatch of the last EM step; the network then
+        refits to the decided mask (see :class:`~sparsevae.train.SparseVAETrainingPlan`).
+
+        Parameters
+        ----------
+        p_star
+            Inclusion probabilities, of the shape of :attr:`p_star`.
+        """
+        if p_star.shape != self.p_star.shape:
+            raise ValueError(
+                f"p_star must have shape {tuple(self.p_star.shape)}, got {tuple(p_star.shape)}."
+            )
+        p = p_star.to(self.p_star)
+        self.p_star.copy_(p)
+        self.eta.copy_(self._eta_from(p))
+        self.decided = True
+
+    def release(self) -> None:
+        """Let ``p*`` move again (EM) after :meth:`decide`."""
+        self.decided = False

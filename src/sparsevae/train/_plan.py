@@ -13,6 +13,8 @@ from scvi.train import TrainingPlan
 from ..module import SparseVAEModule
 
 __all__ = [
+    "MASK_AVERAGE_SHARE",
+    "MASK_SETTLE_SHARE",
     "MULTISTUDY_FREE_BITS_SPECIFIC",
     "ROTATE_AFTER_WARMUP",
     "DivergenceError",
@@ -26,6 +28,12 @@ __all__ = [
 PRIOR_WARMUP_SHARE = 0.2
 #: Count likelihoods: share of ``max_epochs`` of the spike-rate ladder after the warm-up.
 LAMBDA0_RAMP_SHARE = 0.4
+#: Gated masks: share of ``max_epochs`` over which ``p*`` is averaged before the selection is
+#: decided (``SparseVAE.train(n_epochs_mask_average=)``).
+MASK_AVERAGE_SHARE = 0.05
+#: Gated masks: share of ``max_epochs`` at the end in which the network refits to the decided
+#: masks (``SparseVAE.train(n_epochs_mask_settle=)``).
+MASK_SETTLE_SHARE = 0.05
 #: Multi-study models: default free bits (nats per factor) of the study-specific factors until
 #: the mask prior is at full strength (``SparseVAE.train(kl_free_bits_specific=)``).
 MULTISTUDY_FREE_BITS_SPECIFIC = 0.5
@@ -56,7 +64,7 @@ def default_max_epochs(n_obs: int) -> int:
 
 @dataclass(frozen=True)
 class PriorSchedule:
-    """Epochs of the mask prior's warm-up and spike-rate ladder.
+    """Epochs of the mask prior's warm-up and spike-rate ladder, and of the mask decision.
 
     Attributes
     ----------
@@ -64,15 +72,40 @@ class PriorSchedule:
         Epochs without the mask penalty or EM.
     ramp
         Epochs of the spike-rate ladder after the warm-up.
+    average
+        Epochs at the end of the full prior, before :attr:`settle`, whose ``p*`` are averaged
+        into the decided selection.
+    settle
+        Epochs at the end with the selection decided: no EM, the network refits to the masks.
+    max_epochs
+        Epochs of the training run.
     """
 
     warmup: int
     ramp: int
+    average: int = 0
+    settle: int = 0
+    max_epochs: int = 0
 
     @property
     def full_prior_epoch(self) -> int:
         """The first epoch (0-based) with the full prior and EM for ``eta``."""
         return self.warmup + self.ramp
+
+    @property
+    def decides(self) -> bool:
+        """Whether the selection is decided at the end (an average or a settle phase)."""
+        return self.average > 0 or self.settle > 0
+
+    @property
+    def average_epoch(self) -> int:
+        """The first epoch (0-based) whose ``p*`` (at its end) enters the average."""
+        return self.max_epochs - self.settle - self.average
+
+    @property
+    def decide_epoch(self) -> int:
+        """The epoch (0-based) at whose start the selection is decided (``max_epochs``: the end)."""
+        return self.max_epochs - self.settle
 
 
 def prior_schedule(
@@ -80,12 +113,18 @@ def prior_schedule(
     count_likelihood: bool,
     n_epochs_prior_warmup: int | None = None,
     n_epochs_lambda0_ramp: int | None = None,
+    gated: bool = False,
+    n_epochs_mask_average: int | None = None,
+    n_epochs_mask_settle: int | None = None,
 ) -> PriorSchedule:
     """The schedule of the mask prior, with the defaults filled in.
 
     Count likelihoods default to a warm-up of 20% and a ladder of 40% of ``max_epochs``; the
-    Gaussian likelihood to none (the paper's full prior from the first step). See the user
-    guide's page on the prior for why (``docs/user_guide/prior.md``).
+    Gaussian likelihood to none (the paper's full prior from the first step). Gated masks
+    (``spike_gate``) default to deciding the selection from ``p*`` averaged over 5% of
+    ``max_epochs`` and refitting the network to it over the last 5%; ungated ones to neither.
+    Defaults that do not fit after the full prior's start are shortened. See the user guide's
+    page on the defaults for why (``docs/user_guide/defaults.md``).
 
     Parameters
     ----------
@@ -95,6 +134,10 @@ def prior_schedule(
         Whether the model has a count likelihood.
     n_epochs_prior_warmup, n_epochs_lambda0_ramp
         Values set by the user (``None``: the default).
+    gated
+        Whether the model has gates on its masks (``spike_gate``).
+    n_epochs_mask_average, n_epochs_mask_settle
+        Values set by the user (``None``: the default).
 
     Returns
     -------
@@ -103,6 +146,8 @@ def prior_schedule(
     for name, value in (
         ("n_epochs_prior_warmup", n_epochs_prior_warmup),
         ("n_epochs_lambda0_ramp", n_epochs_lambda0_ramp),
+        ("n_epochs_mask_average", n_epochs_mask_average),
+        ("n_epochs_mask_settle", n_epochs_mask_settle),
     ):
         if value is not None and value < 0:
             raise ValueError(f"{name} must be >= 0 or None, got {value}.")
@@ -110,7 +155,26 @@ def prior_schedule(
         n_epochs_prior_warmup = round(PRIOR_WARMUP_SHARE * max_epochs) if count_likelihood else 0
     if n_epochs_lambda0_ramp is None:
         n_epochs_lambda0_ramp = round(LAMBDA0_RAMP_SHARE * max_epochs) if count_likelihood else 0
-    return PriorSchedule(int(n_epochs_prior_warmup), int(n_epochs_lambda0_ramp))
+    room = max(0, int(max_epochs) - int(n_epochs_prior_warmup) - int(n_epochs_lambda0_ramp))
+    settle, average = n_epochs_mask_settle, n_epochs_mask_average
+    if settle is None:
+        settle = min(round(MASK_SETTLE_SHARE * max_epochs) if gated else 0, room)
+    if average is None:
+        average = min(round(MASK_AVERAGE_SHARE * max_epochs) if gated else 0, max(0, room - settle))
+    if settle + average > room:
+        raise ValueError(
+            f"n_epochs_mask_average + n_epochs_mask_settle ({average} + {settle}) must fit in "
+            f"the {room} epochs after the mask prior reaches full strength (max_epochs "
+            f"{max_epochs}, warm-up {n_epochs_prior_warmup}, spike ramp "
+            f"{n_epochs_lambda0_ramp}); shorten them or train for more epochs."
+        )
+    return PriorSchedule(
+        int(n_epochs_prior_warmup),
+        int(n_epochs_lambda0_ramp),
+        int(average),
+        int(settle),
+        int(max_epochs),
+    )
 
 
 class DivergenceError(RuntimeError):
@@ -132,7 +196,13 @@ class SparseVAETrainingPlan(TrainingPlan):
     2. *spike ladder* (``n_epochs_lambda0_ramp`` epochs): the spike rate climbs geometrically from
        ``1.5 * lambda1`` to ``lambda0`` while ``eta`` stays at its start value 0.5, so genes are
        separated into slab and spike gradually;
-    3. full prior: spike rate ``lambda0`` and EM for ``p*`` and ``eta``.
+    3. full prior: spike rate ``lambda0`` and EM for ``p*`` and ``eta``;
+    4. *mask decision* (gated masks by default): ``p*`` is averaged over the epoch ends of the
+       last ``n_epochs_mask_average`` epochs before the final ``n_epochs_mask_settle``; then the
+       selection is decided from that average (:meth:`SparseVAEModule.decide_masks`: EM stops,
+       the gates stay as decided, each entry is charged the rate of its part) and the network
+       refits to the decided masks. With the gates the masks otherwise flicker from one EM
+       step to the next for the entries near ``p* = 0.5``.
 
     The schedule's defaults come from :func:`prior_schedule` and the trainer's ``max_epochs``:
     on for count likelihoods, off for the Gaussian one (see the user guide's page on the prior).
@@ -179,6 +249,14 @@ class SparseVAETrainingPlan(TrainingPlan):
         takes over (``None``: ``MIXTURE_PRETRAIN_SHARE`` of ``max_epochs``, 20%). Started from
         random components, a GMVAE tends to put every cell in one component or to keep uniform
         assignments.
+    n_epochs_mask_average
+        Epochs whose ``p*`` (at each epoch's end) are averaged into the decided selection
+        (``None``: the default of :func:`prior_schedule`, 5% of ``max_epochs`` with gates, else
+        0). 0 with a settle phase: the selection is decided from the last EM step's ``p*``.
+    n_epochs_mask_settle
+        Epochs at the end in which the selection stays decided and the network refits to it
+        (``None``: the default of :func:`prior_schedule`, 5% with gates, else 0). 0 with an
+        average: the average is decided at the end of training, without a refit.
     rotate_after_warmup
         At the end of the mask prior's warm-up, rotate the factors to the varimax rotation of
         their loadings on the genes (:meth:`SparseVAEModule.rotate_factors`), so that the mask
@@ -204,6 +282,8 @@ class SparseVAETrainingPlan(TrainingPlan):
         n_epochs_mixture_pretrain: int | None = None,
         kl_free_bits: float = 0.0,
         kl_free_bits_specific: float = 0.0,
+        n_epochs_mask_average: int | None = None,
+        n_epochs_mask_settle: int | None = None,
         rotate_after_warmup: bool = False,
         **kwargs: Any,
     ) -> None:
@@ -218,6 +298,8 @@ class SparseVAETrainingPlan(TrainingPlan):
             ("n_epochs_shared_first", n_epochs_shared_first),
             ("n_epochs_fixed_correlation", n_epochs_fixed_correlation),
             ("n_epochs_mixture_pretrain", n_epochs_mixture_pretrain),
+            ("n_epochs_mask_average", n_epochs_mask_average),
+            ("n_epochs_mask_settle", n_epochs_mask_settle),
         ):
             if value is not None and value < 0:
                 raise ValueError(f"{name} must be >= 0 or None, got {value}.")
@@ -234,8 +316,17 @@ class SparseVAETrainingPlan(TrainingPlan):
         self.rotation_: torch.Tensor | None = None
         # Checked now, resolved against the trainer's max_epochs when training starts.
         prior_schedule(1, module.is_count, n_epochs_prior_warmup, n_epochs_lambda0_ramp)
-        self._schedule_args = (n_epochs_prior_warmup, n_epochs_lambda0_ramp)
+        self._schedule_args = (
+            n_epochs_prior_warmup, n_epochs_lambda0_ramp, module.spike_gate,
+            n_epochs_mask_average, n_epochs_mask_settle,
+        )  # fmt: skip
         self.schedule = PriorSchedule(0, 0)
+        # Running sum of p* (one per mask prior) over the averaged epochs, their number, and
+        # the module's mask_edits when the sum began.
+        self._pstar_sum: list[torch.Tensor] | None = None
+        self._n_averaged = 0
+        self._edits_at_sum = 0
+        self._decided = False
         self.n_epochs_shared_first = int(n_epochs_shared_first or 0)
         self.n_epochs_fixed_correlation = int(
             FIXED_CORRELATION_EPOCHS
@@ -265,6 +356,8 @@ class SparseVAETrainingPlan(TrainingPlan):
         self.n_epochs_mixture_pretrain = (
             round(MIXTURE_PRETRAIN_SHARE * max_epochs) if arg is None else int(arg)
         )
+        self.module.release_masks()
+        self._pstar_sum, self._n_averaged, self._decided = None, 0, False
 
     def on_train_epoch_start(self) -> None:
         """Set the mask prior's schedule (warm-up, spike ladder, full prior) for this epoch."""
@@ -278,10 +371,12 @@ class SparseVAETrainingPlan(TrainingPlan):
             and self.module.can_rotate
         ):
             self.rotation_ = self._rotate_to_varimax()
-        self._em_on = epoch >= warm
+        if self.schedule.decides and epoch == self.schedule.decide_epoch and not self._decided:
+            self._decide_masks()
         t = 1.0 if ramp == 0 else (epoch - warm) / ramp
         self._update_eta = t >= 1.0
-        self.module.set_prior_schedule(penalty_on=self._em_on, ramp=t)
+        self.module.set_prior_schedule(penalty_on=epoch >= warm, ramp=t)
+        self._em_on = epoch >= warm and not self._decided
         self.module.specific_on = epoch >= self.n_epochs_shared_first
         self.module.correlation_on = epoch >= self.n_epochs_fixed_correlation
         free = epoch < self.schedule.full_prior_epoch
@@ -301,12 +396,42 @@ class SparseVAETrainingPlan(TrainingPlan):
         module.mixture_prior.em_update(means, variances)
 
     def on_train_epoch_end(self) -> None:
-        """``latent_prior="mixture"``: refit the mixture's components to the posteriors (EM)."""
+        """Add ``p*`` to the mask decision's average; refit a mixture prior's components (EM)."""
         module = self.module
+        schedule = self.schedule
+        if schedule.average_epoch <= self.current_epoch < schedule.decide_epoch:
+            self._add_to_average()
         if not module.mixture_on:
             return
         means, variances = self._posteriors()
         module.mixture_prior.em_update(means, variances)
+
+    @torch.no_grad()
+    def _add_to_average(self) -> None:
+        """Add this epoch's ``p*`` of every mask to the running average.
+
+        A move of mask columns between the shared and specific masks (multi-study) starts the
+        average again: the columns before and after it are different factors.
+        """
+        priors = self.module.mask_priors()
+        if self._pstar_sum is None or self._edits_at_sum != self.module.mask_edits:
+            self._pstar_sum = [torch.zeros_like(p.p_star) for p in priors]
+            self._n_averaged = 0
+            self._edits_at_sum = self.module.mask_edits
+        for total, prior in zip(self._pstar_sum, priors, strict=True):
+            total.add_(prior.p_star)
+        self._n_averaged += 1
+
+    def _decide_masks(self) -> None:
+        """Decide every mask's selection from the averaged ``p*`` (or the current one)."""
+        module = self.module
+        if self._pstar_sum is not None and self._n_averaged > 0:
+            p_stars = [total / self._n_averaged for total in self._pstar_sum]
+        else:
+            p_stars = [prior.p_star.clone() for prior in module.mask_priors()]
+        module.set_prior_schedule(penalty_on=True, ramp=1.0)
+        module.decide_masks(p_stars)
+        self._decided = True
 
     @torch.no_grad()
     def _rotate_to_varimax(self) -> torch.Tensor:
@@ -371,9 +496,14 @@ class SparseVAETrainingPlan(TrainingPlan):
     def on_train_end(self) -> None:
         """Leave the prior at its full strength (matters when training stops early)."""
         self._place_mixture()
+        schedule = self.schedule
+        if not self._decided and schedule.average > 0 and self._n_averaged >= schedule.average:
+            self._decide_masks()  # an average without a settle phase is decided at the end
         self.module.set_prior_schedule(penalty_on=True, ramp=1.0)
         if self.module.gate_on:
             self.module.close_spike_gates()
+        # p* keeps the decided selection; a later EM step (another train() call) may move it.
+        self.module.release_masks()
         self.module.specific_on = True
         self.module.correlation_on = True
         self.module.free_bits = 0.0
