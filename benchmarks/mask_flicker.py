@@ -1,7 +1,7 @@
 """How steady is a fitted mask? Selection over the last epochs of a fit, and across starts.
 
 Usage: ``python benchmarks/mask_flicker.py [--data zeisel|pbmc] [--seeds 0 1] [--last 15]
-[--module-kwargs '{"prior_cells": 100}'] [--quick]``.
+[--module-kwargs '{"prior_cells": 100}'] [--train-kwargs '{...}'] [--quick]``.
 
 Each seed is a random start (``scvi.settings.seed``) with the package defaults (15 factors,
 counts, the data of ``benchmarks/stability.py``). A Lightning callback keeps the inclusion
@@ -16,6 +16,10 @@ vote over the last 5 epochs, or from the mean ``p*`` over the kept epochs.
 Session 22 (Zeisel, seeds 0 and 1): consecutive final epochs matched at 0.71 (selected) and 0.38
 (anchors); across the starts the anchor Jaccard was 0.14 read at the last epoch and 0.39 by the
 5-epoch vote (``benchmarks/results/experiments/zeisel_mask_flicker_session22.jsonl``).
+Since session 23 the package decides gated masks from ``p*`` averaged over 5% of the epochs and
+keeps them fixed over the last 5%, so at the defaults the kept epochs of that phase do not move;
+to measure the EM's own flicker, as session 22 did, pass ``--train-kwargs
+'{"n_epochs_mask_average": 0, "n_epochs_mask_settle": 0}'``.
 """
 
 from __future__ import annotations
@@ -58,7 +62,12 @@ def fit(adata: Any, seed: int, last: int, args: argparse.Namespace) -> dict[str,
     ad = adata.copy()
     sparsevae.SparseVAE.setup_anndata(ad, layer="counts")
     model = sparsevae.SparseVAE(ad, n_factors=N_FACTORS, **json.loads(args.module_kwargs))
-    model.train(max_epochs=args.epochs, callbacks=[KeepPstar()], **TRAINER_KWARGS)
+    model.train(
+        max_epochs=args.epochs,
+        callbacks=[KeepPstar()],
+        **json.loads(args.train_kwargs),
+        **TRAINER_KWARGS,
+    )
     epochs = sorted(kept)
     return {
         "seed": seed,
@@ -132,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=None, help="default: the package's")
     p.add_argument("--n-cells", type=int, default=None, help="subsample cells")
     p.add_argument("--module-kwargs", default="{}", help="JSON of extra SparseVAE arguments")
+    p.add_argument("--train-kwargs", default="{}", help="JSON of extra model.train arguments")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="pbmc, 200 cells, 2 seeds, 12 epochs")
     args = p.parse_args(argv)

@@ -716,5 +716,10 @@ def test_mask_flicker_reads_selection_within_a_fit_and_across_starts():
     rec = across(run, other, sparsevae)
     for reading in ("last_epoch", "vote_last5", "mean_pstar"):
         assert rec[reading]["jaccard_selected"] == 1.0 and rec[reading]["jaccard_anchors"] == 1.0
-    records = _quick("mask_flicker.py", "--quick")
+    records = _quick(
+        "mask_flicker.py",
+        "--quick",
+        "--train-kwargs",
+        '{"n_epochs_mask_average": 0, "n_epochs_mask_settle": 0}',
+    )
     assert [r["record"] for r in records] == ["meta", "fit", "fit", "across"]
