@@ -467,6 +467,15 @@ def test_masks_are_decided_from_averaged_pstar_and_the_network_refits():
     assert not torch.equal(seen[18][2], seen[19][2])  # the network (and W) still train
     assert torch.equal(model.module.decoder.gate, is_selected(prior.p_star).to(gate.dtype))
     assert not prior.decided  # released: a later train() call runs the EM again
+    # An average without a settle phase is decided at the end of training
+    seen.clear()
+    model.train(
+        max_epochs=20, n_epochs_mask_average=3, n_epochs_mask_settle=0, callbacks=[Record()],
+        **QUIET,
+    )  # fmt: skip
+    average = torch.stack([p for p, _, _ in seen[17:20]]).mean(0)
+    assert torch.allclose(prior.p_star, average, atol=1e-6)
+    assert torch.equal(model.module.decoder.gate, is_selected(prior.p_star).to(gate.dtype))
     # Without the decision the masks are read from the last EM step, as before
     model.train(max_epochs=20, n_epochs_mask_average=0, n_epochs_mask_settle=0, **QUIET)
     assert not model.trainer.lightning_module.schedule.decides
