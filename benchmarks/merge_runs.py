@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_report import meta_of, read_last_run
 
 # Settings that may differ between the two runs (everything else must match).
-FREE_SETTINGS = {"methods", "out", "note", "threads"}
+FREE_SETTINGS = {"methods", "out", "note", "threads", "save_dir"}
 
 
 def merge(
@@ -81,7 +81,18 @@ def merge(
         + "]"
     ).strip()
     fits = new_fits + kept
-    return [meta, *fits, *summarise(fits)]
+    # Stability lines (per method, from the fitted models): NEW's for the methods it ran, OLD's
+    # for the methods kept.
+    stability = [
+        {**r, "method": rename.get(r["method"], r["method"])}
+        for r in new
+        if r.get("record") == "stability" and not r.get("partial")
+    ] + [
+        r
+        for r in old
+        if r.get("record") == "stability" and not r.get("partial") and r["method"] not in rerun
+    ]
+    return [meta, *fits, *summarise(fits), *stability]
 
 
 def join_parts(parts: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:

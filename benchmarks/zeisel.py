@@ -253,6 +253,10 @@ def fit_vae_type(
         del kept.layers["lognorm"]
         model.write_results(kept, effects=False)
         FITS[method].append(kept)
+        if args.save_dir is not None:
+            # The file names of stability.py --save-dir: its --fits-from reads them back.
+            Path(args.save_dir).mkdir(parents=True, exist_ok=True)
+            kept.write_h5ad(Path(args.save_dir) / f"zeisel_{method}_s{seed}.h5ad")
     return {
         "z": z_all,
         "lognorm_hat": lognorm_hat,
@@ -414,6 +418,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         '\'{"spike_gate": true, "prior_cells": 200}\'',
     )
     p.add_argument("--note", default=None, help="free text stored in the meta record")
+    p.add_argument(
+        "--save-dir",
+        default=None,
+        help="write each SparseVAE/VAE fit's AnnData (all cells, with results) here, as "
+        "zeisel_<method>_s<seed>.h5ad: stability.py --data zeisel --fits-from reads them",
+    )
     args = p.parse_args(argv)
     q = args.quick
     if args.seeds is None:

@@ -111,6 +111,19 @@ def test_merge_runs_keeps_other_methods_and_recomputes_summaries(tmp_path):
     assert set(summaries) == set(fits)
     assert summaries["sparsevae_corr"]["dci_disentanglement_mean"] == 0.9
     assert "relabelled 'sparsevae_corr'" in merged[0]["note"]
+
+    # Stability lines: NEW's for the methods it ran (relabelled), OLD's for the methods kept;
+    # partial ones (a run stopped early) are dropped; a differing --save-dir does not block.
+    def stab(method, r, partial=False):
+        return {"record": "stability", "method": method, "median_abs_r": r,
+                **({"partial": True} if partial else {})}  # fmt: skip
+
+    old_s = [*old, stab("sparsevae", 0.5), stab("vae", 0.3)]
+    new_s = [*new, stab("sparsevae", 0.7, partial=True), stab("sparsevae", 0.9)]
+    new_s[0] = {**new_s[0], "settings": {**new_s[0]["settings"], "save_dir": "/tmp/fits"}}
+    merged = merge("identifiability", old_s, new_s, {"sparsevae": "sparsevae_corr"})
+    stab_r = {r["method"]: r["median_abs_r"] for r in merged if r["record"] == "stability"}
+    assert stab_r == {"sparsevae_corr": 0.9, "sparsevae": 0.5, "vae": 0.3}
     bad = [{**new[0], "settings": {**new[0]["settings"], "epochs": 300}}, *new[1:]]
     try:
         merge("identifiability", old, bad)
@@ -210,6 +223,10 @@ def test_zeisel_pca_components_methods_and_report_lines():
     from zeisel import method_name
 
     assert method_name("pca_k9") == "pca_k9" and method_name("sparsevae_nb") == "sparsevae_nb"
+    from zeisel import parse_args
+
+    assert parse_args(["--save-dir", "/tmp/x"]).save_dir == "/tmp/x"
+    assert parse_args([]).save_dir is None
     for bad in ("pca_k0", "pca_kx", "pca9", "tsne"):
         with pytest.raises(argparse.ArgumentTypeError, match="unknown method"):
             method_name(bad)
