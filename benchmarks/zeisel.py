@@ -167,6 +167,8 @@ def mask_summary(model: Any) -> dict[str, Any]:
 #: Per method, the AnnData of all cells with each seed's results (``write_results``), for the
 #: stability record at the end of the run.
 FITS: dict[str, list[Any]] = defaultdict(list)
+#: The seeds of those fits, in the same order.
+FIT_SEEDS: dict[str, list[int]] = defaultdict(list)
 
 
 def stability_records(fits: dict[str, list[Any]]) -> list[dict[str, Any]]:
@@ -185,6 +187,7 @@ def stability_records(fits: dict[str, list[Any]]) -> list[dict[str, Any]]:
                 "benchmark": "zeisel",
                 "method": method,
                 "n_fits": len(ads),
+                "seeds": FIT_SEEDS.get(method, []),
                 "median_abs_r": stab.median_abs_r,
                 # None where no reference factor has anchors (Jaccard of empty sets)
                 "median_jaccard_anchors": None
@@ -253,6 +256,7 @@ def fit_vae_type(
         del kept.layers["lognorm"]
         model.write_results(kept, effects=False)
         FITS[method].append(kept)
+        FIT_SEEDS[method].append(seed)
         if args.save_dir is not None:
             # The file names of stability.py --save-dir: its --fits-from reads them back.
             Path(args.save_dir).mkdir(parents=True, exist_ok=True)
