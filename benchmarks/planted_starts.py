@@ -63,6 +63,8 @@ def fit(
         "module_kwargs": module_kwargs or {},
         "train_kwargs": train_kwargs or {},
         "elbo": round(float(model.get_elbo()), 3),
+        # With restarts: the training ELBO of every start (the best one is kept).
+        "restart_elbos": [round(float(e), 3) for e in getattr(model, "restart_elbos_", [])],
         "min_abs_r": round(float(min(abs(corr[t, k]) for t, k in match.items())), 3),
         "mean_f1": round(float(np.mean(f1)), 3),
         "min_f1": round(float(min(f1)), 3),

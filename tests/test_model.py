@@ -364,6 +364,15 @@ def test_restarts_keep_the_fit_with_the_best_elbo():
     single = SparseVAE(adata, n_factors=2, n_hidden=8)
     single.train(max_epochs=3, **QUIET)
     assert single.get_elbo() == pytest.approx(elbos[0], rel=1e-4)
+    # Start r is the plain fit from seed + r (network and minibatch order), and the user's seed
+    # is set again afterwards.
+    scvi.settings.seed = 2
+    third = SparseVAE(adata, n_factors=2, n_hidden=8)
+    third.train(max_epochs=3, **QUIET)
+    assert third.get_elbo() == pytest.approx(elbos[2], rel=1e-4)
+    scvi.settings.seed = 5
+    SparseVAE(adata, n_factors=2, n_hidden=8).train(max_epochs=1, n_restarts=2, **QUIET)
+    assert scvi.settings.seed == 5
     with pytest.raises(ValueError, match="n_restarts"):
         model.train(max_epochs=1, n_restarts=0, **QUIET)
 

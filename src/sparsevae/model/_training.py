@@ -165,7 +165,8 @@ class TrainingMixin:
             training data (``get_elbo()``); the ELBOs of all starts are kept in
             ``model.restart_elbos_``. Costs ``n_restarts`` times the training time; use it when
             fits from different seeds disagree (user guide, "Stability across random starts").
-            Start ``r`` re-initialises the network with seed ``scvi.settings.seed + r``.
+            Start ``r`` is the fit that ``scvi.settings.seed + r`` gives (network and
+            minibatch order), so ``n_restarts=3`` from seed 0 keeps the best of seeds 0-2.
         move_confined
             Multi-study models: at the end of each epoch from half-way through the epochs
             with the full mask prior until a quarter of them remain (pausing for a tenth of
@@ -457,21 +458,30 @@ class TrainingMixin:
         return result
 
     def _fit_restarts(self, n_restarts: int, kwargs: dict[str, Any]) -> Any:
-        """Fit from ``n_restarts`` starts; keep the one with the highest training ELBO."""
-        base = scvi.settings.seed if scvi.settings.seed is not None else 0
+        """Fit from ``n_restarts`` starts; keep the one with the highest training ELBO.
+
+        Start ``r > 0`` is the fit that ``scvi.settings.seed = seed + r`` gives (a fresh network
+        and a fresh minibatch order: re-seeding the network alone leaves every start with the
+        same minibatch order); ``scvi.settings.seed`` is restored afterwards.
+        """
+        user_seed = scvi.settings.seed
+        base = user_seed if user_seed is not None else 0
         best: tuple[float, dict[str, torch.Tensor], Any, Any] | None = None
         elbos = []
-        for r in range(n_restarts):
-            if r > 0:
-                torch.manual_seed(base + r)
-                self.module = self._module_cls(**self._module_kwargs)
-                self.is_trained_ = False
-            result = self._fit_once(**kwargs)
-            elbo = float(self.get_elbo())
-            elbos.append(elbo)
-            if best is None or elbo > best[0]:
-                state = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
-                best = (elbo, state, self.history_, result)
+        try:
+            for r in range(n_restarts):
+                if r > 0:
+                    scvi.settings.seed = base + r
+                    self.module = self._module_cls(**self._module_kwargs)
+                    self.is_trained_ = False
+                result = self._fit_once(**kwargs)
+                elbo = float(self.get_elbo())
+                elbos.append(elbo)
+                if best is None or elbo > best[0]:
+                    state = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+                    best = (elbo, state, self.history_, result)
+        finally:
+            scvi.settings.seed = user_seed
         _, state, history, result = best
         self.module.load_state_dict(state)
         self.history_ = history
