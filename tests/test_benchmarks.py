@@ -219,7 +219,7 @@ def test_zeisel_pca_components_methods_and_report_lines():
     import pytest
 
     sys.path.insert(0, str(BENCH))
-    from make_report import factors_used_lines, mean_sd, z_label
+    from make_report import factors_used_lines, mean_sd, z_label, z_rank
     from zeisel import method_name
 
     assert method_name("pca_k9") == "pca_k9" and method_name("sparsevae_nb") == "sparsevae_nb"
@@ -231,6 +231,9 @@ def test_zeisel_pca_components_methods_and_report_lines():
         with pytest.raises(argparse.ArgumentTypeError, match="unknown method"):
             method_name(bad)
     assert z_label("pca_k9") == "PCA, 9 components" and z_label("pca") == "PCA"
+    # Tables list the methods in the order of Z_LABELS (the Sparse VAE first), others after.
+    merged_order = ["vae_nb", "fa", "other", "sparsevae_nb", "scvi"]
+    assert sorted(merged_order, key=z_rank) == ["sparsevae_nb", "vae_nb", "scvi", "fa", "other"]
 
     sv = [{"accuracy": 0.95, "active_factors": 9}, {"accuracy": 0.96, "active_factors": 10}]
     groups = {
