@@ -743,3 +743,58 @@ def test_mask_flicker_reads_selection_within_a_fit_and_across_starts():
         '{"n_epochs_mask_average": 0, "n_epochs_mask_settle": 0}',
     )
     assert [r["record"] for r in records] == ["meta", "fit", "fit", "across"]
+
+
+def test_entry_evidence_is_the_nll_lost_by_closing_the_entry():
+    """benchmarks/entry_evidence.py: an entry's evidence equals the gene's NLL (at the
+    posterior-mean factors) with its gate closed minus with it open, other genes' entries
+    evaluated in the same pass do not leak into it, the gates are restored, and the score is
+    evidence minus the weighted prior cost."""
+    sys.path.insert(0, str(BENCH))
+    import scvi
+    import torch
+    from _common import posterior_means
+    from entry_evidence import closing_evidence, with_results
+
+    import sparsevae
+
+    from .conftest import QUIET, small_counts
+
+    adata = small_counts(n_cells=150, n_genes=30, n_factors=2)
+    sparsevae.SparseVAE.setup_anndata(adata)
+    scvi.settings.seed = 0
+    model = sparsevae.SparseVAE(adata, n_factors=2, n_hidden=16)
+    model.train(max_epochs=30, **QUIET)
+    gate = model.module.decoder.gate
+    before = gate.clone()
+    table = closing_evidence(model, batch_size=64)
+    torch.testing.assert_close(gate, before)
+    selected = (model.module.prior.p_star >= 0.5).numpy()
+    assert len(table) == selected.sum() > 0
+    _, _, base = posterior_means(model, adata)
+    for row in table.sample(3, random_state=0).itertuples():
+        gate[row.gene, row.factor] = 0.0
+        _, _, closed = posterior_means(model, adata)
+        gate.copy_(before)
+        # posterior_means sums the NLL over genes; only gene row.gene changed
+        assert row.evidence == pytest.approx(float((closed - base).sum()), rel=1e-3, abs=1e-2)
+    np.testing.assert_allclose(table["score"], table["evidence"] - table["cost"])
+    dropped = with_results(model, table)
+    pstar = dropped.varm["sparsevae_pstar"]
+    negative = table[table["score"] < 0]
+    assert (pstar[negative["gene"], negative["factor"]] == 0).all()
+
+
+def test_entry_evidence_quick_prints_only_json_lines():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, str(BENCH / "entry_evidence.py"), "--quick"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    assert [r["record"] for r in records] == ["meta", "fit", "fit", "pair"]
+    for fit in records[1:3]:
+        assert fit["n_selected"] == sum(f["n_selected"] for f in fit["factors"])
+        assert fit["n_negative_borderline"] <= fit["n_negative"] <= fit["n_selected"]
+    pair = records[-1]
+    assert pair["seeds"] == [0, 1] and set(pair) >= {"default", "likelihood_rule"}
