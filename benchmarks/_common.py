@@ -241,6 +241,40 @@ def posterior_means(model: Any, adata: Any, batch_size: int = 256) -> tuple[Any,
     return np.concatenate(zs), np.concatenate(means), np.concatenate(nlls)
 
 
+#: A factor whose posterior differs from its prior by less than this (mean KL per cell, nats)
+#: carries no information: the VAE has collapsed it.
+MIN_FACTOR_KL = 0.1
+
+
+def factor_kl(model: Any, adata: Any, batch_size: int = 256) -> Any:
+    """Per factor, the mean over cells of ``KL(q(z_k | x) || N(0, 1))`` (nats).
+
+    A VAE leaves the factors it does not need at their prior (KL near 0: posterior collapse),
+    so the number of factors with a KL above :data:`MIN_FACTOR_KL` is how many the fit uses,
+    whatever the mask says. Uses the module hooks as :func:`posterior_means` does.
+
+    Returns
+    -------
+    Array ``(n_factors,)``.
+    """
+    import numpy as np
+    import torch
+
+    adata = model._validate_anndata(adata)
+    loader = model._make_data_loader(adata=adata, batch_size=batch_size, shuffle=False)
+    module = model.module
+    module.eval()
+    total, n = None, 0
+    with torch.inference_mode():
+        for tensors in loader:
+            qz = module.inference(**module._get_inference_input(tensors))["qz"]
+            m, v = qz.loc.double(), qz.scale.double().pow(2)
+            kl = (0.5 * (m.pow(2) + v - 1.0 - v.log())).sum(0).cpu().numpy()
+            total = kl if total is None else total + kl
+            n += m.shape[0]
+    return np.asarray(total) / max(n, 1)
+
+
 def guarded_fit(
     benchmark: str,
     run: Callable[[], dict[str, Any]],

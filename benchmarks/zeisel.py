@@ -35,7 +35,11 @@ Per fit (one JSON line, ``"record": "fit"``):
 - SparseVAE: ``active_factors`` (factors selecting at least one gene, by the rule of
   :func:`sparsevae.tl.identifiability_report`), ``identifiable_factors`` (active with at least
   two anchors), ``anchors_per_factor`` (genes selected by that factor only),
-  ``median_selected_share`` (median over active factors of the share of genes selected).
+  ``median_selected_share`` (median over active factors of the share of genes selected);
+- VAE-type models (SparseVAE, VAE, scVI, LinearSCVI): ``factor_kl`` (per factor, largest first,
+  the mean over training cells of ``KL(q(z_k | x) || N(0, 1))``) and ``factors_in_use`` (factors
+  with a KL above 0.1 nats; a VAE leaves the factors it does not need at the prior), so the
+  Sparse VAE's active factors can be set beside the number of factors the VAE itself uses.
 
 After the fits, one ``"record": "stability"`` line per SparseVAE / VAE method fitted from two or
 more seeds: :func:`sparsevae.tl.factor_stability` over the seeds' factors of all cells (median
@@ -68,11 +72,13 @@ from typing import Any
 
 import numpy as np
 from _common import (
+    MIN_FACTOR_KL,
     SHARED,
     TRAINER_KWARGS,
     Emitter,
     add_mean_sd,
     command_line,
+    factor_kl,
     guarded_fit,
     import_sparsevae,
     machine_info,
@@ -251,6 +257,9 @@ def fit_vae_type(
         lognorm_hat = mean_test
     if method.startswith("sparsevae"):
         extra = mask_summary(model)
+    kl = factor_kl(model, train)
+    extra["factor_kl"] = np.round(np.sort(kl)[::-1], 3).tolist()
+    extra["factors_in_use"] = int((kl > MIN_FACTOR_KL).sum())
     if method not in ("scvi", "linear_scvi"):
         kept = full.copy()
         del kept.layers["lognorm"]
@@ -339,6 +348,7 @@ SUMMARY_KEYS = (
     "identifiable_factors",
     "factors_with_2_anchors",
     "median_selected_share",
+    "factors_in_use",
 )
 
 

@@ -798,3 +798,34 @@ def test_entry_evidence_quick_prints_only_json_lines():
         assert fit["n_negative_borderline"] <= fit["n_negative"] <= fit["n_selected"]
     pair = records[-1]
     assert pair["seeds"] == [0, 1] and set(pair) >= {"default", "likelihood_rule"}
+
+
+def test_factor_kl_counts_the_factors_a_vae_uses():
+    """_common.factor_kl: the per-factor mean KL of q(z|x) to N(0, 1) equals the closed form
+    on the posterior, and a factor forced to the prior (its encoder rows zeroed) has KL 0."""
+    sys.path.insert(0, str(BENCH))
+    import scvi
+    import torch
+    from _common import MIN_FACTOR_KL, factor_kl
+
+    import sparsevae
+
+    from .conftest import QUIET, small_counts
+
+    adata = small_counts(n_cells=100, n_genes=40, n_factors=2)
+    sparsevae.SparseVAE.setup_anndata(adata)
+    scvi.settings.seed = 0
+    model = sparsevae.SparseVAE(adata, n_factors=3, n_hidden=8, mask=None)
+    model.train(max_epochs=5, **QUIET)
+    enc = model.module.encoder
+    with torch.no_grad():  # factor 2: mean 0 and variance 1 for every cell
+        enc.mean_encoder.weight[2].zero_()
+        enc.mean_encoder.bias[2] = 0.0
+        enc.var_encoder.weight[2].zero_()
+        enc.var_encoder.bias[2] = 0.0
+    kl = factor_kl(model, adata, batch_size=32)
+    m = model.get_latent_representation()
+    v = model.get_latent_representation(give_mean=True, return_dist=True)[1]
+    expected = (0.5 * (m**2 + v - 1.0 - np.log(v))).mean(0)
+    np.testing.assert_allclose(kl, expected, rtol=1e-4, atol=1e-6)
+    assert kl[2] == pytest.approx(0.0, abs=1e-6) and (kl[:2] > MIN_FACTOR_KL).all()
